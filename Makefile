@@ -1,0 +1,55 @@
+# make test                          run the test suite (builds .venv on first use)
+# make reproduce DATA_DIR=../shared/data [MODELS_DIR=../shared/models]
+#                                    regenerate every committed table and figure
+# make bench                         time each closed-form merge (wall time, peak memory)
+# make lab                           open the notebooks in JupyterLab
+#
+# Without DATA_DIR, data is downloaded from the public sources into data/downloads/.
+# With a conda env active (environment.yml), pass PY=python to skip the virtualenv.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+DATA_DIR ?=
+MODELS_DIR ?= $(if $(DATA_DIR),$(DATA_DIR)/../models,)
+export DATA_DIR MODELS_DIR
+export PYTHONPATH := $(CURDIR)
+export PYTHONUNBUFFERED := 1
+
+NOTEBOOKS := 01_merging_baselines
+PAPERMILL_ARGS ?=
+
+.PHONY: venv test reproduce bench lab clean-cache $(NOTEBOOKS)
+
+venv: $(VENV)/.installed
+
+# pip requirements come from environment.yml's `pip:` list, so the two can never disagree.
+$(VENV)/requirements.txt: environment.yml
+	@mkdir -p $(VENV)
+	sed -n '/^ *- pip:/,$$p' environment.yml | sed -n 's/^ *- \([^ #]*\).*/\1/p' | grep -v '^pip:' > $@
+
+$(VENV)/.installed: $(VENV)/requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -r $(VENV)/requirements.txt
+	$(VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+test: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) -m pytest -q tests
+
+reproduce: $(NOTEBOOKS)
+
+$(NOTEBOOKS): $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	@mkdir -p figures/$@
+	cd notebooks && $(abspath $(PY)) -m papermill $@.ipynb ../figures/$@/$@.executed.ipynb \
+	    -p data_dir "$(DATA_DIR)" -p models_dir "$(MODELS_DIR)" $(PAPERMILL_ARGS)
+
+bench: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/bench_merges.py
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-cache:
+	rm -rf .cache

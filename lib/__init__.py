@@ -1,0 +1,1 @@
+"""A reproducible study of model merging: merges, statistics, data and experts."""

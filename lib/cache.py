@@ -1,0 +1,72 @@
+"""Content-addressed cache of tensors in safetensors files.
+
+A cached result is keyed by a hash of everything that produced it (a JSON-able dict of
+config, data identity and code version), written atomically (temp file + rename) so an
+interrupted run never leaves a half-written file that a later run would trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .paths import cache_dir
+
+# Bump when a change in code changes what a cached result would contain.
+CACHE_VERSION = 1
+
+
+def cache_key(spec: Mapping) -> str:
+    """A short stable hash of a JSON-able spec."""
+    blob = json.dumps({"v": CACHE_VERSION, **spec}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_path(kind: str, spec: Mapping, root: Path | None = None) -> Path:
+    return Path(root or cache_dir()) / kind / f"{cache_key(spec)}.safetensors"
+
+
+def save_tensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        meta = {k: json.dumps(v, default=str) for k, v in (metadata or {}).items()}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def cached_tensors(
+    kind: str,
+    spec: Mapping,
+    compute: Callable[[], dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict]],
+    root: Path | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load ``kind/<hash(spec)>.safetensors`` or compute, save and return it.
+
+    ``compute`` returns the tensors, or ``(tensors, metadata)`` to store alongside them.
+    """
+    path = cache_path(kind, spec, root)
+    if path.exists():
+        return load_file(str(path))
+    result = compute()
+    tensors, metadata = result if isinstance(result, tuple) else (result, {})
+    save_tensors_atomic(tensors, path, {"spec": dict(spec), **metadata})
+    return {k: v.detach().cpu() for k, v in tensors.items()}

@@ -1,0 +1,121 @@
+"""Running a model with substituted parameters: the one shared way to do it.
+
+Everything that evaluates a model at weights other than its own -- per-example gradients,
+AdaMerging's θ(λ), Representation Surgery, FS-Merge, distillation -- goes through
+:func:`functional_forward`, which wraps ``torch.func.functional_call``. The module is never
+modified: the parameters are passed in, so they can be any differentiable function of
+other tensors (merging coefficients, low-rank factors) or be vmapped over.
+
+Conventions used across the project:
+
+- a model is an ``nn.Module`` whose ``forward(**inputs)`` returns logits ``[B, C]``;
+- a batch is a dict of tensors: the model's inputs plus ``"labels"`` (int64 ``[B]``);
+  every key except ``"labels"`` is passed to the model, so text models (``input_ids``,
+  ``attention_mask``) and vision models (``pixel_values``) share the same code.
+
+A note on HuggingFace encoders under ``torch.func.vmap``: transformers builds its attention
+mask from a 2-D ``attention_mask`` with a data-dependent check (``mask.all()``) that vmap
+cannot trace. A model that is to be vmapped should hand the encoder a ready-made 4-D
+additive mask (:func:`additive_attention_mask`), which transformers passes through
+unchanged, and should use ``attn_implementation="eager"``: on CPU, SDPA has no vmap batching
+rule and falls back to a slow per-example loop (correct, but slow).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LABEL_KEY = "labels"
+
+
+def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model's keyword inputs: every entry of the batch except the labels."""
+    return {k: v for k, v in batch.items() if k != LABEL_KEY}
+
+
+def batch_size(batch: Mapping[str, Tensor]) -> int:
+    """Number of examples in a batch (the leading dimension of its tensors)."""
+    return next(iter(batch.values())).shape[0]
+
+
+def slice_batch(batch: Mapping[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
+    """Examples ``start:stop`` of every tensor in the batch."""
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def to_device(batch: Mapping[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def param_names_of(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    """The chosen parameter names, in ``named_parameters()`` order.
+
+    ``names=None`` means every parameter that requires grad. Unknown names are an error,
+    so a typo never silently yields an empty statistic.
+    """
+    all_names = [n for n, _ in model.named_parameters()]
+    if names is None:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    wanted = set(names)
+    unknown = wanted - set(all_names)
+    if unknown:
+        raise KeyError(f"not parameters of the model: {sorted(unknown)[:5]}")
+    return [n for n in all_names if n in wanted]
+
+
+def detached_params(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """``{name: tensor}`` of the chosen parameters, detached (views, no copy).
+
+    These are the leaves to differentiate with respect to in ``torch.func`` transforms.
+    """
+    params = dict(model.named_parameters())
+    return {n: params[n].detach() for n in param_names_of(model, names)}
+
+
+def detached_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: tensor}`` of the model's buffers (BatchNorm running stats, position ids...)."""
+    return {n: b.detach() for n, b in model.named_buffers()}
+
+
+def functional_forward(model: nn.Module, params: Mapping[str, Tensor], inputs: Mapping[str, Tensor]) -> Tensor:
+    """``model(**inputs)`` evaluated with ``params`` in place of the model's own tensors.
+
+    ``params`` may cover only some parameters; the others (and all buffers) are the
+    module's own. Buffers are passed explicitly so that a vmapped or differentiated call
+    sees one consistent set of tensors. The module itself is left untouched.
+    """
+    tensors = {**detached_buffers(model), **params}
+    return functional_call(model, tensors, args=(), kwargs=dict(inputs))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode (no dropout, BatchNorm uses running stats) and
+    restore each submodule's own training flag afterwards, even on error."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def additive_attention_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A 2-D padding mask ``[B, L]`` (1 = token, 0 = padding) as the 4-D additive mask
+    ``[B, 1, 1, L]`` (0 where attended, the dtype's minimum where masked).
+
+    HuggingFace encoders accept this form as-is, which keeps them traceable by
+    ``torch.func.vmap`` (see the module docstring).
+    """
+    keep = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min

@@ -1,0 +1,90 @@
+"""Write a notebook's results into ``figures/<notebook>/`` with what produced them.
+
+    run = Run("01_merging_baselines", parameters)      # starts the clock
+    run.table(df, "text_baselines")                      # CSV + Markdown
+    run.figure(fig, "text_baselines")                    # PNG
+    run.finish()                                         # run.json: parameters, seed, commit, wall time
+
+Every output of a run shares one ``run.json``, so a figure can always be traced to the
+parameters, git commit and machine that made it.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from .paths import REPO_ROOT
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lib", "notebooks"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("+uncommitted-changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Run:
+    def __init__(self, notebook: str, parameters: dict, out_dir: str | Path | None = None):
+        self.notebook = notebook
+        self.parameters = parameters
+        self.dir = Path(out_dir or REPO_ROOT / "figures" / notebook)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.outputs: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    def header(self) -> str:
+        return (f"<!-- written by notebooks/{self.notebook}.ipynb; parameters, seed, commit and wall time "
+                f"in run.json -->\n")
+
+    def table(self, df: pd.DataFrame, name: str, caption: str = "") -> Path:
+        df.to_csv(self.dir / f"{name}.csv")
+        md = self.header() + (f"{caption}\n\n" if caption else "") + df.to_markdown(floatfmt=".1f") + "\n"
+        (self.dir / f"{name}.md").write_text(md)
+        self.outputs += [f"{name}.csv", f"{name}.md"]
+        return self.dir / f"{name}.md"
+
+    def figure(self, fig, name: str) -> Path:
+        path = self.dir / f"{name}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": None})
+        self.outputs.append(path.name)
+        return path
+
+    def text(self, content: str, name: str) -> Path:
+        path = self.dir / name
+        path.write_text(content)
+        self.outputs.append(name)
+        return path
+
+    def lap(self, label: str) -> None:
+        """Record the wall time since the start under ``label``."""
+        self.timings[label] = round(time.perf_counter() - self.started, 1)
+
+    def finish(self) -> dict:
+        import torch
+
+        record = {
+            "notebook": f"notebooks/{self.notebook}.ipynb",
+            "parameters": self.parameters,
+            "seed": self.parameters.get("seed"),
+            "git_commit": git_commit(),
+            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_seconds": round(time.perf_counter() - self.started, 1),
+            "timings_seconds": self.timings,
+            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "device": "cpu"},
+            "outputs": sorted(set(self.outputs)),
+        }
+        (self.dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return record

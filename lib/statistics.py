@@ -1,0 +1,511 @@
+"""Data statistics that merges consume: per-example gradients, diagonal Fisher, Gram matrices.
+
+These are computed apart from the merges that use them (the caller caches them with
+:mod:`lib.cache`); nothing here does I/O. Every statistic is a ``dict[str, Tensor]`` keyed
+by parameter name (as in ``model.named_parameters()``), on CPU, float32.
+
+- :func:`per_example_grads`: ∇θ −log p(y|x) for every example of a batch, by
+  ``vmap(grad(...))`` over :func:`lib.functional.functional_forward`.
+- :func:`sum_sq_grads`: Σ_b w_b (∇θ −log p(y_b|x_b))², the accumulator behind the Fisher, by
+  one of three exact methods: ``"vmap"``, ``"loop"`` (batch-size-1 autograd, the reference)
+  or ``"hooks"`` (BackPACK-style, from layer inputs and output gradients of one batched
+  backward pass; much faster for Transformers, see :func:`sum_sq_grads`).
+- :func:`diagonal_fisher`: the diagonal Fisher of Fisher merging (Matena & Raffel 2022) and
+  of gradient matching (Daheim et al. 2024), :func:`hessian_estimate` = N·F.
+- :func:`gram_matrices`: XᵀX of every linear layer's inputs, for RegMean (Jin et al. 2023).
+
+The model is put in eval mode (no dropout; BatchNorm uses its running statistics) while a
+statistic is computed and each submodule's mode is restored afterwards. Eval mode also
+matters for correctness: it makes examples independent of each other within a batch, which
+per-example gradients assume.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad, vmap
+from tqdm.auto import tqdm
+
+from .functional import (
+    LABEL_KEY,
+    batch_size,
+    detached_params,
+    eval_mode,
+    functional_forward,
+    model_device,
+    model_inputs,
+    param_names_of,
+    slice_batch,
+    to_device,
+)
+
+Batch = Mapping[str, Tensor]
+
+
+# ----------------------------------------------------------------------------------------
+# Per-example gradients
+# ----------------------------------------------------------------------------------------
+
+def _nll_of_one(model: nn.Module, params: dict[str, Tensor], example: dict[str, Tensor], label: Tensor) -> Tensor:
+    """−log p(label | example) for ONE example (tensors without the batch dimension)."""
+    inputs = {k: v.unsqueeze(0) for k, v in example.items()}
+    logits = functional_forward(model, params, inputs)
+    # gather, not [0, label]: indexing with a vmapped label would need its value.
+    return -torch.log_softmax(logits.float(), dim=-1)[0].gather(0, label.reshape(1)).squeeze(0)
+
+
+_VMAP_HINT = (
+    "torch.func.vmap could not trace the model (data-dependent control flow). HuggingFace "
+    "encoders, for one, do this when given a 2-D attention_mask: pass them a 4-D additive mask "
+    "(lib.functional.additive_attention_mask) instead, or use method='hooks' / 'loop'."
+)
+
+
+def per_example_grads(
+    model: nn.Module,
+    batch: Batch,
+    param_names: Iterable[str] | None = None,
+    labels: Tensor | None = None,
+    chunk_size: int | None = 16,
+) -> dict[str, Tensor]:
+    """Gradient of each example's NLL −log p(y_b | x_b): ``{name: Tensor[B, *shape]}``.
+
+    ``labels`` default to ``batch["labels"]``. The batch is vmapped ``chunk_size`` examples
+    at a time (``None``: all at once); memory grows with ``chunk_size × number of
+    parameters``. Results are float32 on the model's device.
+    """
+    device = model_device(model)
+    batch = to_device(batch, device)
+    labels = (batch[LABEL_KEY] if labels is None else labels).to(device)
+    inputs = model_inputs(batch)
+    with eval_mode(model):
+        params = detached_params(model, param_names)
+
+        def loss(p, example, label):
+            return _nll_of_one(model, p, example, label)
+
+        per_example = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
+        try:
+            # No outer autograd graph is needed: torch.func.grad does its own bookkeeping.
+            with torch.no_grad():
+                grads = per_example(params, inputs, labels)
+        except RuntimeError as err:
+            if "vmap" in str(err) and "data-dependent" in str(err):
+                raise RuntimeError(_VMAP_HINT) from err
+            raise
+    return {n: g.float() for n, g in grads.items()}
+
+
+def per_example_grads_loop(
+    model: nn.Module,
+    batch: Batch,
+    param_names: Iterable[str] | None = None,
+    labels: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The reference for :func:`per_example_grads`: plain autograd, one example at a time."""
+    device = model_device(model)
+    batch = to_device(batch, device)
+    labels = (batch[LABEL_KEY] if labels is None else labels).to(device)
+    inputs = model_inputs(batch)
+    with eval_mode(model):
+        params = {n: p.detach().requires_grad_() for n, p in detached_params(model, param_names).items()}
+        rows = []
+        for b in range(labels.shape[0]):
+            example = {k: v[b] for k, v in inputs.items()}
+            g = torch.autograd.grad(_nll_of_one(model, params, example, labels[b]), list(params.values()), allow_unused=True)
+            rows.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params.values())])
+    return {n: torch.stack([r[i] for r in rows]).float() for i, n in enumerate(params)}
+
+
+# ----------------------------------------------------------------------------------------
+# Sums of squared per-example gradients
+# ----------------------------------------------------------------------------------------
+
+def _weighted_sq_sum(per_example: Tensor, weights: Tensor | None) -> Tensor:
+    """Σ_b w_b g_b² over the leading (example) dimension."""
+    sq = per_example.float().square()
+    if weights is None:
+        return sq.sum(0)
+    return torch.tensordot(weights.float(), sq, dims=1)
+
+
+def _sum_sq_grads_vmap(model, batch, names, labels, weights, chunk_size):
+    total: dict[str, Tensor] = {}
+    step = chunk_size or batch_size(batch)
+    # Square and reduce chunk by chunk so that at most chunk_size per-example gradients
+    # exist at a time.
+    for start in range(0, labels.shape[0], step):
+        stop = start + step
+        grads = per_example_grads(model, slice_batch(batch, start, stop), names, labels[start:stop], chunk_size=None)
+        w = None if weights is None else weights[start:stop]
+        for n, g in grads.items():
+            s = _weighted_sq_sum(g, w)
+            total[n] = s if n not in total else total[n] + s
+    return total
+
+
+def per_example_sq_grads_loop(
+    model: nn.Module,
+    batch: Batch,
+    param_names: Iterable[str] | None = None,
+    labels: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Σ_b w_b (∇θ −log p(y_b|x_b))² by plain autograd, one example at a time.
+
+    The reference that the faster methods of :func:`sum_sq_grads` are tested and timed
+    against; written as one would by hand (squares accumulated in place).
+    """
+    device = model_device(model)
+    batch = to_device(batch, device)
+    labels = (batch[LABEL_KEY] if labels is None else labels).to(device)
+    inputs = model_inputs(batch)
+    with eval_mode(model):
+        params = {n: p.detach().requires_grad_() for n, p in detached_params(model, param_names).items()}
+        total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        for b in range(labels.shape[0]):
+            example = {k: v[b] for k, v in inputs.items()}
+            g = torch.autograd.grad(_nll_of_one(model, params, example, labels[b]), list(params.values()), allow_unused=True)
+            w = 1.0 if weights is None else float(weights[b])
+            for n, gi in zip(params, g):
+                if gi is not None:
+                    total[n].addcmul_(gi, gi, value=w)
+    return total
+
+
+def sum_sq_grads(
+    model: nn.Module,
+    batch: Batch,
+    param_names: Iterable[str] | None = None,
+    labels: Tensor | None = None,
+    weights: Tensor | None = None,
+    method: str = "vmap",
+    chunk_size: int | None = 16,
+) -> dict[str, Tensor]:
+    """Σ_b w_b (∇θ −log p(y_b|x_b))², elementwise: ``{name: Tensor[*shape]}`` (model's device).
+
+    ``weights`` (``[B]``, default all ones) weight the examples; ``labels`` default to
+    ``batch["labels"]``. The three methods compute the same exact quantity:
+
+    - ``"vmap"``: :func:`per_example_grads`, ``chunk_size`` examples at a time.
+    - ``"loop"``: :func:`per_example_sq_grads_loop`, one example at a time (the reference).
+    - ``"hooks"``: one batched forward/backward; for ``nn.Linear``, ``nn.Embedding`` and
+      ``nn.LayerNorm`` the per-example gradient is rebuilt from each layer's input and the
+      gradient at its output (e.g. Σ_t g_bt x_btᵀ for a Linear weight), squared and summed
+      over examples (BackPACK's "sum of squared gradients"). Parameters of any other kind
+      (convolutions, BatchNorm, bare ``nn.Parameter``\\ s) fall back to ``"vmap"``, which
+      then costs a full vmapped pass; restrict ``param_names`` to avoid that.
+    """
+    device = model_device(model)
+    batch = to_device(batch, device)
+    labels = (batch[LABEL_KEY] if labels is None else labels).to(device)
+    weights = None if weights is None else weights.to(device)
+    names = param_names_of(model, param_names)
+    if method == "vmap":
+        return _sum_sq_grads_vmap(model, batch, names, labels, weights, chunk_size)
+    if method == "loop":
+        return per_example_sq_grads_loop(model, batch, names, labels, weights)
+    if method == "hooks":
+        total, rest = _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size)
+        if rest:
+            total.update(_sum_sq_grads_vmap(model, batch, rest, labels, weights, chunk_size))
+        return {n: total[n] for n in names}
+    raise ValueError(f"unknown method {method!r}: use 'vmap', 'loop' or 'hooks'")
+
+
+# --- the "hooks" method -----------------------------------------------------------------
+#
+# For a layer applied position-wise, y_bt = f(x_bt; θ), the gradient of example b's loss
+# is Σ_t (∂y_bt/∂θ)ᵀ g_bt with g_bt = ∂loss_b/∂y_bt. In eval mode examples do not interact,
+# so g_bt of the summed loss Σ_b loss_b equals g_bt of loss_b alone: one batched backward
+# pass gives every g_bt, and each layer's per-example gradient is a small product of
+# tensors already at hand. A module called several times (shared weights) adds up its
+# calls' per-example gradients before squaring.
+
+_HOOKABLE = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+def _hookable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Embedding):
+        # max_norm renormalises rows in place and scale_grad_by_freq rescales gradients:
+        # both break the plain "sum of output gradients" rule, so leave them to vmap.
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+    if isinstance(module, nn.LayerNorm):
+        return module.elementwise_affine
+    return isinstance(module, nn.Linear)
+
+
+def _per_example_layer_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Per-example gradients of ``module``'s own parameters from its input ``x`` and the
+    gradient ``g`` at its output, both ``[B, ...]``: ``{"weight": [B, *shape], ...}``.
+
+    ``nn.Embedding`` is the exception: it returns ``(rows, per-row gradients)`` pairs, since
+    a per-example gradient of a vocabulary-sized table is almost all zeros.
+    """
+    B = g.shape[0]
+    out: dict[str, Tensor] = {}
+    if isinstance(module, nn.Linear):
+        x3, g3 = x.reshape(B, -1, x.shape[-1]).float(), g.reshape(B, -1, g.shape[-1]).float()
+        out["weight"] = torch.einsum("bto,bti->boi", g3, x3)
+        if module.bias is not None:
+            out["bias"] = g3.sum(1)
+    elif isinstance(module, nn.LayerNorm):
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        xf = x.float()
+        mean = xf.mean(dims, keepdim=True)
+        var = xf.var(dims, unbiased=False, keepdim=True)
+        x_hat = (xf - mean) / torch.sqrt(var + module.eps)
+        shape = (B, -1, *module.normalized_shape)
+        out["weight"] = (g.float() * x_hat).reshape(shape).sum(1)
+        if module.bias is not None:
+            out["bias"] = g.float().reshape(shape).sum(1)
+    return out
+
+
+def _embedding_sq_sum(module: nn.Embedding, ids: Tensor, g: Tensor, weights: Tensor | None) -> Tensor:
+    """Σ_b w_b (per-example gradient of the embedding table)², touching only used rows."""
+    B, V = g.shape[0], module.num_embeddings
+    ids = ids.reshape(B, -1)
+    g = g.reshape(B, ids.shape[1], -1).float()
+    example = torch.arange(B, device=ids.device)[:, None].expand_as(ids)
+    keep = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
+    # One row per (example, token id): the sum of g over that example's positions with the id.
+    keys, where = torch.unique((example * V + ids)[keep], return_inverse=True)
+    rows = torch.zeros(keys.shape[0], g.shape[-1], device=g.device).index_add_(0, where, g[keep])
+    sq = rows.square()
+    if weights is not None:
+        sq = sq * weights.float()[keys // V, None]
+    return torch.zeros(V, g.shape[-1], device=g.device).index_add_(0, keys % V, sq)
+
+
+def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
+    """The "hooks" method: returns (sums for hookable parameters, names left for vmap)."""
+    wanted = set(names)
+    # A tensor reachable under several names (tied weights) gets gradient from several
+    # modules; leave it to vmap rather than track every owner.
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    tied = {n for group in aliases.values() if len(group) > 1 for n in group}
+    owners: dict[nn.Module, dict[str, str]] = {}  # module -> {local name: full name}
+    for mod_name, module in model.named_modules():
+        if not (isinstance(module, _HOOKABLE) and _hookable(module)):
+            continue
+        local = {pn: f"{mod_name}.{pn}" if mod_name else pn for pn, _ in module.named_parameters(recurse=False)}
+        if any(full in wanted for full in local.values()) and not tied & set(local.values()):
+            owners[module] = local
+    covered = {full for local in owners.values() for full in local.values()}
+    rest = [n for n in names if n not in covered]
+
+    total: dict[str, Tensor] = {}
+    step = chunk_size or labels.shape[0]
+    with eval_mode(model):
+        # Parameters we differentiate must require grad so that the hooked outputs are
+        # part of the graph; fresh leaves keep the module untouched.
+        params = {n: p.detach().requires_grad_() for n, p in detached_params(model, covered).items()}
+        for start in range(0, labels.shape[0], step):
+            chunk = slice_batch(batch, start, start + step)
+            w = None if weights is None else weights[start : start + step]
+            B = batch_size(chunk)
+            calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+
+            def save(module, args, output):
+                x = args[0].detach()
+                if output.shape[0] != B:
+                    if output.shape[0] != 1:
+                        raise ValueError(f"{type(module).__name__} output {tuple(output.shape)} has no batch dimension of {B}")
+                    # An input shared by the whole batch (BERT's position ids are [1, L]):
+                    # give each example its own copy, so that the gradient reaching it is
+                    # per example. The values downstream are unchanged (same broadcast).
+                    x = x.expand(B, *x.shape[1:])
+                    output = output.expand(B, *output.shape[1:])
+                calls.append((module, x, output))
+                return output
+
+            handles = [m.register_forward_hook(save) for m in owners]
+            try:
+                logits = functional_forward(model, params, model_inputs(chunk))
+            finally:
+                for h in handles:
+                    h.remove()
+            loss = -torch.log_softmax(logits.float(), -1).gather(1, labels[start : start + step, None]).sum()
+            embeddings = [m for m, _, _ in calls if isinstance(m, nn.Embedding)]
+            if len(embeddings) != len(set(embeddings)):
+                # The row-wise embedding rule below squares each call separately.
+                raise NotImplementedError("an nn.Embedding called twice in one forward: use method='vmap'")
+            outs = [o for _, _, o in calls]
+            gs = torch.autograd.grad(loss, outs, allow_unused=True)
+
+            per_example: dict[str, Tensor] = {}
+            for (module, x, o), g in zip(calls, gs):
+                g = torch.zeros_like(o) if g is None else g
+                if isinstance(module, nn.Embedding):
+                    full = owners[module]["weight"]
+                    s = _embedding_sq_sum(module, x, g, w)
+                    total[full] = s if full not in total else total[full] + s
+                    continue
+                for local, pe in _per_example_layer_grads(module, x, g).items():
+                    full = owners[module][local]
+                    per_example[full] = pe if full not in per_example else per_example[full] + pe
+            for full, pe in per_example.items():
+                s = _weighted_sq_sum(pe, w)
+                total[full] = s if full not in total else total[full] + s
+    # A hookable module that was never called contributes zero, as autograd would say.
+    for full in covered:
+        if full not in total:
+            total[full] = torch.zeros_like(params[full], dtype=torch.float32)
+    return {n: total[n] for n in covered if n in wanted}, rest
+
+
+# ----------------------------------------------------------------------------------------
+# Fisher and Hessian estimates
+# ----------------------------------------------------------------------------------------
+
+def _batches_upto(batches: Iterable[Batch], max_examples: int | None):
+    """Yield batches, cutting the last one so that at most ``max_examples`` are seen."""
+    seen = 0
+    for batch in batches:
+        if max_examples is not None:
+            if seen >= max_examples:
+                return
+            batch = slice_batch(batch, 0, max_examples - seen)
+        seen += batch_size(batch)
+        yield batch
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    param_names: Iterable[str] | None = None,
+    max_examples: int | None = None,
+    label_mode: str = "sample",
+    seed: int = 0,
+    method: str = "vmap",
+    chunk_size: int | None = 16,
+    disable: bool = False,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher F = mean over examples of (∇θ log p(ŷ|x))², ``{name: Tensor}`` on CPU.
+
+    ``label_mode`` picks ŷ:
+
+    - ``"sample"`` (default; Fisher merging, Matena & Raffel 2022): one ŷ per example drawn
+      from the model's own predictive distribution p(·|x), with a ``torch.Generator``
+      seeded by ``seed`` (on CPU, so the draws do not depend on the device). An unbiased
+      estimate of the true Fisher E_x E_{y~p(·|x)}[g²].
+    - ``"expected"``: the expectation over y ~ p(·|x) taken exactly, Σ_c p_c(x) g_c²: the
+      same Fisher without sampling noise, at C times the cost (C = number of classes).
+    - ``"true"``: ŷ = the data labels, the "empirical Fisher" (a different quantity; it
+      equals the Fisher only where the model is well calibrated).
+
+    ``max_examples`` caps the number of examples used; ``method`` and ``chunk_size`` are
+    those of :func:`sum_sq_grads` (all methods are exact, ``"hooks"`` is the fastest for
+    Transformers).
+    """
+    if label_mode not in ("sample", "expected", "true"):
+        raise ValueError(f"label_mode must be 'sample', 'expected' or 'true', not {label_mode!r}")
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    total: dict[str, Tensor] = {}
+    n = 0
+    bar = tqdm(total=max_examples, desc=f"Fisher ({label_mode})", unit="ex", disable=disable)
+    with eval_mode(model):
+        for batch in _batches_upto(batches, max_examples):
+            batch = to_device(batch, device)
+            if label_mode == "true":
+                terms = [(batch[LABEL_KEY], None)]
+            else:
+                with torch.no_grad():
+                    probs = torch.softmax(model(**model_inputs(batch)).float(), dim=-1)
+                if label_mode == "sample":
+                    drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+                    terms = [(drawn.to(device), None)]
+                else:
+                    B, C = probs.shape
+                    terms = [(torch.full((B,), c, device=device), probs[:, c]) for c in range(C)]
+            for labels, weights in terms:
+                sums = sum_sq_grads(model, batch, param_names, labels, weights, method, chunk_size)
+                for name, s in sums.items():
+                    total[name] = s if name not in total else total[name] + s
+            n += batch_size(batch)
+            bar.update(batch_size(batch))
+    bar.close()
+    if n == 0:
+        raise ValueError("no examples: the Fisher of an empty data set is undefined")
+    return {name: (s / n).float().cpu() for name, s in total.items()}
+
+
+def hessian_estimate(fisher: Mapping[str, Tensor], num_examples: int) -> dict[str, Tensor]:
+    """H = N · F: the Hessian of the summed training loss over N examples, estimated from
+    the mean squared-gradient Fisher F (Daheim et al. 2024: H_t = N_t · F̂_t)."""
+    return {name: num_examples * f for name, f in fisher.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Gram matrices for RegMean
+# ----------------------------------------------------------------------------------------
+
+def gram_matrices(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    linear_names: Iterable[str] | None = None,
+    max_examples: int | None = None,
+    return_counts: bool = False,
+    disable: bool = False,
+):
+    """G = XᵀX of the inputs X (rows = positions) of every ``nn.Linear``: ``{weight name:
+    Tensor[in, in]}`` on CPU, float32 -- RegMean's Gram matrices (Jin et al. 2023).
+
+    Keys are the layers' weight names (e.g. ``encoder.layer.0.attention.self.query.weight``),
+    as ``lib.merging.regmean`` expects; ``linear_names`` restricts to those weights.
+
+    G is the SUM over every counted row, not the mean: for token inputs ``[B, L, d]`` each
+    position is a row, and positions where the batch's ``attention_mask`` is 0 are left
+    out (padding must not shape the merge). With ``return_counts=True`` the result is
+    ``(grams, counts)``, ``counts[name]`` being the number of rows summed, so that
+    ``G / count`` is the mean if tasks with different amounts of data should weigh the
+    same.
+    """
+    linears = {f"{mn}.weight" if mn else "weight": m for mn, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if linear_names is not None:
+        unknown = set(linear_names) - set(linears)
+        if unknown:
+            raise KeyError(f"not weights of nn.Linear layers: {sorted(unknown)[:5]}")
+        linears = {n: linears[n] for n in linears if n in set(linear_names)}
+    device = model_device(model)
+    grams = {n: torch.zeros(m.in_features, m.in_features, device=device) for n, m in linears.items()}
+    counts = {n: 0 for n in linears}
+    mask: list[Tensor | None] = [None]  # the current batch's padding mask, read by the hooks
+
+    def hook_for(name):
+        def accumulate(module, args):
+            x = args[0].detach().float()
+            m = mask[0]
+            if x.dim() > 2 and m is not None:
+                if x.shape[:2] != m.shape:
+                    raise ValueError(f"{name}: input {tuple(x.shape)} does not line up with attention_mask {tuple(m.shape)}")
+                x = x[m.bool()]  # [number of real tokens, ..., in]
+            x = x.reshape(-1, x.shape[-1])
+            grams[name] += x.T @ x
+            counts[name] += x.shape[0]
+
+        return accumulate
+
+    handles = []
+    bar = tqdm(total=max_examples, desc="Gram matrices", unit="ex", disable=disable)
+    try:
+        with eval_mode(model), torch.no_grad():
+            handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+            for batch in _batches_upto(batches, max_examples):
+                batch = to_device(batch, device)
+                mask[0] = batch.get("attention_mask")
+                model(**model_inputs(batch))
+                bar.update(batch_size(batch))
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    grams = {n: g.cpu() for n, g in grams.items()}
+    return (grams, counts) if return_counts else grams

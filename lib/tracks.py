@@ -1,0 +1,231 @@
+"""A *track* is one small-scale benchmark: a pretrained backbone, its tasks, and their data
+prepared for that backbone (token ids for text, normalised 32x32 images for vision).
+
+Both tracks expose the same interface, so training, statistics, merging and evaluation are
+written once:
+
+    track = TextTrack(["sst2", "trec"], data_dir="../shared/data")
+    encoder = track.pretrained_encoder()         # θ0, a fresh module each call
+    split = track.split("sst2", "validation")    # a PreparedSplit
+    for batch in split.batches(64): model(**batch_inputs(batch))
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import data as datasets
+from .models import load_cifar_resnet, load_text_encoder, minilm_path
+from .paths import REPO_ROOT, download_dir
+
+RESNET20_FILE = "resnet20-12fca82f.th"
+RESNET20_URL = f"https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/{RESNET20_FILE}"
+
+
+@dataclass
+class PreparedSplit:
+    """One split of one task, ready to batch. ``inputs`` is a list of token-id lists (text)
+    or a uint8 image array (vision); ``collate`` turns a list of indices into model inputs."""
+
+    task: str
+    inputs: object
+    labels: np.ndarray
+    collate: object  # Callable[[PreparedSplit, np.ndarray], dict[str, torch.Tensor]]
+    lengths: np.ndarray | None = None  # text: token counts, used to batch similar lengths
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        batch = self.collate(self, np.asarray(indices))
+        batch["labels"] = torch.as_tensor(self.labels[indices], dtype=torch.long)
+        return batch
+
+    def eval_order(self) -> np.ndarray:
+        """An order that minimises padding (sorted by length) for inference."""
+        return np.argsort(self.lengths, kind="stable") if self.lengths is not None else np.arange(len(self))
+
+    def batches(self, batch_size: int, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches in :meth:`eval_order`; ``with_index`` adds ``index``, the rows each holds."""
+        order = self.eval_order()
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.batch(idx)
+            if with_index:
+                batch["index"] = torch.as_tensor(idx)
+            yield batch
+
+    def subset(self, n: int | None, seed: int = 0) -> "PreparedSplit":
+        """A seeded, class-stratified subset of at most n examples (all of them if n is None)."""
+        if n is None or n >= len(self):
+            return self
+        idx = stratified_indices(self.labels, n, seed)
+        inputs = [self.inputs[i] for i in idx] if isinstance(self.inputs, list) else self.inputs[idx]
+        lengths = None if self.lengths is None else self.lengths[idx]
+        return PreparedSplit(self.task, inputs, self.labels[idx], self.collate, lengths)
+
+
+def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n indices drawn without replacement, each class in proportion to its frequency."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(counts / counts.sum() * n).astype(int)
+    # hand the remainder to the largest classes so the total is exactly n
+    for c in np.argsort(-counts)[: n - quota.sum()]:
+        quota[c] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked))
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Everything in a batch that the encoder takes (drops labels and bookkeeping)."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "index")}
+
+
+@dataclass
+class Track:
+    """Common part of both tracks: task list, data location, split caps, seed."""
+
+    tasks: list[str]
+    data_dir: str | None = None
+    seed: int = 0
+    max_train: int | None = None
+    max_validation: int | None = 500
+    max_test: int | None = 1000
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def split(self, task: str, split: str) -> PreparedSplit:
+        key = (task, split)
+        if key not in self._cache:
+            raw = self._raw_task(task)
+            cap = {"train": self.max_train, "validation": self.max_validation, "test": self.max_test}[split]
+            self._cache[key] = self._prepare(task, getattr(raw, split)).subset(cap, self.seed)
+        return self._cache[key]
+
+    def raw(self, task: str):
+        return self._raw_task(task)
+
+    def num_classes(self, task: str) -> int:
+        return len(self._raw_task(task).classes)
+
+    def metric(self, task: str) -> str:
+        return getattr(self._raw_task(task), "metric", "accuracy")
+
+    def _raw_task(self, task: str):
+        key = ("raw", task)
+        if key not in self._cache:
+            self._cache[key] = self._load(task)
+        return self._cache[key]
+
+    def identity(self) -> dict:
+        """What identifies this track's data and backbone in cache keys."""
+        return {
+            "track": self.name, "backbone": self.backbone_id(), "seed": self.seed,
+            "caps": [self.max_train, self.max_validation, self.max_test],
+        }
+
+
+# ----------------------------------------------------------------------------- text
+def _text_collate(split: PreparedSplit, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    rows = [split.inputs[i] for i in idx]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)  # 0 is BERT's [PAD]
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclass
+class TextTrack(Track):
+    """MiniLM-L6 + SentEval/TweetEval tasks."""
+
+    name: str = "text"
+    model_name_or_path: str | None = None
+    max_length: int = 64
+
+    def backbone_id(self) -> str:
+        return f"{Path(self.model_name_or_path or minilm_path()).name}@{self.max_length}"
+
+    def _load(self, task):
+        return datasets.load_text_task(task, data_dir=self.data_dir, seed=self.seed)
+
+    def _tokenizer(self):
+        if "tokenizer" not in self._cache:
+            self._cache["encoder0"], self._cache["tokenizer"] = load_text_encoder(self.model_name_or_path)
+        return self._cache["tokenizer"]
+
+    def _prepare(self, task, split) -> PreparedSplit:
+        ids = self._tokenizer()(list(split.texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return PreparedSplit(task, ids, np.asarray(split.labels), _text_collate, np.array([len(r) for r in ids]))
+
+    def pretrained_encoder(self):
+        import copy
+
+        self._tokenizer()
+        return copy.deepcopy(self._cache["encoder0"])
+
+    # Token embeddings are frozen while fine-tuning: a task touches only the rows of the tokens
+    # it contains, and updating (and AdamW-stepping) all 30522 rows doubles the step's cost on CPU.
+    frozen_parameters: tuple[str, ...] = ("transformer.embeddings.word_embeddings.weight",)
+    # Per-example squared gradients from layer hooks (exact; HF attention masks defeat vmap).
+    fisher_method: str = "hooks"
+
+
+# ----------------------------------------------------------------------------- vision
+def _image_collate(split: PreparedSplit, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    return {"pixel_values": datasets.prepare_images(split.inputs[idx], size=32, channels=3)}
+
+
+def resnet20_checkpoint(models_dir: str | None = None) -> Path:
+    """The ResNet-20 file: from ``models_dir`` (or $MODELS_DIR), else downloaded once."""
+    models_dir = models_dir or os.environ.get("MODELS_DIR")
+    if models_dir:
+        path = Path(models_dir)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / models_dir
+        path = path / "cifar_resnet" / RESNET20_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"MODELS_DIR={models_dir!r} has no cifar_resnet/{RESNET20_FILE}")
+        return path
+    path = download_dir() / "models" / RESNET20_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        urllib.request.urlretrieve(RESNET20_URL, tmp)
+        os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class VisionTrack(Track):
+    """CIFAR-10 ResNet-20 + MNIST / Fashion-MNIST / USPS / GTSRB."""
+
+    name: str = "vision"
+    models_dir: str | None = None
+    max_train: int | None = 20000
+
+    def backbone_id(self) -> str:
+        path = resnet20_checkpoint(self.models_dir)
+        return f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+
+    def _load(self, task):
+        return datasets.load_vision_task(task, data_dir=self.data_dir, seed=self.seed)
+
+    def _prepare(self, task, split) -> PreparedSplit:
+        return PreparedSplit(task, np.asarray(split.images), np.asarray(split.labels), _image_collate)
+
+    def pretrained_encoder(self):
+        encoder, _ = load_cifar_resnet(resnet20_checkpoint(self.models_dir))
+        return encoder
+
+    frozen_parameters: tuple[str, ...] = ()
+    fisher_method: str = "vmap"  # convolutions and BatchNorm: vmap over functional_call

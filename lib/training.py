@@ -1,0 +1,257 @@
+"""Heads and experts: the expensive, cached steps of every track.
+
+Protocol (both tracks, mirroring the papers' CLIP setup where heads are frozen zero-shot heads):
+1. Each task's head is a linear probe on θ0's features (a few thousand training examples).
+2. An expert fine-tunes the encoder from θ0 with that head frozen, AdamW + linear warm-up/decay,
+   evaluating on the validation split every ``eval_every`` steps and stopping when it has not
+   improved for ``patience`` evaluations (the best state is kept), within ``max_steps``.
+3. The multi-task model is the same loop over all tasks at once (round-robin batches, each
+   through its own head): the usual upper reference for a merge.
+
+Results are cached as safetensors keyed by a hash of everything that produced them; a run
+interrupted mid-training resumes from its last evaluation.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .cache import cache_path, load_metadata, save_tensors_atomic
+from .tracks import PreparedSplit, Track, model_inputs
+from safetensors.torch import load_file
+
+
+@dataclass
+class FinetuneConfig:
+    """How experts (and the multi-task model) are trained. Fields are notebook parameters."""
+
+    max_steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    eval_every: int = 50
+    patience: int = 2
+    max_eval_examples: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Expert:
+    """A fine-tuned encoder and the (frozen) heads of the tasks it was trained on."""
+
+    encoder: dict[str, torch.Tensor]
+    heads: dict[str, dict[str, torch.Tensor]]
+    info: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- features
+@torch.no_grad()
+def encode(encoder: nn.Module, split: PreparedSplit, batch_size: int = 256) -> torch.Tensor:
+    """Encoder features for every example of a split, in the split's order."""
+    encoder.eval()
+    out = torch.empty(len(split), encoder.feature_dim)
+    for batch in split.batches(batch_size, with_index=True):
+        out[batch["index"]] = encoder(**model_inputs(batch)).float()
+    return out
+
+
+# ----------------------------------------------------------------------------- heads
+def linear_probe(features: torch.Tensor, labels: np.ndarray, num_classes: int, steps: int = 300,
+                 weight_decay: float = 1e-4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A softmax-regression head fit to frozen features by full-batch L-BFGS."""
+    torch.manual_seed(seed)
+    head = nn.Linear(features.shape[1], num_classes)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    opt = torch.optim.LBFGS(head.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(features), y) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+def probe_heads(track: Track, max_examples: int = 2000) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's linear-probe head on θ0 features (cached)."""
+    heads = {}
+    encoder = None
+    for task in track.tasks:
+        spec = {**track.identity(), "task": task, "max_examples": max_examples, "kind": "probe"}
+        path = cache_path(f"heads/{track.name}", spec)
+        if path.exists():
+            heads[task] = {k.removeprefix("head."): v for k, v in load_file(str(path)).items()}
+            continue
+        encoder = encoder or track.pretrained_encoder()
+        split = track.split(task, "train").subset(max_examples, track.seed)
+        head = linear_probe(encode(encoder, split), split.labels, track.num_classes(task), seed=track.seed)
+        save_tensors_atomic({f"head.{k}": v for k, v in head.items()}, path, {"spec": spec})
+        heads[task] = head
+    return heads
+
+
+def head_module(state: dict[str, torch.Tensor]) -> nn.Linear:
+    out_features, in_features = state["weight"].shape
+    head = nn.Linear(in_features, out_features)
+    head.load_state_dict(state)
+    return head.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def _train_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Indices of batch number ``step`` of a seeded epoch-wise shuffle: a pure function of
+    (step, seed), so a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+@torch.no_grad()
+def validation_score(encoder, heads, track, tasks, max_examples, seed) -> float:
+    scores = []
+    for task in tasks:
+        split = track.split(task, "validation").subset(max_examples, seed)
+        logits = head_module(heads[task])(encode(encoder, split))
+        scores.append((logits.argmax(1).numpy() == split.labels).mean())
+    return float(np.mean(scores))
+
+
+def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig, progress: bool = True) -> Expert:
+    """Fine-tune θ0's encoder on ``tasks`` (one task: an expert; all: the multi-task model)."""
+    spec = {**track.identity(), "tasks": list(tasks), "config": asdict(config), "kind": "finetune",
+            "frozen": list(track.frozen_parameters),
+            "heads": {t: float(heads[t]["weight"].double().sum()) for t in tasks}}
+    path = cache_path(f"experts/{track.name}", spec)
+    if path.exists():
+        return _load_expert(path, tasks)
+    partial = path.with_suffix(".partial.safetensors")
+
+    encoder = track.pretrained_encoder()
+    names = [n for n, p in encoder.named_parameters() if n not in track.frozen_parameters]
+    for n, p in encoder.named_parameters():
+        p.requires_grad_(n in names)
+    params = [dict(encoder.named_parameters())[n] for n in names]
+    head_modules = {t: head_module(heads[t]) for t in tasks}
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / config.warmup_steps, max(0.0, (config.max_steps - s) / max(1, config.max_steps - config.warmup_steps))))
+
+    state = {"step": 0, "best_score": -1.0, "best_step": 0, "bad_evals": 0, "history": [], "seconds": 0.0}
+    best = {k: v.clone() for k, v in encoder.state_dict().items()}
+    if partial.exists():  # resume where an interrupted run stopped
+        saved = load_file(str(partial))
+        state = load_metadata(partial)["state"]
+        encoder.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        best = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
+        for i, p in enumerate(params):
+            optimizer.state[p] = {"step": saved[f"opt.{i}.step"], "exp_avg": saved[f"opt.{i}.exp_avg"],
+                                  "exp_avg_sq": saved[f"opt.{i}.exp_avg_sq"]}
+        for _ in range(state["step"]):
+            schedule.step()
+
+    label = f"{track.name}:{'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}"
+    bar = tqdm(total=config.max_steps, initial=state["step"], desc=label, disable=not progress, leave=False)
+    started = time.perf_counter() - state["seconds"]
+    step = state["step"]
+    while step < config.max_steps:
+        task = tasks[step % len(tasks)]
+        split = track.split(task, "train")
+        batch = split.batch(_train_indices(len(split), config.batch_size, step // len(tasks), config.seed))
+        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks, reproducible on resume
+        encoder.train()
+        loss = F.cross_entropy(head_modules[task](encoder(**model_inputs(batch))), batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % config.eval_every == 0 or step == config.max_steps:
+            score = validation_score(encoder, heads, track, tasks, config.max_eval_examples, config.seed)
+            state["history"].append([step, score])
+            if score > state["best_score"]:
+                state.update(best_score=score, best_step=step, bad_evals=0)
+                best = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+            else:
+                state["bad_evals"] += 1
+            state.update(step=step, seconds=time.perf_counter() - started)
+            _save_partial(partial, encoder, best, params, optimizer, state, spec)
+            if state["bad_evals"] >= config.patience:
+                break
+    bar.close()
+    info = {"steps": step, "best_step": state["best_step"], "best_validation_accuracy": state["best_score"],
+            "seconds": time.perf_counter() - started, "history": state["history"],
+            "stopped_early": step < config.max_steps}
+    tensors = {f"encoder.{k}": v for k, v in best.items()}
+    tensors.update({f"head.{t}.{k}": v for t in tasks for k, v in heads[t].items()})
+    save_tensors_atomic(tensors, path, {"spec": spec, "info": info})
+    partial.unlink(missing_ok=True)
+    return Expert(best, {t: heads[t] for t in tasks}, info)
+
+
+def _save_partial(path, encoder, best, params, optimizer, state, spec):
+    tensors = {f"model.{k}": v for k, v in encoder.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best.items()})
+    for i, p in enumerate(params):
+        s = optimizer.state[p]
+        tensors.update({f"opt.{i}.step": torch.as_tensor(s["step"]).reshape(()).float(),
+                        f"opt.{i}.exp_avg": s["exp_avg"], f"opt.{i}.exp_avg_sq": s["exp_avg_sq"]})
+    save_tensors_atomic(tensors, path, {"spec": spec, "state": state})
+
+
+def _load_expert(path, tasks) -> Expert:
+    tensors = load_file(str(path))
+    encoder = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    heads = {t: {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"head.{t}.")} for t in tasks}
+    return Expert(encoder, heads, load_metadata(path).get("info", {}))
+
+
+def train_experts(track: Track, heads: dict, config: FinetuneConfig, progress: bool = True) -> dict[str, Expert]:
+    """One expert per task of the track (each cached)."""
+    return {task: finetune(track, [task], heads, config, progress) for task in
+            tqdm(track.tasks, desc=f"{track.name} experts", disable=not progress)}
+
+
+def train_multitask(track: Track, heads: dict, config: FinetuneConfig, progress: bool = True) -> Expert:
+    """The multi-task model: ``config.max_steps`` is the total over all tasks."""
+    return finetune(track, list(track.tasks), heads, config, progress)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+@torch.no_grad()
+def reestimate_batchnorm(encoder: nn.Module, state: dict[str, torch.Tensor], splits: list[PreparedSplit],
+                         examples_per_split: int = 1024, batch_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` whose BatchNorm running statistics are recomputed on unlabeled data
+    (a shuffled sample of each split, pooled), as merged weights make the stored statistics stale."""
+    model = copy.deepcopy(encoder)
+    model.load_state_dict(state)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return dict(state)
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all batches seen
+    model.train()
+    # Stored splits are often sorted by class: shuffle, or each batch would see one class only.
+    rng = np.random.default_rng(seed)
+    pooled = [(split, i) for split in splits
+              for i in rng.permutation(len(split))[:examples_per_split]]
+    order = rng.permutation(len(pooled))
+    for start in range(0, len(order), batch_size):
+        chunk = [pooled[j] for j in order[start : start + batch_size]]
+        for split in {id(s): s for s, _ in chunk}.values():  # one forward per split's share
+            idx = [i for s, i in chunk if s is split]
+            model(**model_inputs(split.batch(idx)))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
