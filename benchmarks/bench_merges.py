@@ -1,14 +1,14 @@
 """Wall time and peak memory of each closed-form merge, against a "read the inputs" baseline.
 
 Times are reported as seconds and as a ratio to the baseline: one pass summing every input
-tensor (θ0 and all θt) plus a copy of one state dict. A merge cannot do much better than
-reading its inputs and writing one model, so the ratio says how much work each method adds
-on top of that, independently of the machine.
+tensor (θ0 and all θt) plus a copy of one state dict. Any merge must read its inputs and
+write one model, so a ratio near 1 means a method costs about that, and the ratio is less
+machine-dependent than the seconds.
 
 Peak memory is the growth of this process's resident set during the call (the merged model
 included), read from Linux's VmHWM after resetting it through /proc/self/clear_refs. Freed
-memory is handed back to the OS between calls so one method's leftovers do not hide the
-next one's allocations. Where /proc is unavailable the column is NaN.
+memory is handed back to the OS (malloc_trim) between calls so one method's leftovers do
+not hide the next one's allocations. Where /proc is unavailable the column is NaN.
 
     python benchmarks/bench_merges.py --synthetic      # 8 random MiniLM-L6-sized models
 """
@@ -43,21 +43,14 @@ def _libc():
 
 
 _LIBC = _libc()
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
-
-
-def _fix_mmap_threshold() -> None:
-    """Make glibc serve every allocation over 1 MiB by mmap, for the rest of the process.
-
-    glibc raises its mmap threshold after large frees, after which big tensors come from
-    the heap and stay resident when freed; a fixed threshold keeps them mmapped, so each
-    free really returns memory and each peak measures fresh allocations.
-    """
-    if _LIBC is not None:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 def _release_freed_memory() -> None:
+    """Hand memory freed by earlier calls back to the OS.
+
+    glibc keeps freed heap memory resident; a later call reusing it would not show in the
+    resident set, so its peak would read too low. Reuse within one call is real and counts.
+    """
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
@@ -123,18 +116,19 @@ def merge_calls(pretrained: StateDict, finetuned: Sequence[StateDict], extras: M
 
 def run_benchmark(pretrained: StateDict, finetuned: Sequence[StateDict], extras: Mapping | None = None,
                   repeats: int = 1) -> pd.DataFrame:
-    """Time every merge on already-loaded state dicts; the best of ``repeats`` runs each.
+    """Time every merge on already-loaded state dicts; the best of ``repeats`` runs each
+    (for memory too: the first call of a method can include one-time costs such as loading
+    LAPACK's code, which are not the method's).
 
     Returns one row per method (the read baseline first) with columns ``method``,
     ``seconds``, ``ratio_to_read`` and ``peak_mib``.
     """
-    _fix_mmap_threshold()
     calls = {"read inputs (baseline)": lambda: read_inputs(pretrained, finetuned),
              **merge_calls(pretrained, finetuned, extras or {})}
     rows = []
     for name, fn in calls.items():
         runs = [measure(fn) for _ in range(repeats)]
-        rows.append({"method": name, "seconds": min(s for s, _ in runs), "peak_mib": max(m for _, m in runs)})
+        rows.append({"method": name, "seconds": min(s for s, _ in runs), "peak_mib": min(m for _, m in runs)})
     table = pd.DataFrame(rows)
     table.insert(2, "ratio_to_read", table["seconds"] / table["seconds"].iloc[0])
     return table
@@ -204,12 +198,15 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--synthetic", action="store_true",
                         help="benchmark random MiniLM-L6-sized models with fake statistics")
     parser.add_argument("--tasks", type=int, default=8, help="number of fine-tuned models (synthetic)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest is reported")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per method; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (0: torch's default). One thread gives stable "
+                             "timings on a shared machine, where every parallel op otherwise waits "
+                             "for a descheduled thread")
     args = parser.parse_args(argv)
     if not args.synthetic:
         parser.error("only --synthetic is available so far; call run_benchmark() on loaded models.")
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     pretrained, finetuned, extras = synthetic_models(args.tasks)
     n_params = sum(v.numel() for v in pretrained.values())

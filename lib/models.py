@@ -126,7 +126,14 @@ def load_text_encoder(name_or_path: str | None = None, config=None):
     if config is not None:
         config._attn_implementation = "eager"
         return MeanPooledEncoder(BertModel(config, add_pooling_layer=False)), None
-    model = AutoModel.from_pretrained(name_or_path, attn_implementation="eager", add_pooling_layer=False)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected, not news
+    try:
+        model = AutoModel.from_pretrained(name_or_path, attn_implementation="eager", add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     return MeanPooledEncoder(model), tokenizer
 

@@ -238,26 +238,21 @@ def _hookable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _per_example_layer_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-    """Per-example gradients of ``module``'s own parameters from its input ``x`` and the
-    gradient ``g`` at its output, both ``[B, ...]``: ``{"weight": [B, *shape], ...}``.
-
-    ``nn.Embedding`` is the exception: it returns ``(rows, per-row gradients)`` pairs, since
-    a per-example gradient of a vocabulary-sized table is almost all zeros.
+def _per_example_layer_grads(module: nn.Module, x: Tensor, g: Tensor, linear_weight: bool = True) -> dict[str, Tensor]:
+    """Per-example gradients of the parameters of an ``nn.Linear`` or ``nn.LayerNorm`` from
+    its input ``x`` and the gradient ``g`` at its output, both ``[B, ...]``:
+    ``{"weight": [B, *shape], "bias": [B, *shape]}`` (a Linear's weight only if asked).
     """
     B = g.shape[0]
     out: dict[str, Tensor] = {}
     if isinstance(module, nn.Linear):
         x3, g3 = x.reshape(B, -1, x.shape[-1]).float(), g.reshape(B, -1, g.shape[-1]).float()
-        out["weight"] = torch.einsum("bto,bti->boi", g3, x3)
+        if linear_weight:
+            out["weight"] = torch.einsum("bto,bti->boi", g3, x3)
         if module.bias is not None:
             out["bias"] = g3.sum(1)
     elif isinstance(module, nn.LayerNorm):
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        xf = x.float()
-        mean = xf.mean(dims, keepdim=True)
-        var = xf.var(dims, unbiased=False, keepdim=True)
-        x_hat = (xf - mean) / torch.sqrt(var + module.eps)
+        x_hat = F.layer_norm(x.float(), module.normalized_shape, eps=module.eps)  # no affine: x̂
         shape = (B, -1, *module.normalized_shape)
         out["weight"] = (g.float() * x_hat).reshape(shape).sum(1)
         if module.bias is not None:
@@ -265,8 +260,24 @@ def _per_example_layer_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[st
     return out
 
 
-def _embedding_sq_sum(module: nn.Embedding, ids: Tensor, g: Tensor, weights: Tensor | None) -> Tensor:
-    """Σ_b w_b (per-example gradient of the embedding table)², touching only used rows."""
+def _linear_weight_sq_sum_(total: Tensor, x: Tensor, g: Tensor, weights: Tensor | None) -> None:
+    """Add Σ_b w_b (G_bᵀ X_b)² to ``total`` (out × in) in place, where X_b [T, in] and
+    G_b [T, out] are example b's layer inputs and output gradients over its T positions.
+
+    One example at a time into a reused buffer: a batched ``[B, out, in]`` tensor costs
+    more (fresh memory to fault in, slower batched matmul on CPU) than it saves.
+    """
+    B = g.shape[0]
+    x3, g3 = x.reshape(B, -1, x.shape[-1]).float(), g.reshape(B, -1, g.shape[-1]).float()
+    buffer = torch.empty_like(total)
+    for b in range(B):
+        torch.mm(g3[b].T, x3[b], out=buffer)
+        total.addcmul_(buffer, buffer, value=1.0 if weights is None else float(weights[b]))
+
+
+def _embedding_sq_sum_(total: Tensor, module: nn.Embedding, ids: Tensor, g: Tensor, weights: Tensor | None) -> None:
+    """Add Σ_b w_b (per-example gradient of the embedding table)² to ``total`` in place,
+    touching only the rows in use (a dense per-example table would be mostly zeros)."""
     B, V = g.shape[0], module.num_embeddings
     ids = ids.reshape(B, -1)
     g = g.reshape(B, ids.shape[1], -1).float()
@@ -275,14 +286,19 @@ def _embedding_sq_sum(module: nn.Embedding, ids: Tensor, g: Tensor, weights: Ten
     # One row per (example, token id): the sum of g over that example's positions with the id.
     keys, where = torch.unique((example * V + ids)[keep], return_inverse=True)
     rows = torch.zeros(keys.shape[0], g.shape[-1], device=g.device).index_add_(0, where, g[keep])
-    sq = rows.square()
+    sq = rows.square_()
     if weights is not None:
         sq = sq * weights.float()[keys // V, None]
-    return torch.zeros(V, g.shape[-1], device=g.device).index_add_(0, keys % V, sq)
+    total.index_add_(0, keys % V, sq)
 
 
 def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
-    """The "hooks" method: returns (sums for hookable parameters, names left for vmap)."""
+    """The "hooks" method: returns (sums for hookable parameters, names left for vmap).
+
+    Layers must be batch-first (the leading dimension of a layer's input and output is
+    the example, or 1 for an input shared by the whole batch), and their inputs and
+    outputs must not be modified in place afterwards (checked).
+    """
     wanted = set(names)
     # A tensor reachable under several names (tied weights) gets gradient from several
     # modules; leave it to vmap rather than track every owner.
@@ -300,17 +316,18 @@ def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
     covered = {full for local in owners.values() for full in local.values()}
     rest = [n for n in names if n not in covered]
 
-    total: dict[str, Tensor] = {}
     step = chunk_size or labels.shape[0]
     with eval_mode(model):
         # Parameters we differentiate must require grad so that the hooked outputs are
         # part of the graph; fresh leaves keep the module untouched.
         params = {n: p.detach().requires_grad_() for n, p in detached_params(model, covered).items()}
+        total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         for start in range(0, labels.shape[0], step):
             chunk = slice_batch(batch, start, start + step)
             w = None if weights is None else weights[start : start + step]
             B = batch_size(chunk)
             calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+            versions: list[tuple[int, int]] = []
 
             def save(module, args, output):
                 x = args[0].detach()
@@ -323,6 +340,7 @@ def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
                     x = x.expand(B, *x.shape[1:])
                     output = output.expand(B, *output.shape[1:])
                 calls.append((module, x, output))
+                versions.append((x._version, output._version))
                 return output
 
             handles = [m.register_forward_hook(save) for m in owners]
@@ -331,32 +349,40 @@ def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
             finally:
                 for h in handles:
                     h.remove()
+            if any((x._version, o._version) != v for (_, x, o), v in zip(calls, versions)):
+                # e.g. ReLU(inplace=True) after a Linear: the saved input or output no longer
+                # holds the values the layer saw, and a gradient taken at it would be wrong.
+                raise NotImplementedError("a layer's input or output is modified in place: use method='vmap'")
             loss = -torch.log_softmax(logits.float(), -1).gather(1, labels[start : start + step, None]).sum()
-            embeddings = [m for m, _, _ in calls if isinstance(m, nn.Embedding)]
-            if len(embeddings) != len(set(embeddings)):
-                # The row-wise embedding rule below squares each call separately.
-                raise NotImplementedError("an nn.Embedding called twice in one forward: use method='vmap'")
-            outs = [o for _, _, o in calls]
-            gs = torch.autograd.grad(loss, outs, allow_unused=True)
+            # An output outside the graph (computed under no_grad) gets no gradient at all.
+            in_graph = [o for _, _, o in calls if o.requires_grad]
+            found = iter(torch.autograd.grad(loss, in_graph, allow_unused=True) if in_graph else [])
+            gs = [next(found) if o.requires_grad else None for _, _, o in calls]
 
-            per_example: dict[str, Tensor] = {}
+            uses: dict[nn.Module, int] = {}
+            for module, _, _ in calls:
+                uses[module] = uses.get(module, 0) + 1
+            if any(n > 1 for m, n in uses.items() if isinstance(m, nn.Embedding)):
+                # The row-wise embedding rule squares each call on its own.
+                raise NotImplementedError("an nn.Embedding called twice in one forward: use method='vmap'")
+            shared: dict[str, Tensor] = {}  # per-example gradients of modules called more than once
             for (module, x, o), g in zip(calls, gs):
                 g = torch.zeros_like(o) if g is None else g
+                full_name = owners[module]
                 if isinstance(module, nn.Embedding):
-                    full = owners[module]["weight"]
-                    s = _embedding_sq_sum(module, x, g, w)
-                    total[full] = s if full not in total else total[full] + s
+                    _embedding_sq_sum_(total[full_name["weight"]], module, x, g, w)
                     continue
-                for local, pe in _per_example_layer_grads(module, x, g).items():
-                    full = owners[module][local]
-                    per_example[full] = pe if full not in per_example else per_example[full] + pe
-            for full, pe in per_example.items():
-                s = _weighted_sq_sum(pe, w)
-                total[full] = s if full not in total else total[full] + s
-    # A hookable module that was never called contributes zero, as autograd would say.
-    for full in covered:
-        if full not in total:
-            total[full] = torch.zeros_like(params[full], dtype=torch.float32)
+                once = uses[module] == 1
+                if once and isinstance(module, nn.Linear):
+                    # The bulk of the work: squared into the total example by example.
+                    _linear_weight_sq_sum_(total[full_name["weight"]], x, g, w)
+                for local, pe in _per_example_layer_grads(module, x, g, linear_weight=not once).items():
+                    if once:
+                        total[full_name[local]] += _weighted_sq_sum(pe, w)
+                    else:  # a shared module's calls add up before squaring
+                        shared[full_name[local]] = pe + shared.get(full_name[local], 0)
+            for full, pe in shared.items():
+                total[full] += _weighted_sq_sum(pe, w)
     return {n: total[n] for n in covered if n in wanted}, rest
 
 
@@ -447,6 +473,18 @@ def hessian_estimate(fisher: Mapping[str, Tensor], num_examples: int) -> dict[st
 # Gram matrices for RegMean
 # ----------------------------------------------------------------------------------------
 
+def _has_gram(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):  # zero padding and no groups: unfold is exact then
+        return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+    return isinstance(module, nn.Linear)
+
+
+def _gram_width(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    return module.in_features
+
+
 def gram_matrices(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -458,6 +496,10 @@ def gram_matrices(
     """G = XᵀX of the inputs X (rows = positions) of every ``nn.Linear``: ``{weight name:
     Tensor[in, in]}`` on CPU, float32 -- RegMean's Gram matrices (Jin et al. 2023).
 
+    An ``nn.Conv2d`` (no groups, zero padding) is the linear map ``W.flatten(1)`` over its
+    unfolded input patches, so its Gram is ``[in·kh·kw, in·kh·kw]`` over every (example,
+    output position) row; merge ``W.flatten(1)`` and reshape back.
+
     Keys are the layers' weight names (e.g. ``encoder.layer.0.attention.self.query.weight``),
     as ``lib.merging.regmean`` expects; ``linear_names`` restricts to those weights.
 
@@ -468,14 +510,14 @@ def gram_matrices(
     ``G / count`` is the mean if tasks with different amounts of data should weigh the
     same.
     """
-    linears = {f"{mn}.weight" if mn else "weight": m for mn, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {f"{mn}.weight" if mn else "weight": m for mn, m in model.named_modules() if _has_gram(m)}
     if linear_names is not None:
-        unknown = set(linear_names) - set(linears)
-        if unknown:
-            raise KeyError(f"not weights of nn.Linear layers: {sorted(unknown)[:5]}")
-        linears = {n: linears[n] for n in linears if n in set(linear_names)}
+        chosen = set(linear_names)
+        if chosen - set(linears):
+            raise KeyError(f"not weights of nn.Linear / nn.Conv2d layers: {sorted(chosen - set(linears))[:5]}")
+        linears = {n: m for n, m in linears.items() if n in chosen}
     device = model_device(model)
-    grams = {n: torch.zeros(m.in_features, m.in_features, device=device) for n, m in linears.items()}
+    grams = {n: torch.zeros(_gram_width(m), _gram_width(m), device=device) for n, m in linears.items()}
     counts = {n: 0 for n in linears}
     mask: list[Tensor | None] = [None]  # the current batch's padding mask, read by the hooks
 
@@ -483,7 +525,11 @@ def gram_matrices(
         def accumulate(module, args):
             x = args[0].detach().float()
             m = mask[0]
-            if x.dim() > 2 and m is not None:
+            if isinstance(module, nn.Conv2d):
+                # a convolution is a linear map over unfolded patches: rows = (example, position)
+                x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+                x = x.transpose(1, 2).reshape(-1, x.shape[1])
+            elif x.dim() > 2 and m is not None:
                 if x.shape[:2] != m.shape:
                     raise ValueError(f"{name}: input {tuple(x.shape)} does not line up with attention_mask {tuple(m.shape)}")
                 x = x[m.bool()]  # [number of real tokens, ..., in]

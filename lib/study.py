@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import merging, statistics
-from .cache import cached_tensors
+from .cache import cached_tensors, state_fingerprint
 from .evaluation import evaluate
 from .models import Classifier
 from .tracks import Track, TextTrack, VisionTrack, model_inputs
@@ -31,7 +31,7 @@ from .training import Expert, FinetuneConfig, head_module, probe_heads, reestima
 class BaselinesConfig:
     """Closed-form merge settings. Fields are notebook parameters."""
 
-    lambda_grid: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+    lambda_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
     ties_density: float = 0.2
     ties_disjoint: str = "mean"
     dare_drop_rate: float = 0.7
@@ -40,7 +40,7 @@ class BaselinesConfig:
     regmean_examples: int = 512
     regmean_alpha: float = 0.9
     gradient_matching_scale: float = 1.0
-    selection_examples: int = 200  # validation examples per task for choosing λ
+    selection_examples: int = 100  # validation examples per task for choosing λ
     seed: int = 0
 
 
@@ -66,9 +66,9 @@ class Setup:
         return {**self.pretrained, **merged}
 
 
-def make_track(name: str, tasks: list[str], data_dir: str | None, seed: int = 0, **caps) -> Track:
+def make_track(name: str, tasks: list[str], data_dir: str | None, seed: int = 0, **options) -> Track:
     cls = {"text": TextTrack, "vision": VisionTrack}[name]
-    return cls(tasks=list(tasks), data_dir=data_dir, seed=seed, **caps)
+    return cls(tasks=list(tasks), data_dir=data_dir, seed=seed, **options)
 
 
 def prepare_track(track: Track, config: FinetuneConfig, multitask_config: FinetuneConfig, progress=True) -> Setup:
@@ -104,7 +104,7 @@ def compute_statistics(track: Track, setup: Setup, config: BaselinesConfig, prog
         expert = setup.experts[task]
         train = track.split(task, "train")
         sizes[task] = len(train)
-        key = {**track.identity(), "task": task, "expert": _fingerprint(expert.encoder)}
+        key = {**track.identity(), "task": task, "expert": state_fingerprint(expert.encoder)}
 
         def fisher(split=train, expert=expert, task=task):
             model = _classifier(track, expert.encoder, expert.heads[task])
@@ -141,10 +141,6 @@ def compute_statistics(track: Track, setup: Setup, config: BaselinesConfig, prog
         "hessian": {t: statistics.hessian_estimate(fishers[t], sizes[t]) for t in track.tasks},
         "hessian_pretrained": statistics.hessian_estimate(fisher_pretrained, n0),
     }
-
-
-def _fingerprint(state: dict[str, torch.Tensor]) -> str:
-    return f"{sum(float(v.double().abs().sum()) for v in state.values() if v.is_floating_point()):.10e}"
 
 
 # ----------------------------------------------------------------------------- merging
@@ -207,7 +203,13 @@ def closed_form_merges(track: Track, setup: Setup, stats: dict, config: Baseline
             grams = [{k: g for k, g in stats["gram"][t].items() if k in pre} for t in tasks]
             flat = [_conv_as_matrix(s, grams[0]) for s in fts]
             def regmean():
-                merged = merging.regmean(flat, grams, config.regmean_alpha)
+                # Input directions no task excites (dead ReLU channels) make ΣG singular. Adding the
+                # plain average as one more model with Gram ε·I (ε tiny next to the data's scale) pins
+                # those directions to the average and leaves the rest as RegMean has them.
+                average = merging.weight_average(flat)
+                ridge = {k: 1e-6 * sum(g[k].diagonal().mean() for g in grams) * torch.eye(len(grams[0][k]))
+                         for k in grams[0]}
+                merged = merging.regmean(flat + [average], grams + [ridge], config.regmean_alpha)
                 return {k: v.reshape(pre[k].shape) for k, v in merged.items()}
             timed(name, regmean, alpha=config.regmean_alpha)
         elif name == "Gradient matching":

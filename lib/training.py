@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import cache_path, load_metadata, save_tensors_atomic
+from .cache import cache_path, load_metadata, save_tensors_atomic, state_fingerprint
 from .tracks import PreparedSplit, Track, model_inputs
 from safetensors.torch import load_file
 
@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 class FinetuneConfig:
     """How experts (and the multi-task model) are trained. Fields are notebook parameters."""
 
-    max_steps: int = 300
+    max_steps: int = 250
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -108,57 +108,92 @@ def head_module(state: dict[str, torch.Tensor]) -> nn.Linear:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def _train_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+def _train_indices(split: PreparedSplit, batch_size: int, step: int, seed: int) -> np.ndarray:
     """Indices of batch number ``step`` of a seeded epoch-wise shuffle: a pure function of
-    (step, seed), so a resumed run sees exactly the batches an uninterrupted one would."""
+    (step, seed), so a resumed run sees exactly the batches an uninterrupted one would.
+
+    Text batches are bucketed: within windows of 50 batches, examples are grouped by length
+    before the batches are shuffled, which halves the padding (a random batch of tweets pads
+    to twice the mean length) while every epoch still visits every example once."""
+    n = len(split)
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch_size : (k + 1) * batch_size]
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    if split.lengths is None or per_epoch * batch_size > n:
+        return perm[k * batch_size : (k + 1) * batch_size]
+    perm = perm[: per_epoch * batch_size]
+    window = 50 * batch_size
+    perm = np.concatenate([w[np.argsort(split.lengths[w], kind="stable")]
+                           for w in np.split(perm, range(window, len(perm), window))])
+    batches = perm.reshape(per_epoch, batch_size)
+    return batches[rng.permutation(per_epoch)[k]]
+
+
+def _lr_factor(step: int, config: FinetuneConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then linear decay to 0 at ``max_steps``."""
+    warmup = (step + 1) / config.warmup_steps
+    decay = (config.max_steps - step) / max(1, config.max_steps - config.warmup_steps)
+    return max(0.0, min(warmup, decay))
 
 
 @torch.no_grad()
 def validation_score(encoder, heads, track, tasks, max_examples, seed) -> float:
+    """Mean validation accuracy over ``tasks``; ``heads`` maps each task to a head module."""
     scores = []
     for task in tasks:
         split = track.split(task, "validation").subset(max_examples, seed)
-        logits = head_module(heads[task])(encode(encoder, split))
+        logits = heads[task](encode(encoder, split))
         scores.append((logits.argmax(1).numpy() == split.labels).mean())
     return float(np.mean(scores))
 
 
-def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig, progress: bool = True) -> Expert:
-    """Fine-tune θ0's encoder on ``tasks`` (one task: an expert; all: the multi-task model)."""
+def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig, progress: bool = True, *,
+             init: Expert | None = None, train_head: bool = False, shared_head: bool = False) -> Expert:
+    """Fine-tune an encoder on ``tasks`` (one task: an expert; all: the multi-task model).
+
+    By default training starts at θ0 with each task's head frozen. ``init`` starts from another
+    model's encoder instead; ``train_head`` trains the heads too; ``shared_head`` uses one head
+    (``heads[tasks[0]]``) for every task, as a model fine-tuned on several datasets of one task is.
+    """
     spec = {**track.identity(), "tasks": list(tasks), "config": asdict(config), "kind": "finetune",
             "frozen": list(track.frozen_parameters),
             "heads": {t: float(heads[t]["weight"].double().sum()) for t in tasks}}
+    # only non-default options enter the key, so default experts keep their cache entries
+    for option, value in {"init": init and state_fingerprint(init.encoder), "train_head": train_head,
+                          "shared_head": shared_head}.items():
+        if value:
+            spec[option] = value
     path = cache_path(f"experts/{track.name}", spec)
     if path.exists():
         return _load_expert(path, tasks)
     partial = path.with_suffix(".partial.safetensors")
 
-    encoder = track.pretrained_encoder()
-    names = [n for n, p in encoder.named_parameters() if n not in track.frozen_parameters]
-    for n, p in encoder.named_parameters():
-        p.requires_grad_(n in names)
-    params = [dict(encoder.named_parameters())[n] for n in names]
-    head_modules = {t: head_module(heads[t]) for t in tasks}
+    model = nn.Module()  # holds what is trained, so one state dict covers encoder and heads
+    model.encoder = track.pretrained_encoder()
+    if init is not None:
+        model.encoder.load_state_dict(init.encoder)
+    head_keys = {t: (tasks[0] if shared_head else t) for t in tasks}
+    model.heads = nn.ModuleDict({k: head_module(heads[k]) for k in dict.fromkeys(head_keys.values())})
+    head_of = {t: model.heads[k] for t, k in head_keys.items()}
+    trainable = {f"encoder.{n}" for n, _ in model.encoder.named_parameters() if n not in track.frozen_parameters}
+    if train_head:
+        trainable |= {n for n, _ in model.named_parameters() if n.startswith("heads.")}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    params = [p for n, p in model.named_parameters() if n in trainable]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / config.warmup_steps, max(0.0, (config.max_steps - s) / max(1, config.max_steps - config.warmup_steps))))
 
     state = {"step": 0, "best_score": -1.0, "best_step": 0, "bad_evals": 0, "history": [], "seconds": 0.0}
-    best = {k: v.clone() for k, v in encoder.state_dict().items()}
+    best = {k: v.clone() for k, v in model.state_dict().items()}
     if partial.exists():  # resume where an interrupted run stopped
         saved = load_file(str(partial))
         state = load_metadata(partial)["state"]
-        encoder.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
         for i, p in enumerate(params):
             optimizer.state[p] = {"step": saved[f"opt.{i}.step"], "exp_avg": saved[f"opt.{i}.exp_avg"],
                                   "exp_avg_sq": saved[f"opt.{i}.exp_avg_sq"]}
-        for _ in range(state["step"]):
-            schedule.step()
 
     label = f"{track.name}:{'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}"
     bar = tqdm(total=config.max_steps, initial=state["step"], desc=label, disable=not progress, leave=False)
@@ -167,42 +202,45 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     while step < config.max_steps:
         task = tasks[step % len(tasks)]
         split = track.split(task, "train")
-        batch = split.batch(_train_indices(len(split), config.batch_size, step // len(tasks), config.seed))
+        batch = split.batch(_train_indices(split, config.batch_size, step // len(tasks), config.seed))
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks, reproducible on resume
-        encoder.train()
-        loss = F.cross_entropy(head_modules[task](encoder(**model_inputs(batch))), batch["labels"])
+        model.train()
+        loss = F.cross_entropy(head_of[task](model.encoder(**model_inputs(batch))), batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, config)
         optimizer.step()
-        schedule.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % config.eval_every == 0 or step == config.max_steps:
-            score = validation_score(encoder, heads, track, tasks, config.max_eval_examples, config.seed)
+            score = validation_score(model.encoder, head_of, track, tasks, config.max_eval_examples, config.seed)
             state["history"].append([step, score])
             if score > state["best_score"]:
                 state.update(best_score=score, best_step=step, bad_evals=0)
-                best = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 state["bad_evals"] += 1
             state.update(step=step, seconds=time.perf_counter() - started)
-            _save_partial(partial, encoder, best, params, optimizer, state, spec)
+            _save_partial(partial, model, best, params, optimizer, state, spec)
             if state["bad_evals"] >= config.patience:
                 break
     bar.close()
     info = {"steps": step, "best_step": state["best_step"], "best_validation_accuracy": state["best_score"],
             "seconds": time.perf_counter() - started, "history": state["history"],
             "stopped_early": step < config.max_steps}
-    tensors = {f"encoder.{k}": v for k, v in best.items()}
-    tensors.update({f"head.{t}.{k}": v for t in tasks for k, v in heads[t].items()})
+    encoder_best = {k[8:]: v for k, v in best.items() if k.startswith("encoder.")}
+    heads_best = {t: {k: best[f"heads.{head_keys[t]}.{k}"] for k in ("weight", "bias")} for t in tasks}
+    tensors = {f"encoder.{k}": v for k, v in encoder_best.items()}
+    tensors.update({f"head.{t}.{k}": v for t in tasks for k, v in heads_best[t].items()})
     save_tensors_atomic(tensors, path, {"spec": spec, "info": info})
     partial.unlink(missing_ok=True)
-    return Expert(best, {t: heads[t] for t in tasks}, info)
+    return Expert(encoder_best, heads_best, info)
 
 
-def _save_partial(path, encoder, best, params, optimizer, state, spec):
-    tensors = {f"model.{k}": v for k, v in encoder.state_dict().items()}
+def _save_partial(path, model, best, params, optimizer, state, spec):
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in best.items()})
     for i, p in enumerate(params):
         s = optimizer.state[p]
