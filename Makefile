@@ -16,7 +16,7 @@ export DATA_DIR MODELS_DIR
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-NOTEBOOKS := 01_merging_baselines
+NOTEBOOKS := 01_merging_baselines 03_fs_merge 04_gradient_matching
 PAPERMILL_ARGS ?=
 
 .PHONY: venv test reproduce bench lab clean-cache $(NOTEBOOKS)

@@ -10,6 +10,7 @@ included), read from Linux's VmHWM after resetting it through /proc/self/clear_r
 memory is handed back to the OS (malloc_trim) between calls so one method's leftovers do
 not hide the next one's allocations. Where /proc is unavailable the column is NaN.
 
+    python benchmarks/bench_merges.py                  # the eight real text experts (make bench)
     python benchmarks/bench_merges.py --synthetic      # 8 random MiniLM-L6-sized models
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -204,17 +206,46 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                              "timings on a shared machine, where every parallel op otherwise waits "
                              "for a descheduled thread")
     args = parser.parse_args(argv)
-    if not args.synthetic:
-        parser.error("only --synthetic is available so far; call run_benchmark() on loaded models.")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    pretrained, finetuned, extras = synthetic_models(args.tasks)
+    if args.synthetic:
+        pretrained, finetuned, extras = synthetic_models(args.tasks)
+        what = f"{len(finetuned)} synthetic models"
+    else:
+        pretrained, finetuned, extras = text_experts()
+        what = f"the {len(finetuned)} MiniLM text experts of notebooks/01_merging_baselines (mergeable tensors)"
     n_params = sum(v.numel() for v in pretrained.values())
-    print(f"{args.tasks} synthetic models of {n_params / 1e6:.1f}M parameters, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{what}: {n_params / 1e6:.1f}M parameters each, {torch.get_num_threads()} threads")
     table = run_benchmark(pretrained, finetuned, extras, repeats=args.repeats)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    if not args.synthetic:
+        from lib.report import Run
+
+        run = Run("bench_merges", {**vars(args), "models": what})
+        run.table(table.set_index("method").round(3), "merge_cost",
+                  f"Cost of each closed-form merge on {what}; ratio = seconds / seconds to read the inputs once.")
+        run.finish()
     return table
+
+
+def text_experts():
+    """θ0, the eight text experts and their statistics, exactly as the baselines notebook has
+    them (its default parameters; trained and cached on first use, which takes a while)."""
+    from lib.study import compute_statistics, from_parameters, notebook_parameters, prepare_track
+
+    p = notebook_parameters(Path(__file__).resolve().parent.parent / "notebooks" / "01_merging_baselines.ipynb")
+    p["data_dir"] = os.environ.get("DATA_DIR", "")
+    track, expert_config, multitask_config, merge_config = from_parameters("text", p)
+    setup = prepare_track(track, expert_config, multitask_config)
+    stats = compute_statistics(track, setup, merge_config)
+    pretrained = setup.restrict(setup.pretrained)
+    finetuned = [setup.restrict(s) for s in setup.finetuned()]
+    tasks = track.tasks
+    pick = lambda stat: {k: v for k, v in stat.items() if k in pretrained}  # noqa: E731
+    extras = {"fishers": [pick(stats["fisher"][t]) for t in tasks], "grams": [pick(stats["gram"][t]) for t in tasks],
+              "hessians": [pick(stats["hessian"][t]) for t in tasks],
+              "pretrained_hessian": pick(stats["hessian_pretrained"])}
+    return pretrained, finetuned, extras
 
 
 if __name__ == "__main__":

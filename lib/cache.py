@@ -28,6 +28,17 @@ def cache_key(spec: Mapping) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def content_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of a state dict's names, dtypes, shapes and bytes: equal iff the tensors are."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # bytes via a uint8 view of the flattened tensor: works for every dtype (bfloat16 too)
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     """A cheap identity for a state dict (sum of |values|), for cache keys of derived results."""
     return f"{sum(float(v.double().abs().sum()) for v in state.values() if v.is_floating_point()):.10e}"

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .cache import cached_tensors, content_hash
 from .metrics import accuracy, official_metric
 from .tracks import Track
 from .training import encode, head_module
@@ -18,12 +19,25 @@ def predict(encoder: nn.Module, head_state: dict, split) -> np.ndarray:
 def evaluate(track: Track, encoder: nn.Module, encoder_state: dict[str, torch.Tensor], heads: dict,
              tasks: list[str] | None = None, split: str = "test", max_examples: int | None = None) -> dict[str, dict]:
     """Per-task accuracy and official metric of ``encoder_state`` loaded into ``encoder``
-    (a reusable module of the track's architecture), each task through its own head."""
-    encoder.load_state_dict(encoder_state)
+    (a reusable module of the track's architecture), each task through its own head.
+
+    Predictions are cached under a content hash of the encoder state and head, so re-running
+    a notebook re-evaluates only models that actually changed."""
+    state_hash, loaded = content_hash(encoder_state), False
     results = {}
     for task in tasks or track.tasks:
         data = track.split(task, split).subset(max_examples, track.seed)
-        pred = predict(encoder, heads[task], data)
+        key = {**track.identity(), "task": task, "split": split, "max_examples": max_examples,
+               "encoder": state_hash, "head": content_hash(heads[task])}
+
+        def compute(data=data, task=task):
+            nonlocal loaded
+            if not loaded:
+                encoder.load_state_dict(encoder_state)
+                loaded = True
+            return {"pred": torch.as_tensor(predict(encoder, heads[task], data))}
+
+        pred = cached_tensors("predictions", key, compute)["pred"].numpy()
         n_classes = track.num_classes(task)
         results[task] = {"accuracy": 100 * accuracy(data.labels, pred),
                          "official": 100 * official_metric(track.metric(task), data.labels, pred, n_classes),

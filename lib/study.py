@@ -71,6 +71,29 @@ def make_track(name: str, tasks: list[str], data_dir: str | None, seed: int = 0,
     return cls(tasks=list(tasks), data_dir=data_dir, seed=seed, **options)
 
 
+def from_parameters(name: str, p: dict) -> tuple[Track, FinetuneConfig, FinetuneConfig, BaselinesConfig]:
+    """The track and configs that the baselines notebook builds from its parameters ``p``
+    (shared with ``make bench``, so both find the same cached experts)."""
+    track = make_track(name, p[f"{name}_tasks"], p.get("data_dir") or None, seed=p["seed"],
+                       max_validation=p["max_validation"], max_test=p["max_test"])
+    common = dict(batch_size=p[f"{name}_batch_size"], lr=p[f"{name}_lr"], patience=p["patience"], seed=p["seed"])
+    experts = FinetuneConfig(max_steps=p[f"{name}_max_steps"], eval_every=p["eval_every"], **common)
+    multitask = FinetuneConfig(max_steps=p["multitask_steps_per_task"] * len(track.tasks),
+                               eval_every=2 * p["eval_every"], **common)
+    merges = BaselinesConfig(**{f: (tuple(p[f]) if f == "lambda_grid" else p[f])
+                                for f in BaselinesConfig.__dataclass_fields__ if f in p})
+    return track, experts, multitask, merges
+
+
+def notebook_parameters(path) -> dict:
+    """The default values of a notebook's ``parameters`` cell."""
+    import ast
+
+    import papermill
+
+    return {name: ast.literal_eval(spec["default"]) for name, spec in papermill.inspect_notebook(str(path)).items()}
+
+
 def prepare_track(track: Track, config: FinetuneConfig, multitask_config: FinetuneConfig, progress=True) -> Setup:
     pretrained = {k: v.clone() for k, v in track.pretrained_encoder().state_dict().items()}
     heads = probe_heads(track)
@@ -215,8 +238,19 @@ def closed_form_merges(track: Track, setup: Setup, stats: dict, config: Baseline
         elif name == "Gradient matching":
             hess = [{k: stats["hessian"][t][k] for k in setup.mergeable if k in stats["hessian"][t]} for t in tasks]
             h0 = {k: v for k, v in stats["hessian_pretrained"].items() if k in pre}
-            timed(name, lambda: merging.gradient_matching(pre, fts, hess, h0, config.gradient_matching_scale),
-                  alpha=config.gradient_matching_scale)
+            # Buffers (BatchNorm running statistics) have no Hessian. merging.gradient_matching would
+            # treat them as Task Arithmetic at α (its H0 ≫ Ht limit), which sums the experts' shifts of
+            # the running variances and can drive them negative; they get the rule's other neutral
+            # limit instead, equal uninformative Hessians with H0 → 0: the plain average.
+            with_hessian = [k for k in pre if k in h0]
+            buffers = [k for k in pre if k not in h0]
+            def gradient_matching():
+                pick = lambda sd, keys: {k: sd[k] for k in keys}  # noqa: E731
+                merged = merging.gradient_matching(pick(pre, with_hessian), [pick(f, with_hessian) for f in fts],
+                                                   hess, h0, config.gradient_matching_scale)
+                return {**merged, **merging.weight_average([pick(f, buffers) for f in fts])} if buffers else merged
+            timed(name, gradient_matching, alpha=config.gradient_matching_scale,
+                  **({"buffers": "averaged"} if buffers else {}))
     return results
 
 

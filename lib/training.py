@@ -233,7 +233,8 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     encoder_best = {k[8:]: v for k, v in best.items() if k.startswith("encoder.")}
     heads_best = {t: {k: best[f"heads.{head_keys[t]}.{k}"] for k in ("weight", "bias")} for t in tasks}
     tensors = {f"encoder.{k}": v for k, v in encoder_best.items()}
-    tensors.update({f"head.{t}.{k}": v for t in tasks for k, v in heads_best[t].items()})
+    # .clone(): with shared_head every task names the same tensors, which safetensors will not save twice
+    tensors.update({f"head.{t}.{k}": v.clone() for t in tasks for k, v in heads_best[t].items()})
     save_tensors_atomic(tensors, path, {"spec": spec, "info": info})
     partial.unlink(missing_ok=True)
     return Expert(encoder_best, heads_best, info)

@@ -33,6 +33,16 @@ def _private_cache(tmp_path_factory):
         os.environ["MERGE_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is far faster than several fighting over shared cores
+    (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -9,13 +9,7 @@ from lib import statistics as S
 from lib.functional import additive_attention_mask, detached_params, eval_mode, functional_forward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: on a shared machine extra threads only add synchronisation overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- models

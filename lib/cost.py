@@ -1,0 +1,83 @@
+"""Wall time and peak memory of one call: the measurement shared by the benchmarks and notebooks.
+
+Peak memory is the growth of this process's resident set during the call (whatever the
+call allocates and still holds at its peak, its result included), read from Linux's VmHWM
+after resetting it through ``/proc/self/clear_refs``. Freed memory is handed back to the
+OS (``malloc_trim``) before each call, so one call's leftovers do not hide the next one's
+allocations. Where ``/proc`` is unavailable (not Linux) the peak is NaN.
+
+tracemalloc would not see torch's allocations (they bypass Python's allocator), which is
+why the resident set is read instead. On a GPU this measures host memory only.
+
+    result, seconds, peak_mib = measured_call(lambda: merge(models))
+    seconds, peak_mib = measure(lambda: merge(models))      # result discarded
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by earlier calls back to the OS.
+
+    glibc keeps freed heap memory resident; a later call reusing it would not show in the
+    resident set, so its peak would read too low. Reuse within one call is real and counts.
+    """
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _status_kib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> float | None:
+    """Reset VmHWM to the current resident set; return that (KiB), or None if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        return _status_kib("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
+def measured_call(fn: Callable[[], T]) -> tuple[T, float, float]:
+    """``(fn(), seconds, peak MiB above the starting resident set)``."""
+    release_freed_memory()
+    start_kib = _reset_peak()
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    peak_mib = float("nan") if start_kib is None else (_status_kib("VmHWM") - start_kib) / 1024
+    return result, seconds, peak_mib
+
+
+def measure(fn: Callable[[], object]) -> tuple[float, float]:
+    """(seconds, peak MiB above the starting resident set) of one call of ``fn``; the result is dropped."""
+    result, seconds, peak_mib = measured_call(fn)
+    del result
+    release_freed_memory()
+    return seconds, peak_mib
+
+
+__all__ = ["measure", "measured_call", "release_freed_memory"]
