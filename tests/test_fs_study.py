@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lib.cost import measured_call
+from lib.fs_merge import folded_logits
 from lib.fs_study import (
     AVERAGE,
     DISTILLATION,
@@ -23,21 +24,14 @@ from lib.fs_study import (
     regmean_grams,
     summary,
 )
-from lib.fs_merge import folded_logits
 
 from conftest import SHARED_DATA, needs_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(train_per_task=64, test_per_task=40, mlp_hidden=[16], vit_width=8, vit_depth=1, vit_heads=2, mlp_epochs=1,
             vit_epochs=1, warmup_tasks=["usps"], warmup_per_task=32, warmup_epochs=1, finetune_epochs=1, rebasin_sweeps=3,
             num_images=4, augment=2, fs_steps_mlp=2, fs_steps_vit=2, rank=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
