@@ -16,11 +16,8 @@ not hide the next one's allocations. Where /proc is unavailable the column is Na
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -30,58 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from lib import merging  # noqa: E402
+from lib.cost import measure  # noqa: E402
 
 StateDict = Mapping[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------ measurement
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by earlier calls back to the OS.
-
-    glibc keeps freed heap memory resident; a later call reusing it would not show in the
-    resident set, so its peak would read too low. Reuse within one call is real and counts.
-    """
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _status_kib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return float(line.split()[1])
-    raise KeyError(field)
-
-
-def measure(fn: Callable[[], object]) -> tuple[float, float]:
-    """(seconds, peak MiB above the starting resident set) of one call of ``fn``."""
-    _release_freed_memory()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        start_kib = _status_kib("VmRSS")
-    except OSError:
-        start_kib = None
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    peak_mib = float("nan") if start_kib is None else (_status_kib("VmHWM") - start_kib) / 1024
-    del result
-    _release_freed_memory()
-    return seconds, peak_mib
 
 
 def read_inputs(pretrained: StateDict, finetuned: Sequence[StateDict]) -> dict[str, torch.Tensor]:

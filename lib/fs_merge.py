@@ -158,7 +158,22 @@ def _layer_norm_from(norm: nn.LayerNorm) -> nn.LayerNorm:
     return copied
 
 
-class SuperNet(nn.Module):
+class _TaskOutputs(nn.Module):
+    """What FS-Merge's SuperNet and the distillation baseline share: per-task features
+    (``task_features(x, t)``, defined by each), logits through task t's own head, and the
+    feature-reconstruction loss against teacher t."""
+
+    def task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.teachers[task].head(self.task_features(x, task))
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.task_features(x, task)
+
+    def feature_loss(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return feature_loss(self.task_features(x, task), self.teachers[task], x)
+
+
+class SuperNet(_TaskOutputs):
     """Common part of the MLP and ViT SuperNets: teachers, U_out, loss and folding.
 
     Subclasses implement ``merged_features(x)`` (the merged-width features z, before U_out)
@@ -197,15 +212,6 @@ class SuperNet(nn.Module):
     def task_features(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """U_out,t z: the SuperNet's reconstruction of model ``task``'s features."""
         return self.out_unmerge.block(self.merged_features(x), task)
-
-    def task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return self.teachers[task].head(self.task_features(x, task))
-
-    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return self.task_features(x, task)
-
-    def feature_loss(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return feature_loss(self.task_features(x, task), self.teachers[task], x)
 
     @torch.no_grad()
     def fold(self) -> tuple[nn.Module, torch.Tensor]:
@@ -389,7 +395,7 @@ def folded_logits(model: nn.Module, out_unmerge: torch.Tensor, head: nn.Module, 
     return head(model.features(x) @ out_unmerge[task].T)
 
 
-class Distillation(nn.Module):
+class Distillation(_TaskOutputs):
     """Knowledge-distillation baseline: one student (a trainable copy of model 1) and, per
     task, an output map U_out,t with FS-Merge's parametrisation and identity init.
 
@@ -415,15 +421,6 @@ class Distillation(nn.Module):
 
     def task_features(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self.out_unmerge.block(self.student.features(x), task)
-
-    def task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return self.teachers[task].head(self.task_features(x, task))
-
-    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return self.task_features(x, task)
-
-    def feature_loss(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return feature_loss(self.task_features(x, task), self.teachers[task], x)
 
     @torch.no_grad()
     def fold(self) -> tuple[nn.Module, torch.Tensor]:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.cache import cache_key, cached_tensors, load_metadata, save_tensors_atomic
+from lib.cache import cache_key, cached_tensors, content_hash, load_metadata, save_tensors_atomic
 from lib.models import load_cifar_resnet
 from lib.study import BaselinesConfig, closed_form_merges, compute_statistics, evaluate_methods, make_track, prepare_track, summary
 from lib.training import FinetuneConfig, finetune, probe_heads
@@ -14,6 +14,14 @@ from conftest import SHARED_DATA, SHARED_MODELS, needs_data, needs_models
 def test_cache_key_is_stable_and_order_free():
     assert cache_key({"a": 1, "b": [1, 2]}) == cache_key({"b": [1, 2], "a": 1})
     assert cache_key({"a": 1}) != cache_key({"a": 2})
+
+
+def test_content_hash_is_equal_exactly_for_equal_states():
+    a = {"w": torch.randn(3, 4), "bf": torch.randn(5).bfloat16(), "n": torch.tensor(7)}
+    assert content_hash(a) == content_hash({k: v.clone() for k, v in reversed(list(a.items()))})
+    assert content_hash(a) != content_hash({**a, "w": -a["w"]})  # a sum of |values| would miss this
+    assert content_hash(a) != content_hash({**a, "w": a["w"].reshape(4, 3)})  # shape counts
+    assert content_hash(a) != content_hash({**a, "n": torch.tensor(8)})
 
 
 def test_cached_tensors_computes_once(tmp_path):

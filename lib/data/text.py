@@ -252,6 +252,16 @@ class _Read:
     fallback: int = 0  # lines that were not valid UTF-8
     dropped: int = 0  # lines with a label and no text
 
+    def add(self, label: int, raw_text: bytes) -> None:
+        """Decode one example's text; keep it, or count it as dropped if it is empty."""
+        text, fell_back = _decode(raw_text)
+        self.fallback += fell_back
+        if text.strip():
+            self.texts.append(text.strip())
+            self.labels.append(label)
+        else:
+            self.dropped += 1
+
 
 # Bytes patterns: \s is ASCII whitespace only here, so 0x85 never splits a line's label off.
 _LABELLED_LINE = re.compile(rb"\s*(\S+)(?:\s+(.*?))?\s*$", re.S)
@@ -266,13 +276,7 @@ def _read_labelled(path: Path, num_classes: int | None) -> _Read:
         read.lines += 1
         label_bytes, text_bytes = _LABELLED_LINE.match(raw).groups()
         label = _parse_label(label_bytes.decode("latin-1"), path, number, num_classes)
-        text, fell_back = _decode(text_bytes or b"")
-        read.fallback += fell_back
-        if not text.strip():
-            read.dropped += 1
-            continue
-        read.texts.append(text.strip())
-        read.labels.append(label)
+        read.add(label, text_bytes or b"")
     assert len(read.texts) == read.lines - read.dropped
     return read
 
@@ -386,13 +390,7 @@ def _read_tweeteval_split(data_dir, folder: str, split: str, num_classes: int) -
     for number, (raw_text, raw_label) in enumerate(zip(text_lines, label_lines), start=1):
         read.lines += 1
         label = _parse_label(raw_label.decode("latin-1").strip(), label_path, number, num_classes)
-        text, fell_back = _decode(raw_text)
-        read.fallback += fell_back
-        if not text.strip():
-            read.dropped += 1
-            continue
-        read.texts.append(text.strip())
-        read.labels.append(label)
+        read.add(label, raw_text)
     assert len(read.texts) == read.lines - read.dropped
     return read, text_path, source
 
