@@ -13,12 +13,7 @@ from lib import statistics as S
 from lib.tracks import PreparedSplit, _text_collate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rand_state(seed, keys=("encoder.w", "encoder.b", "head.weight", "head.bias"), shape=(3, 4)):
