@@ -204,10 +204,10 @@ class SuperNet(_TaskOutputs):
         self.to(device=reference.device, dtype=reference.dtype)
 
     def merged_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise RuntimeError
 
     def folded_state_dict(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise RuntimeError
 
     def task_features(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """U_out,t z: the SuperNet's reconstruction of model ``task``'s features."""

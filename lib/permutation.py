@@ -225,7 +225,7 @@ def zip_matrices(correlation: torch.Tensor, num_models: int = 2, allow_within: b
     first model's order.
     """
     if num_models != 2:
-        raise NotImplementedError("this ZipIt! implementation merges two models")
+        raise RuntimeError("this ZipIt! implementation merges two models")
     total = correlation.shape[0]
     width = total // 2
     score = correlation.double().clone()

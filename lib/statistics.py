@@ -352,7 +352,7 @@ def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
             if any((x._version, o._version) != v for (_, x, o), v in zip(calls, versions)):
                 # e.g. ReLU(inplace=True) after a Linear: the saved input or output no longer
                 # holds the values the layer saw, and a gradient taken at it would be wrong.
-                raise NotImplementedError("a layer's input or output is modified in place: use method='vmap'")
+                raise RuntimeError("a layer's input or output is modified in place: use method='vmap'")
             loss = -torch.log_softmax(logits.float(), -1).gather(1, labels[start : start + step, None]).sum()
             # An output outside the graph (computed under no_grad) gets no gradient at all.
             in_graph = [o for _, _, o in calls if o.requires_grad]
@@ -364,7 +364,7 @@ def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
                 uses[module] = uses.get(module, 0) + 1
             if any(n > 1 for m, n in uses.items() if isinstance(m, nn.Embedding)):
                 # The row-wise embedding rule squares each call on its own.
-                raise NotImplementedError("an nn.Embedding called twice in one forward: use method='vmap'")
+                raise RuntimeError("an nn.Embedding called twice in one forward: use method='vmap'")
             shared: dict[str, Tensor] = {}  # per-example gradients of modules called more than once
             for (module, x, o), g in zip(calls, gs):
                 g = torch.zeros_like(o) if g is None else g

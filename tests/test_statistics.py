@@ -142,7 +142,7 @@ def test_hooks_refuse_layers_whose_output_is_changed_in_place():
             return self.net(x)
 
     batch = {"x": torch.randn(5, 3), "labels": torch.randint(0, 2, (5,))}
-    with pytest.raises(NotImplementedError, match="in place"):
+    with pytest.raises(RuntimeError, match="in place"):
         S.sum_sq_grads(InPlace(), batch, method="hooks")
 
 
