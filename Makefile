@@ -2,6 +2,7 @@
 # make reproduce DATA_DIR=../shared/data [MODELS_DIR=../shared/models]
 #                                    regenerate every committed table and figure
 # make bench                         time each closed-form merge (wall time, peak memory)
+# make bench-grads [DATA_DIR=...]     time per-example squared gradients: loop, vmap, hooks, and the machine's bound
 # make lab                           open the notebooks in JupyterLab
 #
 # Without DATA_DIR, data is downloaded from the public sources into data/downloads/.
@@ -22,7 +23,7 @@ NOTEBOOKS := 01_merging_baselines 03_fs_merge 04_gradient_matching
 ALL_NOTEBOOKS := $(NOTEBOOKS)
 PAPERMILL_ARGS ?=
 
-.PHONY: venv test reproduce bench lab clean-cache $(ALL_NOTEBOOKS)
+.PHONY: venv test reproduce bench bench-grads lab clean-cache $(ALL_NOTEBOOKS)
 
 venv: $(VENV)/.installed
 
@@ -50,6 +51,9 @@ $(ALL_NOTEBOOKS): $(if $(filter $(PY),$(VENV)/bin/python),venv)
 
 bench: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_merges.py
+
+bench-grads: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/bench_per_example_grads.py
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

@@ -39,11 +39,6 @@ def content_hash(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """A cheap identity for a state dict (sum of |values|), for cache keys of derived results."""
-    return f"{sum(float(v.double().abs().sum()) for v in state.values() if v.is_floating_point()):.10e}"
-
-
 def cache_path(kind: str, spec: Mapping, root: Path | None = None) -> Path:
     return Path(root or cache_dir()) / kind / f"{cache_key(spec)}.safetensors"
 

@@ -80,4 +80,22 @@ def measure(fn: Callable[[], object]) -> tuple[float, float]:
     return seconds, peak_mib
 
 
-__all__ = ["measure", "measured_call", "release_freed_memory"]
+def matmul_rate(size: int = 2048, seconds: float = 1.0) -> float:
+    """Sustained float32 matrix-multiply rate of this machine, FLOP/s, with torch's current
+    number of threads: ``size × size`` products repeated for about ``seconds`` after a
+    warm-up. No method built on matrix products runs faster than this, which makes it the
+    ceiling against which a measured speed-up can be judged (a roofline)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < seconds:
+        torch.mm(a, b, out=out)
+        reps += 1
+    return 2 * size**3 * reps / (time.perf_counter() - start)
+
+
+__all__ = ["matmul_rate", "measure", "measured_call", "release_freed_memory"]

@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 
 from . import merging
 from .archs import MLP, ViT
-from .cache import cache_path, cached_tensors, load_metadata, state_fingerprint
+from .cache import cache_path, cached_tensors, content_hash, load_metadata
 from .cost import measured_call
 from .data import VISION_TASKS, load_vision_task, prepare_images, subsample_indices
 from .fs_merge import Distillation, augmented_pool, build_supernet, folded_logits, train_supernet
@@ -626,7 +626,7 @@ class FSStudy:
         shared, shared_info = self.shared_init(arch, warmup)
         head_seed = expert_seed(c.seed, arch, task, "finetuned head")
         spec = {"what": "fs_study fine-tuned expert", "version": FS_STUDY_VERSION, "arch": arch_spec(arch, c),
-                "num_classes": data.num_classes, "data": self._data_spec([task]), "shared": state_fingerprint(shared),
+                "num_classes": data.num_classes, "data": self._data_spec([task]), "shared": content_hash(shared),
                 "head_seed": head_seed, "train": {"epochs": c.finetune_epochs, "lr": c.finetune_lr,
                                                   "weight_decay": c.expert_weight_decay, "batch_size": c.expert_batch_size}}
 
@@ -646,7 +646,7 @@ class FSStudy:
         tensors, info = self._cached_model(f"fs_study/experts/{arch}", spec, train)
         model = make_model(arch, data.num_classes, c)
         model.load_state_dict(tensors)
-        info["shared_init"] = {"fingerprint": state_fingerprint(shared), **{k: shared_info.get(k) for k in ("cached", "train_seconds")}}
+        info["shared_init"] = {"fingerprint": content_hash(shared), **{k: shared_info.get(k) for k in ("cached", "train_seconds")}}
         expert = Expert(arch, task, _frozen(model), info)
         self._experts[key] = expert
         return expert

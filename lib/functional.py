@@ -47,6 +47,23 @@ def slice_batch(batch: Mapping[str, Tensor], start: int, stop: int) -> dict[str,
     return {k: v[start:stop] for k, v in batch.items()}
 
 
+def example_at_own_length(inputs: Mapping[str, Tensor], b: int) -> dict[str, Tensor]:
+    """Example ``b`` of a batch of model inputs, without its batch dimension, with the
+    trailing padding cut off: with a 2-D ``attention_mask`` ``[B, L]`` (1 = token), every
+    input that has that same ``[B, L]`` prefix keeps positions up to the example's last
+    token. Other inputs (and every input when there is no such mask) keep their full shape.
+
+    This is how batch-size-1 code runs text: there is no padding to compute over. For a
+    model that honours its attention mask the result equals that of the padded example.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return {k: v[b] for k, v in inputs.items()}
+    positions = torch.nonzero(mask[b]).flatten()
+    length = int(positions[-1]) + 1 if len(positions) else mask.shape[1]
+    return {k: v[b, :length] if v.dim() >= 2 and v.shape[:2] == mask.shape else v[b] for k, v in inputs.items()}
+
+
 def to_device(batch: Mapping[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 

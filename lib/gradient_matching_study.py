@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import merging, statistics
+from . import cost, merging, statistics
 from .cache import cached_tensors, content_hash
 from .functional import additive_attention_mask, eval_mode
 from .models import Classifier
@@ -87,7 +87,7 @@ class GradientMatchingConfig:
     # data removal: the dataset whose influence is subtracted from the all-data model
     removed_task: str = "mpqa"
     # per-example gradient timing
-    timing_examples: int = 32
+    timing_examples: int = 128     # per dataset, from the examples its Fisher uses
     timing_vmap_chunks: tuple[int, ...] = (8,)
 
     @property
@@ -350,7 +350,9 @@ def objective_gradient_norm(grads_at_merged: dict[str, StateDict], sizes: dict[s
 
 # ----------------------------------------------------------------------------- evaluation
 class Evaluator:
-    """Accuracy and predictions of full state dicts on a track's splits, memoised by state."""
+    """Accuracy and predictions of full state dicts on a track's splits. Predictions are
+    memoised and cached on disk under the state's content hash (as :func:`lib.evaluation.evaluate`
+    caches encoders'), so a re-run evaluates only models that changed."""
 
     def __init__(self, track: TextTrack):
         self.track = track
@@ -360,12 +362,19 @@ class Evaluator:
     @torch.no_grad()
     def predictions(self, state: StateDict, task: str, split: str = "test", max_examples: int | None = None,
                     state_hash: str | None = None) -> np.ndarray:
-        key = (state_hash or content_hash(state), task, split, max_examples)
+        state_hash = state_hash or content_hash(state)
+        key = (state_hash, task, split, max_examples)
         if key not in self._memo:
-            load_into(self.encoder, state, self.track)
-            data = self.track.split(task, split).subset(max_examples, self.track.seed)
-            head = head_module(split_state(state)[1])
-            self._memo[key] = head(encode(self.encoder, data)).argmax(1).numpy()
+            spec = {**self.track.identity(), "kind": "full-state predictions", "task": task, "split": split,
+                    "max_examples": max_examples, "state": state_hash}
+
+            def compute():
+                load_into(self.encoder, state, self.track)
+                data = self.track.split(task, split).subset(max_examples, self.track.seed)
+                head = head_module(split_state(state)[1])
+                return {"pred": head(encode(self.encoder, data)).argmax(1)}
+
+            self._memo[key] = cached_tensors("predictions", spec, compute)["pred"].numpy()
         return self._memo[key]
 
     def labels(self, task: str, split: str = "test", max_examples: int | None = None) -> np.ndarray:
@@ -516,51 +525,99 @@ class VmappableClassifier(nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
 
 
-def _loop_unpadded(model, batch, names) -> StateDict:
-    """The batch-size-1 reference as one would write it: each example at its own length."""
-    total = None
-    lengths = batch["attention_mask"].sum(1)
-    for b in range(len(batch["labels"])):
-        one = {k: v[b : b + 1, : int(lengths[b])] if v.dim() == 2 else v[b : b + 1] for k, v in batch.items()}
-        s = statistics.sum_sq_grads(model, one, names, method="loop")
-        total = s if total is None else {k: total[k] + s[k] for k in total}
-    return total
+LOOP = "loop (batch size 1, each example at its own length)"
+BOUND = "bound: every matrix product at the machine's peak rate"
 
 
-def time_per_example_gradients(track: TextTrack, state: StateDict, task: str, n_examples: int = 32,
-                               vmap_chunks: tuple[int, ...] = (8,), seed: int = 0) -> pd.DataFrame:
-    """Σ_b (∇θ −log p(y_b|x_b))² over ``n_examples`` real training examples of ``task``, for every
-    tensor of ``state`` (what the Fisher needs), by the batch-size-1 loop, vmap and hooks, timed
-    side by side in this process on the same examples. Each method runs once untimed on two
-    examples first (warm-up). Wall and CPU seconds per example, speed-up over the loop, and
-    the largest deviation from the loop relative to the loop's largest entry."""
-    model = VmappableClassifier(classifier(track, state))
-    names = list(state)
-    data = track.split(task, "train").subset(n_examples, seed)
-    batch = next(data.batches(len(data)))  # one length-sorted batch, padded to its longest example
-    warm = {k: v[:2] for k, v in batch.items()}
-    methods = {"loop (batch size 1, each example unpadded)": lambda b: _loop_unpadded(model, b, names)}
+def linear_flops(model: nn.Module, tokens: int) -> float:
+    """FLOPs of one pass of every ``nn.Linear`` of ``model`` over ``tokens`` positions: 2·in·out each."""
+    return 2.0 * tokens * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def time_sq_grad_methods(model: nn.Module, batches: list[dict], names: list[str], vmap_chunks: tuple[int, ...] = (8,),
+                         peak_flops: float | None = None) -> pd.DataFrame:
+    """Time Σ_b (∇θ −log p(y_b|x_b))² over ``batches`` for the parameters ``names`` by every
+    exact method, side by side, each after one untimed warm-up on two examples:
+
+    - the batch-size-1 loop (:func:`lib.statistics.per_example_sq_grads_loop`: each example at
+      its own length, squares added in place), the reference;
+    - ``vmap(grad(·))`` in chunks of each of ``vmap_chunks``;
+    - hooks, one batched forward/backward per batch.
+
+    Per method: wall and CPU ms per example, the speed-up over the loop, the matrix-product
+    rate it sustains, its peak memory (resident-set growth, :func:`lib.cost.measured_call`;
+    the sums it returns included), and its largest deviation from the loop (relative to the loop's largest
+    entry). The rate counts the three products every exact method needs per ``nn.Linear``
+    and position -- the forward pass, the gradient to the layer's input, and the per-example
+    weight gradient -- and nothing else (attention scores, elementwise work): a lower bound
+    on the work. With ``peak_flops`` (:func:`lib.cost.matmul_rate`) a last row gives the time
+    that work takes at the peak rate, hence the largest speed-up any exact method could
+    show here.
+    """
+    n = sum(len(b["labels"]) for b in batches)
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    work = 3 * linear_flops(model, tokens)
+    methods = {LOOP: lambda b: statistics.sum_sq_grads(model, b, names, method="loop")}
     for c in vmap_chunks:
         methods[f"vmap over grad (chunks of {c})"] = \
             lambda b, c=c: statistics.sum_sq_grads(model, b, names, method="vmap", chunk_size=c)
-    methods[f"hooks (one batched backward of {len(data)})"] = \
+    methods["hooks (one batched backward per batch)"] = \
         lambda b: statistics.sum_sq_grads(model, b, names, method="hooks", chunk_size=None)
+    def run_all(fn):
+        total = None
+        for batch in batches:
+            sums = fn(batch)
+            total = sums if total is None else {k: total[k] + sums[k] for k in total}
+        return total
+
     results, rows = {}, []
     for label, fn in methods.items():
-        fn(warm)
-        wall, cpu = time.perf_counter(), time.process_time()
-        results[label] = fn(batch)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        rows.append({"method": label, "examples": len(data), "wall s/example": wall / len(data),
-                     "CPU s/example": cpu / len(data)})
-    ref = results[next(iter(methods))]
+        fn({k: v[:2] for k, v in batches[0].items()})
+        cpu = time.process_time()
+        results[label], wall, peak_mib = cost.measured_call(lambda: run_all(fn))
+        cpu = time.process_time() - cpu
+        rows.append({"method": label, "examples": n, "mean tokens": tokens / n, "wall ms/example": 1000 * wall / n,
+                     "CPU ms/example": 1000 * cpu / n, "GFLOP/s": work / wall / 1e9, "peak MiB": peak_mib})
+    ref = results[LOOP]
     scale = max(float(v.abs().max()) for v in ref.values())
+    for row, r in zip(rows, results.values()):
+        row["max |diff| / max |loop|"] = max(float((r[k] - ref[k]).abs().max()) for k in ref) / scale
+    if peak_flops is not None:
+        rows.append({"method": BOUND, "examples": n, "mean tokens": tokens / n,
+                     "wall ms/example": 1000 * work / peak_flops / n, "GFLOP/s": peak_flops / 1e9})
     table = pd.DataFrame(rows).set_index("method")
-    table["speed-up vs loop (wall)"] = table["wall s/example"].iloc[0] / table["wall s/example"]
-    table["speed-up vs loop (CPU)"] = table["CPU s/example"].iloc[0] / table["CPU s/example"]
-    table["max |diff| / max |loop|"] = [max(float((r[k] - ref[k]).abs().max()) for k in ref) / scale
-                                       for r in results.values()]
-    table.attrs.update(threads=torch.get_num_threads(), parameters=sum(v.numel() for v in state.values()),
-                       mean_tokens=float(batch["attention_mask"].sum(1).float().mean()),
-                       padded_length=int(batch["attention_mask"].shape[1]))
+    table.insert(5, "speed-up vs loop (wall)", table.loc[LOOP, "wall ms/example"] / table["wall ms/example"])
+    table.insert(6, "speed-up vs loop (CPU)", table.loc[LOOP, "CPU ms/example"] / table["CPU ms/example"])
+    return table
+
+
+def time_per_example_gradients(track: TextTrack, models: Models, config: GradientMatchingConfig) -> pd.DataFrame:
+    """:func:`time_sq_grad_methods` on the work of :func:`compute_fishers`: for every dataset,
+    the model whose Fisher the study takes there (θ0 on the base dataset, each task model on
+    its own), ``timing_examples`` of the examples its Fisher uses, in the Fisher's batches
+    (sorted by length, ``fisher_batch_size``), every tensor of the state; labels are the data's.
+    Rows are (dataset, method), then ("all", method) for the time summed over the datasets.
+    The peak matrix-product rate is measured once, in this run (``attrs["peak GFLOP/s"]``)."""
+    peak = cost.matmul_rate()
+    tables = {}
+    for dataset in config.datasets:
+        state = models.theta0 if dataset == config.base_task else models.tasks[dataset]
+        data = (track.split(dataset, "train").subset(config.fisher_examples, config.seed)
+                .subset(config.timing_examples, config.seed))
+        tables[dataset] = time_sq_grad_methods(VmappableClassifier(classifier(track, state)),
+                                               list(data.batches(config.fisher_batch_size)), list(state),
+                                               config.timing_vmap_chunks, peak)
+    per_dataset = pd.concat(tables, names=["dataset"])
+    # All datasets together: total time over all examples, so longer inputs weigh more.
+    n = per_dataset["examples"].groupby("method", sort=False).sum()
+    weighted = per_dataset[["mean tokens", "wall ms/example", "CPU ms/example"]].mul(per_dataset["examples"], axis=0)
+    total = weighted.groupby("method", sort=False).sum(min_count=1).div(n, axis=0)
+    total.insert(0, "examples", n)
+    total["speed-up vs loop (wall)"] = total.loc[LOOP, "wall ms/example"] / total["wall ms/example"]
+    total["speed-up vs loop (CPU)"] = total.loc[LOOP, "CPU ms/example"] / total["CPU ms/example"]
+    total["peak MiB"] = per_dataset["peak MiB"].groupby("method", sort=False).max()
+    total["max |diff| / max |loop|"] = per_dataset["max |diff| / max |loop|"].groupby("method", sort=False).max()
+    table = pd.concat([per_dataset, pd.concat({"all": total}, names=["dataset"])])
+    table.attrs.update(threads=torch.get_num_threads(), parameters=sum(v.numel() for v in models.theta0.values()),
+                       **{"peak GFLOP/s": peak / 1e9})
     return table

@@ -34,6 +34,7 @@ from .functional import (
     batch_size,
     detached_params,
     eval_mode,
+    example_at_own_length,
     functional_forward,
     model_device,
     model_inputs,
@@ -43,6 +44,7 @@ from .functional import (
 )
 
 Batch = Mapping[str, Tensor]
+LabelTerm = tuple[Tensor, "Tensor | None"]  # (labels [B], example weights [B] or None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,7 +107,8 @@ def per_example_grads_loop(
     param_names: Iterable[str] | None = None,
     labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The reference for :func:`per_example_grads`: plain autograd, one example at a time."""
+    """The reference for :func:`per_example_grads`: plain autograd, one example at a time,
+    each at its own length (:func:`lib.functional.example_at_own_length`)."""
     device = model_device(model)
     batch = to_device(batch, device)
     labels = (batch[LABEL_KEY] if labels is None else labels).to(device)
@@ -114,7 +117,7 @@ def per_example_grads_loop(
         params = {n: p.detach().requires_grad_() for n, p in detached_params(model, param_names).items()}
         rows = []
         for b in range(labels.shape[0]):
-            example = {k: v[b] for k, v in inputs.items()}
+            example = example_at_own_length(inputs, b)
             g = torch.autograd.grad(_nll_of_one(model, params, example, labels[b]), list(params.values()), allow_unused=True)
             rows.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params.values())])
     return {n: torch.stack([r[i] for r in rows]).float() for i, n in enumerate(params)}
@@ -157,7 +160,9 @@ def per_example_sq_grads_loop(
     """Σ_b w_b (∇θ −log p(y_b|x_b))² by plain autograd, one example at a time.
 
     The reference that the faster methods of :func:`sum_sq_grads` are tested and timed
-    against; written as one would by hand (squares accumulated in place).
+    against, written as one would by hand: each example at its own length (no padding to
+    compute over, :func:`lib.functional.example_at_own_length`), squares accumulated in
+    place into one running total.
     """
     device = model_device(model)
     batch = to_device(batch, device)
@@ -167,7 +172,7 @@ def per_example_sq_grads_loop(
         params = {n: p.detach().requires_grad_() for n, p in detached_params(model, param_names).items()}
         total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         for b in range(labels.shape[0]):
-            example = {k: v[b] for k, v in inputs.items()}
+            example = example_at_own_length(inputs, b)
             g = torch.autograd.grad(_nll_of_one(model, params, example, labels[b]), list(params.values()), allow_unused=True)
             w = 1.0 if weights is None else float(weights[b])
             for n, gi in zip(params, g):
@@ -209,7 +214,10 @@ def sum_sq_grads(
     if method == "loop":
         return per_example_sq_grads_loop(model, batch, names, labels, weights)
     if method == "hooks":
-        total, rest = _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size)
+        def given(logits: Tensor, start: int, stop: int) -> list[LabelTerm]:
+            return [(labels[start:stop], None if weights is None else weights[start:stop])]
+
+        total, rest, _ = _sum_sq_grads_hooks(model, batch, names, given, chunk_size)
         if rest:
             total.update(_sum_sq_grads_vmap(model, batch, rest, labels, weights, chunk_size))
         return {n: total[n] for n in names}
@@ -265,13 +273,23 @@ def _linear_weight_sq_sum_(total: Tensor, x: Tensor, g: Tensor, weights: Tensor 
     G_b [T, out] are example b's layer inputs and output gradients over its T positions.
 
     One example at a time into a reused buffer: a batched ``[B, out, in]`` tensor costs
-    more (fresh memory to fault in, slower batched matmul on CPU) than it saves.
+    more (fresh memory to fault in, slower batched matmul on CPU) than it saves. (Squaring
+    (Σ_t g_t x_tᵀ)² as Σ_{t,t'} (g_t∘g_t')(x_t∘x_t')ᵀ, one matrix product for all examples,
+    avoids the per-example pass over out×in but needs T(T+1)/2 rows per example; measured on
+    MiniLM it won only for inputs of at most 4 tokens, so it is not used.)
     """
     B = g.shape[0]
     x3, g3 = x.reshape(B, -1, x.shape[-1]).float(), g.reshape(B, -1, g.shape[-1]).float()
+    # Positions whose output gradient is exactly zero add nothing: padding that the model
+    # masks out gets none. Cutting each example after its last position with a gradient
+    # skips that work (exactly: the rows cut are zero).
+    live = g3.ne(0).any(-1)  # [B, T]
+    ends = torch.where(live.any(1), live.shape[1] - live.flip(1).to(torch.int8).argmax(1), 0).tolist()
     buffer = torch.empty_like(total)
-    for b in range(B):
-        torch.mm(g3[b].T, x3[b], out=buffer)
+    for b, end in enumerate(ends):
+        if end == 0:
+            continue
+        torch.mm(g3[b, :end].T, x3[b, :end], out=buffer)
         total.addcmul_(buffer, buffer, value=1.0 if weights is None else float(weights[b]))
 
 
@@ -292,8 +310,15 @@ def _embedding_sq_sum_(total: Tensor, module: nn.Embedding, ids: Tensor, g: Tens
     total.index_add_(0, keys % V, sq)
 
 
-def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
-    """The "hooks" method: returns (sums for hookable parameters, names left for vmap).
+def _sum_sq_grads_hooks(model, batch, names, label_terms, chunk_size):
+    """The "hooks" method: returns (sums for hookable parameters, names left for vmap,
+    the label terms used).
+
+    ``label_terms(logits, start, stop)`` gives, from a chunk's logits (detached), a list of
+    (labels, weights) for examples ``start:stop``; each term adds Σ_b w_b g_b² with g_b the
+    gradient of −log p(labels_b | x_b), all from the one forward pass (a Fisher that samples
+    its labels from the model needs no forward pass of its own). The terms used are
+    returned concatenated over chunks, so that parameters left to vmap can use the same.
 
     Layers must be batch-first (the leading dimension of a layer's input and output is
     the example, or 1 for an input shared by the whole batch), and their inputs and
@@ -316,15 +341,16 @@ def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
     covered = {full for local in owners.values() for full in local.values()}
     rest = [n for n in names if n not in covered]
 
-    step = chunk_size or labels.shape[0]
+    n_examples = batch_size(batch)
+    step = chunk_size or n_examples
+    used: dict[int, list[LabelTerm]] = {}  # term index -> its (labels, weights) chunk by chunk
     with eval_mode(model):
         # Parameters we differentiate must require grad so that the hooked outputs are
         # part of the graph; fresh leaves keep the module untouched.
         params = {n: p.detach().requires_grad_() for n, p in detached_params(model, covered).items()}
         total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        for start in range(0, labels.shape[0], step):
+        for start in range(0, n_examples, step):
             chunk = slice_batch(batch, start, start + step)
-            w = None if weights is None else weights[start : start + step]
             B = batch_size(chunk)
             calls: list[tuple[nn.Module, Tensor, Tensor]] = []
             versions: list[tuple[int, int]] = []
@@ -353,37 +379,49 @@ def _sum_sq_grads_hooks(model, batch, names, labels, weights, chunk_size):
                 # e.g. ReLU(inplace=True) after a Linear: the saved input or output no longer
                 # holds the values the layer saw, and a gradient taken at it would be wrong.
                 raise RuntimeError("a layer's input or output is modified in place: use method='vmap'")
-            loss = -torch.log_softmax(logits.float(), -1).gather(1, labels[start : start + step, None]).sum()
-            # An output outside the graph (computed under no_grad) gets no gradient at all.
-            in_graph = [o for _, _, o in calls if o.requires_grad]
-            found = iter(torch.autograd.grad(loss, in_graph, allow_unused=True) if in_graph else [])
-            gs = [next(found) if o.requires_grad else None for _, _, o in calls]
-
             uses: dict[nn.Module, int] = {}
             for module, _, _ in calls:
                 uses[module] = uses.get(module, 0) + 1
             if any(n > 1 for m, n in uses.items() if isinstance(m, nn.Embedding)):
                 # The row-wise embedding rule squares each call on its own.
                 raise RuntimeError("an nn.Embedding called twice in one forward: use method='vmap'")
-            shared: dict[str, Tensor] = {}  # per-example gradients of modules called more than once
-            for (module, x, o), g in zip(calls, gs):
-                g = torch.zeros_like(o) if g is None else g
-                full_name = owners[module]
-                if isinstance(module, nn.Embedding):
-                    _embedding_sq_sum_(total[full_name["weight"]], module, x, g, w)
-                    continue
-                once = uses[module] == 1
-                if once and isinstance(module, nn.Linear):
-                    # The bulk of the work: squared into the total example by example.
-                    _linear_weight_sq_sum_(total[full_name["weight"]], x, g, w)
-                for local, pe in _per_example_layer_grads(module, x, g, linear_weight=not once).items():
-                    if once:
-                        total[full_name[local]] += _weighted_sq_sum(pe, w)
-                    else:  # a shared module's calls add up before squaring
-                        shared[full_name[local]] = pe + shared.get(full_name[local], 0)
-            for full, pe in shared.items():
-                total[full] += _weighted_sq_sum(pe, w)
-    return {n: total[n] for n in covered if n in wanted}, rest
+            log_probs = torch.log_softmax(logits.float(), -1)
+            terms = label_terms(logits.detach(), start, start + B)
+            # An output outside the graph (computed under no_grad) gets no gradient at all.
+            in_graph = [o for _, _, o in calls if o.requires_grad]
+            for i, (labels, w) in enumerate(terms):
+                used.setdefault(i, []).append((labels, w))
+                loss = -log_probs.gather(1, labels[:, None]).sum()
+                more = i + 1 < len(terms)  # keep the graph for the next term's backward pass
+                found = iter(torch.autograd.grad(loss, in_graph, allow_unused=True, retain_graph=more) if in_graph else [])
+                gs = [next(found) if o.requires_grad else None for _, _, o in calls]
+                _add_layer_sq_sums_(total, owners, uses, calls, gs, w)
+    terms_used = [(torch.cat([y for y, _ in parts]), None if parts[0][1] is None else torch.cat([w for _, w in parts]))
+                  for parts in used.values()]
+    return {n: total[n] for n in covered if n in wanted}, rest, terms_used
+
+
+def _add_layer_sq_sums_(total, owners, uses, calls, gs, weights) -> None:
+    """Add Σ_b w_b g_b² of every hooked parameter to ``total``, from each call's (module,
+    input, output) and the gradient ``gs`` at that output (None: no gradient reached it)."""
+    shared: dict[str, Tensor] = {}  # per-example gradients of modules called more than once
+    for (module, x, o), g in zip(calls, gs):
+        g = torch.zeros_like(o) if g is None else g
+        full_name = owners[module]
+        if isinstance(module, nn.Embedding):
+            _embedding_sq_sum_(total[full_name["weight"]], module, x, g, weights)
+            continue
+        once = uses[module] == 1
+        if once and isinstance(module, nn.Linear):
+            # The bulk of the work: squared into the total example by example.
+            _linear_weight_sq_sum_(total[full_name["weight"]], x, g, weights)
+        for local, pe in _per_example_layer_grads(module, x, g, linear_weight=not once).items():
+            if once:
+                total[full_name[local]] += _weighted_sq_sum(pe, weights)
+            else:  # a shared module's calls add up before squaring
+                shared[full_name[local]] = pe + shared.get(full_name[local], 0)
+    for full, pe in shared.items():
+        total[full] += _weighted_sq_sum(pe, weights)
 
 
 # ----------------------------------------------------------------------------------------
@@ -400,6 +438,19 @@ def _batches_upto(batches: Iterable[Batch], max_examples: int | None):
             batch = slice_batch(batch, 0, max_examples - seen)
         seen += batch_size(batch)
         yield batch
+
+
+def _label_terms(label_mode: str, logits: Tensor | None, labels: Tensor, generator: torch.Generator) -> list[LabelTerm]:
+    """The (labels, weights) whose squared gradients make up the Fisher of one batch."""
+    if label_mode == "true":
+        return [(labels, None)]
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    if label_mode == "sample":
+        # Drawn on CPU so that the draws do not depend on the device; drawing a batch in
+        # chunks gives the same labels as drawing it at once.
+        return [(torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device), None)]
+    B, C = probs.shape
+    return [(torch.full((B,), c, device=probs.device), probs[:, c]) for c in range(C)]
 
 
 def diagonal_fisher(
@@ -428,7 +479,8 @@ def diagonal_fisher(
 
     ``max_examples`` caps the number of examples used; ``method`` and ``chunk_size`` are
     those of :func:`sum_sq_grads` (all methods are exact, ``"hooks"`` is the fastest for
-    Transformers).
+    Transformers, and draws its labels from the logits of its own forward pass instead of
+    running one more).
     """
     if label_mode not in ("sample", "expected", "true"):
         raise ValueError(f"label_mode must be 'sample', 'expected' or 'true', not {label_mode!r}")
@@ -437,24 +489,29 @@ def diagonal_fisher(
     total: dict[str, Tensor] = {}
     n = 0
     bar = tqdm(total=max_examples, desc=f"Fisher ({label_mode})", unit="ex", disable=disable)
+    names = param_names_of(model, param_names)
+
+    def add(sums: Mapping[str, Tensor]) -> None:
+        for name, s in sums.items():
+            total[name] = s if name not in total else total[name] + s
+
     with eval_mode(model):
         for batch in _batches_upto(batches, max_examples):
             batch = to_device(batch, device)
-            if label_mode == "true":
-                terms = [(batch[LABEL_KEY], None)]
+            if method == "hooks":
+                # The labels are drawn from the logits of the hooks' own forward pass.
+                def terms_of(logits, start, stop):
+                    return _label_terms(label_mode, logits, batch[LABEL_KEY][start:stop], generator)
+
+                sums, rest, used = _sum_sq_grads_hooks(model, batch, names, terms_of, chunk_size)
+                add(sums)
+                for labels, weights in used if rest else []:
+                    add(_sum_sq_grads_vmap(model, batch, rest, labels, weights, chunk_size))
             else:
                 with torch.no_grad():
-                    probs = torch.softmax(model(**model_inputs(batch)).float(), dim=-1)
-                if label_mode == "sample":
-                    drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
-                    terms = [(drawn.to(device), None)]
-                else:
-                    B, C = probs.shape
-                    terms = [(torch.full((B,), c, device=device), probs[:, c]) for c in range(C)]
-            for labels, weights in terms:
-                sums = sum_sq_grads(model, batch, param_names, labels, weights, method, chunk_size)
-                for name, s in sums.items():
-                    total[name] = s if name not in total else total[name] + s
+                    logits = model(**model_inputs(batch)) if label_mode != "true" else None
+                for labels, weights in _label_terms(label_mode, logits, batch[LABEL_KEY], generator):
+                    add(sum_sq_grads(model, batch, names, labels, weights, method, chunk_size))
             n += batch_size(batch)
             bar.update(batch_size(batch))
     bar.close()

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import merging, statistics
-from .cache import cached_tensors, state_fingerprint
+from .cache import cached_tensors, content_hash
 from .evaluation import evaluate
 from .models import Classifier
 from .tracks import Track, TextTrack, VisionTrack, model_inputs
@@ -127,7 +127,7 @@ def compute_statistics(track: Track, setup: Setup, config: BaselinesConfig, prog
         expert = setup.experts[task]
         train = track.split(task, "train")
         sizes[task] = len(train)
-        key = {**track.identity(), "task": task, "expert": state_fingerprint(expert.encoder)}
+        key = {**track.identity(), "task": task, "expert": content_hash(expert.encoder)}
 
         def fisher(split=train, expert=expert, task=task):
             model = _classifier(track, expert.encoder, expert.heads[task])

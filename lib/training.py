@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import cache_path, load_metadata, save_tensors_atomic, state_fingerprint
+from .cache import cache_path, content_hash, load_metadata, save_tensors_atomic
 from .tracks import PreparedSplit, Track, model_inputs
 from safetensors.torch import load_file
 
@@ -158,9 +158,9 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     """
     spec = {**track.identity(), "tasks": list(tasks), "config": asdict(config), "kind": "finetune",
             "frozen": list(track.frozen_parameters),
-            "heads": {t: float(heads[t]["weight"].double().sum()) for t in tasks}}
-    # only non-default options enter the key, so default experts keep their cache entries
-    for option, value in {"init": init and state_fingerprint(init.encoder), "train_head": train_head,
+            "heads": {t: content_hash(heads[t]) for t in tasks}}
+    # only non-default options enter the key
+    for option, value in {"init": init and content_hash(init.encoder), "train_head": train_head,
                           "shared_head": shared_head}.items():
         if value:
             spec[option] = value

@@ -241,10 +241,30 @@ def test_vmappable_classifier_and_the_timed_methods_agree(toy):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     model.eval()
     torch.testing.assert_close(wrapped(**inputs), model(**inputs))
-    table = G.time_per_example_gradients(track, state, "toy", n_examples=8, vmap_chunks=(4,))
-    assert len(table) == 3 and table["examples"].eq(8).all()
-    assert table["max |diff| / max |loop|"].max() < 1e-4
-    assert table["speed-up vs loop (wall)"].iloc[0] == pytest.approx(1.0)
+    batches = list(track.split("toy", "train").subset(8, 0).batches(3))
+    table = G.time_sq_grad_methods(wrapped, batches, list(state), vmap_chunks=(2,), peak_flops=1e9)
+    assert list(table.index) == [G.LOOP, "vmap over grad (chunks of 2)", "hooks (one batched backward per batch)", G.BOUND]
+    assert table["examples"].eq(8).all()
+    assert table["max |diff| / max |loop|"].iloc[:3].max() < 1e-4
+    assert table.loc[G.LOOP, "speed-up vs loop (wall)"] == pytest.approx(1.0)
+    # the bound: three products per Linear and position at 1 GFLOP/s
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert table.loc[G.BOUND, "wall ms/example"] == pytest.approx(1000 * 3 * G.linear_flops(wrapped, tokens) / 1e9 / 8)
+
+
+def test_per_example_gradient_timing_covers_every_dataset_and_sums_them(toy):
+    track, state = toy
+    models = G.Models(theta0=state, tasks={"other": state}, all_data=state, without=state, removed="other")
+    config = G.GradientMatchingConfig(base_task="toy", tasks=("other",), fisher_examples=8, fisher_batch_size=4,
+                                      timing_examples=6, timing_vmap_chunks=(3,))
+    table = G.time_per_example_gradients(track, models, config)
+    assert list(table.index.get_level_values("dataset").unique()) == ["toy", "other", "all"]
+    per = table.loc["toy"]
+    assert per["examples"].eq(6).all() and table.loc["all", "examples"].eq(12).all()
+    both = table.xs(G.LOOP, level="method")["wall ms/example"]
+    assert both["all"] == pytest.approx((both["toy"] + both["other"]) / 2)
+    assert table.loc[("all", G.LOOP), "speed-up vs loop (wall)"] == pytest.approx(1.0)
+    assert table.attrs["peak GFLOP/s"] > 0
 
 
 def test_evaluator_accuracy_agreement_and_memo(toy):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lib import statistics as S
-from lib.functional import additive_attention_mask, detached_params, eval_mode, functional_forward
+from lib.functional import additive_attention_mask, detached_params, eval_mode, example_at_own_length, functional_forward
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,6 +111,24 @@ def test_per_example_grads_of_padded_example_equal_the_unpadded_one(bert):
     alone = {k: v[2:3] for k, v in batch.items()}
     alone = S.per_example_grads_loop(bert, {k: v[:, :2] if v.dim() == 2 else v for k, v in alone.items()})  # length 2
     assert_close_dicts({k: v[2:3] for k, v in padded.items()}, alone)
+
+
+def test_example_at_own_length_cuts_trailing_padding_only():
+    batch = text_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "scale": torch.ones(5, 3)}
+    third = example_at_own_length(inputs, 2)  # length 2 of 7
+    assert torch.equal(third["input_ids"], batch["input_ids"][2, :2]) and third["attention_mask"].tolist() == [1, 1]
+    assert third["scale"].shape == (3,)  # not [B, L]: kept whole
+    gap = {"attention_mask": torch.tensor([[1, 0, 1, 0]]), "input_ids": torch.tensor([[5, 6, 7, 8]])}
+    assert example_at_own_length(gap, 0)["input_ids"].tolist() == [5, 6, 7]  # up to the LAST token
+    images = image_batch()
+    assert torch.equal(example_at_own_length(images, 1)["pixel_values"], images["pixel_values"][1])
+
+
+def test_the_loop_gives_the_same_sums_with_more_padding(bert):
+    batch = text_batch()
+    longer = {k: nn.functional.pad(v, (0, 6)) if v.dim() == 2 else v for k, v in batch.items()}
+    assert_close_dicts(S.per_example_sq_grads_loop(bert, longer), S.per_example_sq_grads_loop(bert, batch))
 
 
 def test_per_example_grads_match_the_loop_on_cnn_with_batchnorm(cnn):
@@ -233,6 +251,17 @@ def test_fisher_is_seeded_respects_max_examples_and_restores_mode(bert):
     # 12 examples = two full batches and two of the third: the mean over exactly those.
     sums = [S.sum_sq_grads(bert, x, labels=y, method="loop") for x, y in _sampled(bert, batches, 12, seed=1)]
     assert_close_dicts(a, {k: sum(s[k] for s in sums) / 12 for k in a})
+
+
+@pytest.mark.parametrize("label_mode", ["sample", "expected"])
+def test_hooks_fisher_takes_its_labels_from_its_own_forward_pass(bert, cnn, label_mode):
+    # "hooks" draws from the logits of its own forward pass, chunk by chunk; "vmap" runs a
+    # forward pass of the whole batch first. Same seed, same draws, same Fisher -- also for
+    # the CNN, whose convolutions and BatchNorm are left to vmap with the labels hooks drew.
+    for model, batches in [(bert, [text_batch(seed=s) for s in range(2)]), (cnn, [image_batch()])]:
+        a = S.diagonal_fisher(model, batches, label_mode=label_mode, seed=3, method="hooks", chunk_size=2, disable=True)
+        b = S.diagonal_fisher(model, batches, label_mode=label_mode, seed=3, method="vmap", chunk_size=2, disable=True)
+        assert_close_dicts(a, b)
 
 
 def _sampled(model, batches, n, seed):
