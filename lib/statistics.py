@@ -276,7 +276,7 @@ def _linear_weight_sq_sum_(total: Tensor, x: Tensor, g: Tensor, weights: Tensor 
     more (fresh memory to fault in, slower batched matmul on CPU) than it saves. (Squaring
     (Σ_t g_t x_tᵀ)² as Σ_{t,t'} (g_t∘g_t')(x_t∘x_t')ᵀ, one matrix product for all examples,
     avoids the per-example pass over out×in but needs T(T+1)/2 rows per example; measured on
-    MiniLM it won only for inputs of at most 4 tokens, so it is not used.)
+    MiniLM it won only for inputs of at most about 5 tokens, so it is not used.)
     """
     B = g.shape[0]
     x3, g3 = x.reshape(B, -1, x.shape[-1]).float(), g.reshape(B, -1, g.shape[-1]).float()
