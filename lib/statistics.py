@@ -217,10 +217,7 @@ def sum_sq_grads(
         def given(logits: Tensor, start: int, stop: int) -> list[LabelTerm]:
             return [(labels[start:stop], None if weights is None else weights[start:stop])]
 
-        total, rest, _ = _sum_sq_grads_hooks(model, batch, names, given, chunk_size)
-        if rest:
-            total.update(_sum_sq_grads_vmap(model, batch, rest, labels, weights, chunk_size))
-        return {n: total[n] for n in names}
+        return _sum_sq_grads_hooks(model, batch, names, given, chunk_size)
     raise ValueError(f"unknown method {method!r}: use 'vmap', 'loop' or 'hooks'")
 
 
@@ -311,14 +308,13 @@ def _embedding_sq_sum_(total: Tensor, module: nn.Embedding, ids: Tensor, g: Tens
 
 
 def _sum_sq_grads_hooks(model, batch, names, label_terms, chunk_size):
-    """The "hooks" method: returns (sums for hookable parameters, names left for vmap,
-    the label terms used).
+    """The "hooks" method: ``{name: Σ_b w_b g_b²}`` for ``names``, in that order.
 
     ``label_terms(logits, start, stop)`` gives, from a chunk's logits (detached), a list of
     (labels, weights) for examples ``start:stop``; each term adds Σ_b w_b g_b² with g_b the
     gradient of −log p(labels_b | x_b), all from the one forward pass (a Fisher that samples
-    its labels from the model needs no forward pass of its own). The terms used are
-    returned concatenated over chunks, so that parameters left to vmap can use the same.
+    its labels from the model needs no forward pass of its own). Parameters no hook covers
+    are left to vmap, with the same labels and weights.
 
     Layers must be batch-first (the leading dimension of a layer's input and output is
     the example, or 1 for an input shared by the whole batch), and their inputs and
@@ -396,9 +392,15 @@ def _sum_sq_grads_hooks(model, batch, names, label_terms, chunk_size):
                 found = iter(torch.autograd.grad(loss, in_graph, allow_unused=True, retain_graph=more) if in_graph else [])
                 gs = [next(found) if o.requires_grad else None for _, _, o in calls]
                 _add_layer_sq_sums_(total, owners, uses, calls, gs, w)
-    terms_used = [(torch.cat([y for y, _ in parts]), None if parts[0][1] is None else torch.cat([w for _, w in parts]))
-                  for parts in used.values()]
-    return {n: total[n] for n in covered if n in wanted}, rest, terms_used
+    sums = {n: total[n] for n in covered if n in wanted}
+    # Parameters no hook covers: vmap, once per label term, over the whole batch.
+    rest_terms = used.values() if rest else []
+    for parts in rest_terms:
+        labels = torch.cat([y for y, _ in parts])
+        weights = None if parts[0][1] is None else torch.cat([w for _, w in parts])
+        for n, s in _sum_sq_grads_vmap(model, batch, rest, labels, weights, chunk_size).items():
+            sums[n] = s if n not in sums else sums[n] + s
+    return {n: sums[n] for n in names}
 
 
 def _add_layer_sq_sums_(total, owners, uses, calls, gs, weights) -> None:
@@ -503,10 +505,7 @@ def diagonal_fisher(
                 def terms_of(logits, start, stop):
                     return _label_terms(label_mode, logits, batch[LABEL_KEY][start:stop], generator)
 
-                sums, rest, used = _sum_sq_grads_hooks(model, batch, names, terms_of, chunk_size)
-                add(sums)
-                for labels, weights in used if rest else []:
-                    add(_sum_sq_grads_vmap(model, batch, rest, labels, weights, chunk_size))
+                add(_sum_sq_grads_hooks(model, batch, names, terms_of, chunk_size))
             else:
                 with torch.no_grad():
                     logits = model(**model_inputs(batch)) if label_mode != "true" else None
