@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if not args.synthetic:
         from lib.report import Run
 
-        run = Run("bench_merges", {**vars(args), "models": what})
+        run = Run("bench_merges", {**vars(args), "models": what}, source="benchmarks/bench_merges.py")
         run.table(table.set_index("method").round(3), "merge_cost",
                   f"Cost of each closed-form merge on {what}; ratio = seconds / seconds to read the inputs once.")
         run.finish()

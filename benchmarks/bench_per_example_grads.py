@@ -22,7 +22,7 @@ needs (forward, gradient to each layer's input, per-example weight gradient) wou
 the peak float32 matrix-product rate measured on this machine in the same run: the
 largest speed-up over the loop that any exact method could show here.
 
-    make bench-grads DATA_DIR=../shared/data          # about a minute on 2 cores
+    make bench-grads DATA_DIR=../shared/data          # 20 s on 2 cores; writes figures/bench_per_example_grads/
     python benchmarks/bench_per_example_grads.py --tiny
 """
 from __future__ import annotations
@@ -108,6 +108,16 @@ def main():
     table = time_sq_grad_methods(model, batches, names, tuple(args.chunks), peak)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(2).to_string())
+    if args.data_dir and not args.tiny:
+        # On real data the table is a result: written with its parameters, commit and wall time.
+        from lib.report import Run
+
+        run = Run("bench_per_example_grads", {**vars(args), "model": described, "peak GFLOP/s": peak / 1e9},
+                  source="benchmarks/bench_per_example_grads.py")
+        run.table(table.round(3), "per_example_grads",
+                  f"Per-example squared gradients Σ_b g_b²: {described}, batches of {args.batch_size}, "
+                  f"{torch.get_num_threads()} threads; peak float32 matmul {peak / 1e9:.0f} GFLOP/s measured in the same run.")
+        run.finish()
     print("\nGFLOP/s: the three matrix products per linear layer and token that every exact method needs, per second.")
     print("peak MiB: resident-memory growth during the method's run. max |diff| / max |loop|: against the loop.")
     print(f"total benchmark time {time.perf_counter() - start:.0f} s")

@@ -34,8 +34,11 @@ def git_commit() -> str:
 
 
 class Run:
-    def __init__(self, notebook: str, parameters: dict, out_dir: str | Path | None = None):
+    def __init__(self, notebook: str, parameters: dict, out_dir: str | Path | None = None, source: str | None = None):
+        """``source``: the file that writes the outputs (default ``notebooks/<notebook>.ipynb``;
+        a benchmark passes its script)."""
         self.notebook = notebook
+        self.source = source or f"notebooks/{notebook}.ipynb"
         self.parameters = parameters
         self.dir = Path(out_dir or REPO_ROOT / "figures" / notebook)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +47,7 @@ class Run:
         self.timings: dict[str, float] = {}
 
     def header(self) -> str:
-        return (f"<!-- written by notebooks/{self.notebook}.ipynb; parameters, seed, commit and wall time "
+        return (f"<!-- written by {self.source}; parameters, seed, commit and wall time "
                 f"in run.json -->\n")
 
     def table(self, df: pd.DataFrame, name: str, caption: str = "") -> Path:
@@ -74,7 +77,7 @@ class Run:
         import torch
 
         record = {
-            "notebook": f"notebooks/{self.notebook}.ipynb",
+            "notebook": self.source,
             "parameters": self.parameters,
             "seed": self.parameters.get("seed"),
             "git_commit": git_commit(),
