@@ -100,6 +100,12 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    run = None
+    if args.data_dir and not args.tiny:
+        # On real data the table is a result: written with its parameters, commit and wall time.
+        from lib.report import Run
+
+        run = Run("bench_per_example_grads", vars(args), source="benchmarks/bench_per_example_grads.py")
     model, batches, names, described = build(args)
     peak = cost.matmul_rate()
     print(f"{described}; {sum(model.get_parameter(n).numel() for n in names) / 1e6:.1f}M parameters differentiated; "
@@ -108,12 +114,8 @@ def main():
     table = time_sq_grad_methods(model, batches, names, tuple(args.chunks), peak)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(2).to_string())
-    if args.data_dir and not args.tiny:
-        # On real data the table is a result: written with its parameters, commit and wall time.
-        from lib.report import Run
-
-        run = Run("bench_per_example_grads", {**vars(args), "model": described, "peak GFLOP/s": peak / 1e9},
-                  source="benchmarks/bench_per_example_grads.py")
+    if run is not None:
+        run.parameters.update({"model": described, "peak GFLOP/s": peak / 1e9})
         run.table(table.round(3), "per_example_grads",
                   f"Per-example squared gradients Σ_b g_b²: {described}, batches of {args.batch_size}, "
                   f"{torch.get_num_threads()} threads; peak float32 matmul {peak / 1e9:.0f} GFLOP/s measured in the same run.")
