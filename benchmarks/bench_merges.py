@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from lib import merging  # noqa: E402
-from lib.cost import measure  # noqa: E402
+from lib.experiments.cost import measure  # noqa: E402
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     table = run_benchmark(pretrained, finetuned, extras, repeats=args.repeats)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     if not args.synthetic:
-        from lib.report import Run
+        from lib.experiments.report import Run
 
         run = Run("bench_merges", {**vars(args), "models": what}, source="benchmarks/bench_merges.py")
         run.table(table.set_index("method").round(3), "merge_cost",
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 def text_experts():
     """θ0, the eight text experts and their statistics, exactly as the baselines notebook has
     them (its default parameters; trained and cached on first use, which takes a while)."""
-    from lib.study import compute_statistics, from_parameters, notebook_parameters, prepare_track
+    from lib.experiments.baselines import compute_statistics, from_parameters, notebook_parameters, prepare_track
 
     p = notebook_parameters(Path(__file__).resolve().parent.parent / "notebooks" / "01_merging_baselines.ipynb")
     p["data_dir"] = os.environ.get("DATA_DIR", "")

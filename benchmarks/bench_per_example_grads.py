@@ -10,7 +10,7 @@ batches a Fisher on MR would use), otherwise synthetic sentences of 8-80 words; 
 sorted by length and batched by ``PreparedSplit.batches``, as the Fisher computation is.
 
 Methods, timed side by side in one process by
-``lib.gradient_matching_study.time_sq_grad_methods``, which the notebook uses too:
+``lib.experiments.gradient_matching.time_sq_grad_methods``, which the notebook uses too:
 
 - ``loop``: plain autograd, one example at a time at its own length (the reference);
 - ``vmap``: ``torch.func.vmap(grad(...))`` in chunks;
@@ -39,10 +39,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from lib import cost  # noqa: E402
-from lib.gradient_matching_study import VmappableClassifier, time_sq_grad_methods  # noqa: E402
+from lib.experiments import cost  # noqa: E402
+from lib.experiments.gradient_matching import VmappableClassifier, time_sq_grad_methods  # noqa: E402
 from lib.models import Classifier, load_text_encoder  # noqa: E402
-from lib.tracks import PreparedSplit, TextTrack, _text_collate  # noqa: E402
+from lib.experiments.tracks import PreparedSplit, TextTrack, _text_collate  # noqa: E402
 
 WORDS = (
     "the movie was surprisingly good and the acting felt honest though the plot dragged in "
@@ -103,7 +103,7 @@ def main():
     run = None
     if args.data_dir and not args.tiny:
         # On real data the table is a result: written with its parameters, commit and wall time.
-        from lib.report import Run
+        from lib.experiments.report import Run
 
         run = Run("bench_per_example_grads", vars(args), source="benchmarks/bench_per_example_grads.py")
     model, batches, names, described = build(args)

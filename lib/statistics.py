@@ -1,7 +1,7 @@
 """Data statistics that merges consume: per-example gradients, diagonal Fisher, Gram matrices.
 
 These are computed apart from the merges that use them (the caller caches them with
-:mod:`lib.cache`); nothing here does I/O. Every statistic is a ``dict[str, Tensor]`` keyed
+:mod:`lib.experiments.cache`); nothing here does I/O. Every statistic is a ``dict[str, Tensor]`` keyed
 by parameter name (as in ``model.named_parameters()``), on CPU, float32.
 
 - :func:`per_example_grads`: ∇θ −log p(y|x) for every example of a batch, by

@@ -1,4 +1,4 @@
-"""Behaviour of the closed-form merges in lib/merging.py (METHODS.md, section 1)."""
+"""Behaviour of the closed-form merges in lib/merging/ (METHODS.md, section 1)."""
 from __future__ import annotations
 
 import math

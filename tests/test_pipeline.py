@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.cache import cache_key, cached_tensors, content_hash, load_metadata, save_tensors_atomic
+from lib.experiments.cache import cache_key, cached_tensors, content_hash, load_metadata, save_tensors_atomic
 from lib.models import load_cifar_resnet
-from lib.study import BaselinesConfig, closed_form_merges, compute_statistics, evaluate_methods, make_track, prepare_track, summary
-from lib.training import FinetuneConfig, finetune, probe_heads
+from lib.experiments.baselines import BaselinesConfig, closed_form_merges, compute_statistics, evaluate_methods, make_track, prepare_track, summary
+from lib.experiments.training import FinetuneConfig, finetune, probe_heads
 
 from conftest import SHARED_DATA, SHARED_MODELS, needs_data, needs_models
 
@@ -69,7 +69,7 @@ def _tiny_vision_track(**kw):
 @needs_models
 @needs_data
 def test_finetune_resumes_exactly_and_depends_on_seed(monkeypatch, tmp_path):
-    import lib.training as training
+    import lib.experiments.training as training
 
     track = _tiny_vision_track()
     heads = probe_heads(track, max_examples=64)

@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from .paths import cache_dir
+from ..paths import cache_dir
 
 # Bump when a change in code changes what a cached result would contain.
 CACHE_VERSION = 1

@@ -21,9 +21,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import data as datasets
-from .models import load_cifar_resnet, load_text_encoder, minilm_path
-from .paths import REPO_ROOT, download_dir
+from .. import data as datasets
+from ..models import load_cifar_resnet, load_text_encoder, minilm_path
+from ..paths import REPO_ROOT, download_dir
 
 RESNET20_FILE = "resnet20-12fca82f.th"
 RESNET20_URL = f"https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/{RESNET20_FILE}"

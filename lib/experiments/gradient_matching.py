@@ -46,11 +46,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import cost, merging, statistics
+from .. import merging, statistics
+from . import cost
 from .cache import cached_tensors, content_hash
 from .evaluation import predict
-from .functional import additive_attention_mask, eval_mode
-from .models import Classifier
+from ..functional import additive_attention_mask, eval_mode
+from ..models import Classifier
 from .tracks import TextTrack, model_inputs
 from .training import Expert, FinetuneConfig, finetune, head_module, probe_heads
 
@@ -352,7 +353,7 @@ def objective_gradient_norm(grads_at_merged: dict[str, StateDict], sizes: dict[s
 # ----------------------------------------------------------------------------- evaluation
 class Evaluator:
     """Accuracy and predictions of full state dicts on a track's splits. Predictions are
-    memoised and cached on disk under the state's content hash (as :func:`lib.evaluation.evaluate`
+    memoised and cached on disk under the state's content hash (as :func:`lib.experiments.evaluation.evaluate`
     caches encoders'), so a re-run evaluates only models that changed."""
 
     def __init__(self, track: TextTrack):
@@ -545,12 +546,12 @@ def time_sq_grad_methods(model: nn.Module, batches: list[dict], names: list[str]
     - hooks, one batched forward/backward per batch.
 
     Per method: wall and CPU ms per example, the speed-up over the loop, the matrix-product
-    rate it sustains, its peak memory (resident-set growth, :func:`lib.cost.measured_call`;
+    rate it sustains, its peak memory (resident-set growth, :func:`lib.experiments.cost.measured_call`;
     the sums it returns included), and its largest deviation from the loop (relative to the loop's largest
     entry). The rate counts the three products every exact method needs per ``nn.Linear``
     and position -- the forward pass, the gradient to the layer's input, and the per-example
     weight gradient -- and nothing else (attention scores, elementwise work): a lower bound
-    on the work. With ``peak_flops`` (:func:`lib.cost.matmul_rate`) a last row gives the time
+    on the work. With ``peak_flops`` (:func:`lib.experiments.cost.matmul_rate`) a last row gives the time
     that work takes at the peak rate, hence the largest speed-up any exact method could
     show here.
     """

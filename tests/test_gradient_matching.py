@@ -1,4 +1,4 @@
-"""The logic of the gradient-matching study (lib/gradient_matching_study.py) on tiny inputs."""
+"""The logic of the gradient-matching study (lib/experiments/gradient_matching.py) on tiny inputs."""
 from __future__ import annotations
 
 import copy
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib import gradient_matching_study as G
+from lib.experiments import gradient_matching as G
 from lib import merging
 from lib import statistics as S
-from lib.tracks import PreparedSplit, _text_collate
+from lib.experiments.tracks import PreparedSplit, _text_collate
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -302,7 +302,7 @@ def test_paired_difference_of_a_model_with_itself_is_zero_and_sign_is_right(toy)
 
 def test_a_shared_head_model_trains_saves_and_reloads(toy):
     # the all-data model: several datasets through one head (train_head=True, shared_head=True)
-    from lib.training import FinetuneConfig, finetune
+    from lib.experiments.training import FinetuneConfig, finetune
 
     track, state = toy
     _, head = G.split_state(state)

@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import merging, statistics
+from .. import merging, statistics
 from .cache import cached_tensors, content_hash
 from .evaluation import evaluate
-from .models import Classifier
+from ..models import Classifier
 from .tracks import Track, TextTrack, VisionTrack, model_inputs
 from .training import Expert, FinetuneConfig, head_module, probe_heads, reestimate_batchnorm, train_experts, train_multitask
 

@@ -53,7 +53,7 @@ different-init pairs, but at 1e-2 it diverged on the same-init MLP pair (all ReL
 deviations are stated wherever results are shown, and the ablation runs both methods at
 ``ablation_lrs``.
 
-**Cost.** Each merge's wall time and peak resident memory (:func:`lib.cost.measured_call`) cover
+**Cost.** Each merge's wall time and peak resident memory (:func:`lib.experiments.cost.measured_call`) cover
 the merge itself (statistics, training, folding), not building the shared data pool.
 """
 from __future__ import annotations
@@ -72,14 +72,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import merging
-from .archs import MLP, ViT
+from .. import merging
+from ..archs import MLP, ViT
 from .cache import cache_path, cached_tensors, content_hash, load_metadata
 from .cost import measured_call
-from .data import VISION_TASKS, load_vision_task, prepare_images, subsample_indices
-from .fs_merge import Distillation, augmented_pool, build_supernet, folded_logits, train_supernet
-from .permutation import rebasin_merge, zipit_merge
-from .statistics import gram_matrices
+from ..data import VISION_TASKS, load_vision_task, prepare_images, subsample_indices
+from ..fs_merge import Distillation, augmented_pool, build_supernet, folded_logits, train_supernet
+from ..permutation import rebasin_merge, zipit_merge
+from ..statistics import gram_matrices
 
 # Bump when a change here changes what a cached expert would contain.
 FS_STUDY_VERSION = 1

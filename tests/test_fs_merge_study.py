@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.cost import measured_call
+from lib.experiments.cost import measured_call
 from lib.fs_merge import folded_logits
-from lib.fs_study import (
+from lib.experiments.fs_merge import (
     AVERAGE,
     DISTILLATION,
     ENSEMBLE,

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .cache import cached_tensors, content_hash
-from .metrics import accuracy, official_metric
+from ..metrics import accuracy, official_metric
 from .tracks import Track
 from .training import encode, head_module
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .paths import REPO_ROOT
+from ..paths import REPO_ROOT
 
 
 def git_commit() -> str:
