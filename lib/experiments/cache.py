@@ -7,19 +7,35 @@ interrupted run never leaves a half-written file that a later run would trust.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..paths import cache_dir
 
-# Bump when a change in code changes what a cached result would contain.
-CACHE_VERSION = 1
+# Bump when a change in code changes what *every* cached result would contain.
+CACHE_VERSION = 2
+
+
+def code_hash(*functions: Callable) -> str:
+    """A hash of the source code of ``functions``: put it in a cache key so that editing the code
+    that produced an artefact invalidates it (comments and docstrings count as edits too, which
+    errs on the side of recomputing)."""
+    digest = hashlib.sha256()
+    for fn in functions:
+        fn = inspect.unwrap(fn)
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):  # built-ins, lambdas typed in a REPL: fall back to the name
+            source = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+        digest.update(source.encode())
+    return digest.hexdigest()[:16]
 
 
 def cache_key(spec: Mapping) -> str:
@@ -69,11 +85,16 @@ def cached_tensors(
     spec: Mapping,
     compute: Callable[[], dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict]],
     root: Path | None = None,
+    code: Sequence[Callable] = (),
 ) -> dict[str, torch.Tensor]:
     """Load ``kind/<hash(spec)>.safetensors`` or compute, save and return it.
 
     ``compute`` returns the tensors, or ``(tensors, metadata)`` to store alongside them.
+    ``code``: the functions that produce the result; their source enters the key, so an edit to
+    them recomputes instead of serving a stale artefact.
     """
+    if code:
+        spec = {**spec, "code": code_hash(*code)}
     path = cache_path(kind, spec, root)
     if path.exists():
         return load_file(str(path))

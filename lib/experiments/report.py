@@ -11,6 +11,7 @@ parameters, git commit and machine that made it.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -31,6 +32,18 @@ def git_commit() -> str:
         return commit + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def relative_paths(value):
+    """``value`` with every absolute path in it rewritten relative to the repository, so that
+    committed outputs carry no machine paths (``/home/me/data`` -> ``../data``)."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v) for v in value]
+    if isinstance(value, (str, Path)) and os.path.isabs(str(value)):
+        return os.path.relpath(str(value), REPO_ROOT)
+    return value
 
 
 class Run:
@@ -78,7 +91,7 @@ class Run:
 
         record = {
             "notebook": self.source,
-            "parameters": self.parameters,
+            "parameters": relative_paths(self.parameters),
             "seed": self.parameters.get("seed"),
             "git_commit": git_commit(),
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -88,6 +101,7 @@ class Run:
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
                         "device": "cpu"},
             "outputs": sorted(set(self.outputs)),
+            "output_dir": relative_paths(str(self.dir.resolve())),
         }
         (self.dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         return record

@@ -1,0 +1,96 @@
+"""One path from a notebook's ``parameters`` cell to its typed configuration.
+
+Every notebook has one dataclass (``BaselinesConfig``, ``FSStudyConfig``,
+``GradientMatchingConfig``) whose fields *are* its papermill parameters. The notebook ends its
+setup with::
+
+    config = notebook_config(GradientMatchingConfig, globals())
+
+which reads exactly the dataclass's fields from the notebook's namespace, so a parameter name is
+written twice (dataclass and ``parameters`` cell) and a test checks the two agree. Values given on
+the command line as JSON strings (``-p tasks '["cr", "mpqa"]'``) are parsed; lists become tuples
+where the field is a tuple. ``runtime`` then makes the run deterministic.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import random
+import typing
+from typing import Any, Mapping, TypeVar
+
+import numpy as np
+import torch
+
+C = TypeVar("C")
+
+SCALES = ("small", "paper")
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """``value`` as the field's type: JSON strings for list-like fields, lists to tuples."""
+    origin = typing.get_origin(annotation)
+    text = annotation if isinstance(annotation, str) else ""
+    wants_sequence = origin in (tuple, list) or text.startswith(("tuple", "list"))
+    if wants_sequence and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ValueError(
+                    f"parameter {name!r}: {value!r} is not a list. From the command line pass JSON, "
+                    f"e.g. -p {name} '[\"a\", \"b\"]', or use papermill's -y with YAML."
+                ) from None
+    if wants_sequence and isinstance(value, (list, tuple)) and (origin is tuple or text.startswith("tuple")):
+        value = tuple(value)
+    return value
+
+
+def notebook_config(config_class: type[C], namespace: Mapping[str, Any]) -> C:
+    """The config whose fields are read from ``namespace`` (a notebook's ``globals()``).
+
+    Fields missing from the namespace keep their defaults; a ``scale`` other than
+    ``small``/``paper`` is an error naming the choices.
+    """
+    hints = typing.get_type_hints(config_class) if not isinstance(config_class, str) else {}
+    values = {}
+    for f in dataclasses.fields(config_class):
+        if f.name in namespace:
+            values[f.name] = _coerce(namespace[f.name], hints.get(f.name, f.type), f.name)
+    scale = values.get("scale")
+    if scale is not None and scale not in SCALES:
+        raise ValueError(f"scale={scale!r}: choose one of {SCALES}.")
+    return config_class(**values)
+
+
+def parameters_of(config) -> dict:
+    """The config as JSON-able notebook parameters (tuples as lists), for ``run.json``."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def notebook_defaults(path) -> dict:
+    """The default values of a notebook's ``parameters`` cell."""
+    import papermill
+
+    return {name: ast.literal_eval(spec["default"]) for name, spec in papermill.inspect_notebook(str(path)).items()}
+
+
+def runtime(seed: int, threads: int | None = 2) -> None:
+    """Make a run repeatable on one machine: seed every generator, fix the thread count (the
+    order of float reductions depends on it) and ask torch for deterministic kernels.
+
+    What this cannot fix is a different CPU: its BLAS picks other kernels (AVX2 vs AVX-512,
+    other blockings) whose float rounding differs, so results across machines agree only within
+    the spread measured over seeds (README, "What reproduces").
+    """
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
