@@ -1,0 +1,114 @@
+"""Conventions and checks shared by every merge in ``lib.merging`` (METHODS.md, section 1).
+
+Every function here is pure: it takes state dicts (``dict[str, torch.Tensor]``) and
+returns new ones, never modifying its inputs and doing no I/O. Conventions shared by all:
+
+- Every floating-point tensor given is merged; the caller chooses the keys (for example,
+  drops the task heads from every dict before calling). Non-floating tensors (BatchNorm's
+  ``num_batches_tracked`` and the like) are copied unchanged from the first or pretrained
+  model.
+- All models must have the same keys, and per key the same shape and dtype; otherwise a
+  ``ValueError`` names the key and the models.
+- Arithmetic runs in the input dtype, except that float16/bfloat16 inputs are computed
+  (and accumulated) in float32; results are returned in the input dtype.
+
+Notation follows METHODS.md: θ0 pretrained, θt fine-tuned on task t, τt = θt − θ0.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+StateDict = Mapping[str, torch.Tensor]
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in: float32 for half precisions, else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in its working dtype. May return ``x`` itself: never modify the result in place."""
+    return x.to(_work_dtype(x.dtype))
+
+
+def _float_keys(sd: StateDict) -> list[str]:
+    return [k for k, v in sd.items() if torch.is_floating_point(v)]
+
+
+def _check_nonempty(models: Sequence, what: str) -> None:
+    if len(models) == 0:
+        raise ValueError(f"{what} is empty: pass at least one state dict.")
+
+
+def _check_same_layout(models: Sequence[StateDict], labels: Sequence[str]) -> None:
+    """Raise ValueError unless all models share keys, and per key shape and dtype."""
+    ref, ref_label = models[0], labels[0]
+    for sd, label in zip(models[1:], labels[1:]):
+        missing = [k for k in ref if k not in sd]
+        extra = [k for k in sd if k not in ref]
+        if missing or extra:
+            raise ValueError(
+                f"{label} and {ref_label} have different keys (missing from {label}: "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; only in {label}: "
+                f"{extra[:5]}{' ...' if len(extra) > 5 else ''}). Pass state dicts of the same "
+                "architecture restricted to the same keys (e.g. drop the heads from all of them)."
+            )
+        for k, v in ref.items():
+            if sd[k].shape != v.shape:
+                raise ValueError(
+                    f"key {k!r} has shape {tuple(sd[k].shape)} in {label} but {tuple(v.shape)} "
+                    f"in {ref_label}. Only models of the same architecture can be merged."
+                )
+            if sd[k].dtype != v.dtype:
+                raise ValueError(
+                    f"key {k!r} has dtype {sd[k].dtype} in {label} but {v.dtype} in {ref_label}. "
+                    "Cast all models to one dtype before merging."
+                )
+
+
+def _check_models(pretrained: StateDict | None, finetuned: Sequence[StateDict]) -> None:
+    _check_nonempty(finetuned, "finetuned")
+    models = ([pretrained] if pretrained is not None else []) + list(finetuned)
+    labels = (["pretrained"] if pretrained is not None else []) + [
+        f"finetuned[{i}]" for i in range(len(finetuned))
+    ]
+    _check_same_layout(models, labels)
+
+
+def _check_stats(stats: StateDict, params: StateDict, label: str, shape_of=None) -> None:
+    """Statistics (Fishers, Hessians) must name known float tensors, with the right shape."""
+    for k, v in stats.items():
+        if k not in params:
+            raise ValueError(f"{label} has key {k!r}, which is not among the parameters merged.")
+        want = shape_of(params[k]) if shape_of else tuple(params[k].shape)
+        if tuple(v.shape) != want:
+            raise ValueError(
+                f"{label}[{k!r}] has shape {tuple(v.shape)}, expected {want} for parameter "
+                f"of shape {tuple(params[k].shape)}."
+            )
+
+
+def _normalized(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} weights for {n} models; pass one weight per model.")
+    total = sum(weights)
+    if total == 0:
+        raise ValueError("weights sum to 0; pass weights with a non-zero sum.")
+    return [w / total for w in weights]
+
+
+def _passthrough(sd: StateDict) -> dict[str, torch.Tensor]:
+    """The non-floating tensors of ``sd``, copied (so outputs never alias inputs)."""
+    return {k: v.clone() for k, v in sd.items() if not torch.is_floating_point(v)}
+
+
+def _in_order(result: dict, ref: StateDict) -> dict:
+    """``result`` with its keys in the order of ``ref`` (as ``load_state_dict`` users expect)."""
+    return {k: result[k] for k in ref}

@@ -1,0 +1,91 @@
+"""Task vectors and Task Arithmetic."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from ._common import (StateDict, _check_models, _float_keys,
+                      _in_order, _passthrough, _work)
+
+
+# ------------------------------------------------------------------ task vectors, TA
+
+
+@torch.no_grad()
+def task_vectors(pretrained: StateDict, finetuned: Sequence[StateDict]) -> list[dict[str, torch.Tensor]]:
+    """τt = θt − θ0 for every floating tensor (non-floating keys are left out)."""
+    _check_models(pretrained, finetuned)
+    return [
+        {k: (_work(ft[k]) - _work(pretrained[k])).to(ft[k].dtype) for k in _float_keys(pretrained)}
+        for ft in finetuned
+    ]
+
+
+class TaskVector:
+    """A task vector τ with the arithmetic of Ilharco et al.'s ``task_vectors`` code.
+
+    ``TaskVector(pretrained, finetuned)`` or ``TaskVector(vector=...)``; supports ``τ1 + τ2``,
+    ``τ1 - τ2``, ``-τ``, ``c * τ`` and ``sum([...])``; ``τ.apply_to(θ0, scale)`` = θ0 + scale·τ.
+    """
+
+    def __init__(self, pretrained: StateDict | None = None, finetuned: StateDict | None = None,
+                 vector: Mapping[str, torch.Tensor] | None = None):
+        if vector is not None:
+            self.vector = dict(vector)
+        elif pretrained is not None and finetuned is not None:
+            self.vector = task_vectors(pretrained, [finetuned])[0]
+        else:
+            raise ValueError("pass either vector=..., or both pretrained and finetuned.")
+
+    def _combine(self, other: "TaskVector", sign: float) -> "TaskVector":
+        if set(other.vector) != set(self.vector):
+            diff = sorted(set(other.vector) ^ set(self.vector))
+            raise ValueError(f"task vectors have different keys: {diff[:5]}")
+        return TaskVector(vector={k: v + sign * other.vector[k] for k, v in self.vector.items()})
+
+    def __add__(self, other):
+        if isinstance(other, (int, float)) and other == 0:  # lets sum() start from 0
+            return self
+        return self._combine(other, 1.0)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._combine(other, -1.0)
+
+    def __neg__(self):
+        return TaskVector(vector={k: -v for k, v in self.vector.items()})
+
+    def __mul__(self, scalar: float):
+        return TaskVector(vector={k: v * scalar for k, v in self.vector.items()})
+
+    __rmul__ = __mul__
+
+    @torch.no_grad()
+    def apply_to(self, pretrained: StateDict, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """θ0 + scale·τ; keys of θ0 without a task vector entry are copied unchanged."""
+        out = {}
+        for k, v in pretrained.items():
+            if k in self.vector:
+                if self.vector[k].shape != v.shape:
+                    raise ValueError(f"key {k!r}: task vector shape {tuple(self.vector[k].shape)} "
+                                     f"but pretrained shape {tuple(v.shape)}.")
+                out[k] = (_work(v) + scale * _work(self.vector[k])).to(v.dtype)
+            else:
+                out[k] = v.clone()
+        return out
+
+
+@torch.no_grad()
+def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], scale: float) -> dict[str, torch.Tensor]:
+    """Task Arithmetic: θ = θ0 + scale·Σt τt."""
+    _check_models(pretrained, finetuned)
+    out = _passthrough(pretrained)
+    for k in _float_keys(pretrained):
+        theta0 = _work(pretrained[k])
+        tau_sum = _work(finetuned[0][k]) - theta0
+        for ft in finetuned[1:]:
+            tau_sum.add_(_work(ft[k])).sub_(theta0)
+        out[k] = tau_sum.mul_(scale).add_(theta0).to(pretrained[k].dtype)
+    return _in_order(out, pretrained)
