@@ -112,3 +112,32 @@ def _passthrough(sd: StateDict) -> dict[str, torch.Tensor]:
 def _in_order(result: dict, ref: StateDict) -> dict:
     """``result`` with its keys in the order of ``ref`` (as ``load_state_dict`` users expect)."""
     return {k: result[k] for k in ref}
+
+
+# ----------------------------------------------------------------------------- buffers
+# BatchNorm running statistics are not task vectors (METHODS.md §1, "Buffers"): every merge
+# averages them over the fine-tuned models (or the caller re-estimates them on data), and
+# never trims, sign-elects or rescales them.
+BUFFER_SUFFIXES = ("running_mean", "running_var")
+
+
+def buffer_keys(sd: StateDict, buffers=None) -> list[str]:
+    """The float keys of ``sd`` merged as buffers: ``buffers`` if given, else every key whose last
+    name ends in ``BUFFER_SUFFIXES`` (BatchNorm's running mean and variance)."""
+    if buffers is not None:
+        unknown = [k for k in buffers if k not in sd]
+        if unknown:
+            raise ValueError(f"buffers names keys that are not in the state dict: {unknown[:5]}")
+        return [k for k in sd if k in set(buffers)]
+    return [k for k in _float_keys(sd) if k.rsplit(".", 1)[-1] in BUFFER_SUFFIXES]
+
+
+def averaged_buffers(finetuned: Sequence[StateDict], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The plain average over the fine-tuned models of each buffer key."""
+    out = {}
+    for k in keys:
+        acc = _work(finetuned[0][k]).clone()
+        for sd in finetuned[1:]:
+            acc.add_(_work(sd[k]))
+        out[k] = acc.div_(len(finetuned)).to(finetuned[0][k].dtype)
+    return out
