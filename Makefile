@@ -23,7 +23,7 @@ NOTEBOOKS := 01_merging_baselines 03_fs_merge 04_gradient_matching
 ALL_NOTEBOOKS := $(NOTEBOOKS)
 PAPERMILL_ARGS ?=
 
-.PHONY: venv test reproduce bench bench-grads lab clean-cache $(ALL_NOTEBOOKS)
+.PHONY: venv test reproduce readme bench bench-grads lab clean-cache $(ALL_NOTEBOOKS)
 
 venv: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ $(ALL_NOTEBOOKS): $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	@mkdir -p figures/$@
 	cd notebooks && $(abspath $(PY)) -m papermill $@.ipynb ../figures/$@/$@.executed.ipynb \
 	    -p data_dir "$(DATA_DIR)" -p models_dir "$(MODELS_DIR)" $(PAPERMILL_ARGS)
+
+# Refill README.md's quoted tables (<!-- BEGIN figures/... --> blocks) from figures/.
+readme: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) -m lib.experiments.readme
 
 bench: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_merges.py

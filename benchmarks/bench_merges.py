@@ -48,7 +48,8 @@ def read_inputs(pretrained: StateDict, finetuned: Sequence[StateDict]) -> dict[s
 
 def merge_calls(pretrained: StateDict, finetuned: Sequence[StateDict], extras: Mapping) -> dict[str, Callable]:
     """The merges to time, at their usual settings; those whose statistics are missing
-    from ``extras`` (keys ``fishers``, ``grams``, ``hessians``, ``pretrained_hessian``) are skipped."""
+    from ``extras`` (keys ``fishers``, ``grams`` with ``gram_counts``, ``hessians``,
+    ``pretrained_hessian``) are skipped."""
     calls = {
         "weight_average": lambda: merging.weight_average(finetuned),
         "task_arithmetic": lambda: merging.task_arithmetic(pretrained, finetuned, 0.3),
@@ -59,8 +60,9 @@ def merge_calls(pretrained: StateDict, finetuned: Sequence[StateDict], extras: M
     }
     if "fishers" in extras:
         calls["fisher"] = lambda: merging.fisher_merging(finetuned, extras["fishers"])
-    if "grams" in extras:
-        calls["regmean (alpha 0.9)"] = lambda: merging.regmean(finetuned, extras["grams"], 0.9)
+    if "grams" in extras and "gram_counts" in extras:
+        calls["regmean (alpha 0.9)"] = lambda: merging.regmean(finetuned, extras["grams"], 0.9,
+                                                               counts=extras["gram_counts"])
     if "hessians" in extras and "pretrained_hessian" in extras:
         calls["gradient_matching"] = lambda: merging.gradient_matching(
             pretrained, finetuned, extras["hessians"], extras["pretrained_hessian"], 1.0)
@@ -129,7 +131,7 @@ def synthetic_models(n_tasks: int = 8, seed: int = 0, gram_examples: int = 256):
     finetuned = [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in pretrained.items()}
                  for _ in range(n_tasks)]
     fishers = [{k: torch.rand(s, generator=g) for k, s in shapes.items()} for _ in range(n_tasks)]
-    grams = []
+    grams, counts = [], []
     for _ in range(n_tasks):
         gram = {}
         for k, s in shapes.items():
@@ -137,9 +139,11 @@ def synthetic_models(n_tasks: int = 8, seed: int = 0, gram_examples: int = 256):
                 x = torch.randn(gram_examples, s[1], generator=g)
                 gram[k] = x.T @ x
         grams.append(gram)
+        counts.append({k: gram_examples for k in gram})
     extras = {
         "fishers": fishers,
         "grams": grams,
+        "gram_counts": counts,
         "hessians": fishers,
         "pretrained_hessian": {k: torch.rand(s, generator=g) for k, s in shapes.items()},
     }
@@ -194,6 +198,7 @@ def text_experts():
     tasks = track.tasks
     pick = lambda stat: {k: v for k, v in stat.items() if k in pretrained}  # noqa: E731
     extras = {"fishers": [pick(stats["fisher"][t]) for t in tasks], "grams": [pick(stats["gram"][t]) for t in tasks],
+              "gram_counts": [pick(stats["gram_counts"][t]) for t in tasks],
               "hessians": [pick(stats["hessian"][t]) for t in tasks],
               "pretrained_hessian": pick(stats["hessian_pretrained"])}
     return pretrained, finetuned, extras

@@ -1,4 +1,7 @@
-"""FS-Merge: Foldable SuperNets (Kinderman et al. 2024), for N models with different inits.
+"""FS-Merge: Foldable SuperNets (Kinderman et al. 2024, "Foldable SuperNets: Scalable Merging of
+Transformers with Different Initializations and Tasks"), for N models with different inits.
+
+METHODS.md §4 (the method) and §6 (the experiments it serves, ``lib/experiments/fs_merge.py``).
 
 The SuperNet runs the N frozen models side by side. Around every frozen linear map y = W x + b
 it learns an unmerge matrix U (d_in → N·d_in) and a merge matrix M (N·d_out → d_out).
@@ -28,6 +31,27 @@ Folding keeps these N small d_feat × d_feat matrices (``out_unmerge``): task t'
 Training (:func:`train_supernet`) minimises the MSE between U_out,t z and model t's actual
 features on unlabeled inputs of task t only. :class:`Distillation` is the knowledge
 distillation baseline with the same loss, data and U_out.
+
+Defaults (:class:`FSMergeConfig`, the paper's): rank r = 12, "first" initialisation (M's
+diagonals [I, 0, …], U's all ones, low-rank products zero: training starts exactly at model 1),
+AdamW at a one-cycle peak lr of 1e-4, weight decay 1e-3, batch 128, 100 epochs, 100 original
++ 800 augmented unlabeled images per task (:func:`augmented_pool`).
+
+Deviations and choices:
+
+- The small-scale study (``lib/experiments/fs_merge.py``) trains a fixed number of steps
+  (300 for MLPs, 200 for the ViT) at a peak lr of 3e-3 instead of 100 epochs at 1e-4, for
+  FS-Merge and distillation alike: a deviation of that study (chosen in a pilot on the
+  training loss), not of this module, whose defaults stay the paper's.
+- The low-rank factors start as A = 0, C = 0 with B, D random, so the product is zero (the
+  "first" start is exact) while both factors still receive gradients.
+- Distillation's student starts from model 1 and keeps FS-Merge's per-task output maps
+  U_out, so that the two methods differ only in what is trained (the SuperNet's M and U vs
+  the student's weights).
+- Augmentation: random crop (reflect padding 4), horizontal flip and one of grayscale /
+  solarize / 3×3 box blur; the paper's exact crop size and blur kernel are not stated in
+  METHODS.md, so these are this module's.
+- Architectures: :class:`~lib.archs.MLP` and the CLIP-layout :class:`~lib.archs.ViT` only.
 """
 from __future__ import annotations
 

@@ -1,29 +1,46 @@
 """Permutation and matching merges: Git Re-Basin weight matching and ZipIt!.
 
-Both exploit that hidden units can be reordered without changing a network's function.
+METHODS.md §5 (the baselines FS-Merge is compared with in §4 and §6). Both exploit that hidden
+units can be reordered without changing a network's function: for a hidden layer with a
+permutation matrix P, (P W_l, P b_l) followed by W_{l+1} Pᵀ computes the same function.
 
-**Git Re-Basin** (Ainsworth et al. 2023), weight matching: a *permutation spec* names, for
-every parameter and every axis, the permutation acting on that axis (or None). To align
-model B to model A, each permutation in turn (random order) is re-solved as a linear
-assignment that maximises Σ ⟨A's weights, B's permuted weights⟩ over all the parameters it
-touches, the others held fixed, until a full sweep improves nothing. The aligned models
-are then averaged. Specs are given for :class:`~lib.archs.MLP` (one permutation per hidden
-layer) and :class:`~lib.archs.ViT` (one residual-stream permutation shared by all blocks, plus
-one per block's MLP hidden units; attention's Q/K/V dimensions are not permuted).
+**Git Re-Basin** (Ainsworth et al. 2023, "Git Re-Basin: Merging Models modulo Permutation
+Symmetries"), weight matching: a *permutation spec* names, for every parameter and every axis,
+the permutation acting on that axis (or None). To align model B to model A, each permutation
+P_l in turn (random order) is re-solved as a linear assignment
 
-**ZipIt!** (Stoica et al. 2023), for two MLPs: at every hidden layer the two models'
-activations on some inputs are concatenated (2h features) and paired greedily by
-correlation, within or across models, into h merged features. Merging a pair averages it
-(merge matrix M, h × 2h, entries 1/2) and unmerging copies the merged feature back to both
-members (U, 2h × h, entries 1), so layer l becomes W = M_l · blockdiag(W_A, W_B) · U_{l−1}
-and b = M_l [b_A; b_B], the same folding as FS-Merge. Simplifications: two models only;
-correlations come from the original models' activations; no α/β limits on within-model
-merges (within-model pairs can be switched off); partial zipping stops after ``k`` layers
-and runs the later layers per model on their unmerged inputs.
+    P_l = argmax_P  Σ_{params touching l} ⟨W_A, P W_B (other permutations held fixed)⟩,
+
+until a full sweep improves nothing (at most ``max_sweeps``, default 100). The aligned models
+are then averaged: θ = (θ_A + π(θ_B)) / 2. Specs are given for :class:`~lib.archs.MLP` (one
+permutation per hidden layer) and :class:`~lib.archs.ViT` (one residual-stream permutation
+shared by all blocks, plus one per block's MLP hidden units).
+
+**ZipIt!** (Stoica et al. 2023, "ZipIt! Merging Models from Different Tasks without
+Training"), for two MLPs: at every hidden layer the two models' activations on some inputs
+are concatenated (2h features) and paired greedily by correlation, within or across models,
+into h merged features. Merging a pair averages it (merge matrix M, h × 2h, entries 1/2) and
+unmerging copies the merged feature back to both members (U, 2h × h, entries 1), so layer l
+becomes
+
+    W = M_l · blockdiag(W_A, W_B) · U_{l−1},   b = M_l [b_A; b_B],
+
+the same folding as FS-Merge. Defaults: within-model pairs allowed (``allow_within=True``),
+every layer zipped (:func:`zipit_merge`; :func:`zipit_partial` stops after ``k``).
 
 Merged models come back with the original architecture and an ``out_unmerge`` (N, d, d)
 such that task t's logits are ``head_t(model.features(x) @ out_unmerge[t].T)`` with model
 t's own, unchanged head, the convention of :mod:`lib.fs_merge`.
+
+Deviations and simplifications:
+
+- ZipIt! is MLP-only and merges exactly two models (the paper zips ResNets and more models).
+- ZipIt!'s correlations come from the original models' activations (not recomputed after
+  each zipped layer); no α/β limits on within-model merges (they can be switched off).
+- Partial zipping runs the later layers per model on their unmerged inputs.
+- Re-Basin's ViT spec does not permute attention's Q/K/V dimensions or heads, only the
+  residual stream and the MLP hidden units.
+- Re-Basin merges N > 2 models by aligning every model to model 1, then averaging all.
 """
 from __future__ import annotations
 

@@ -1,18 +1,29 @@
 """Data statistics that merges consume: per-example gradients, diagonal Fisher, Gram matrices.
 
-These are computed apart from the merges that use them (the caller caches them with
-:mod:`lib.experiments.cache`); nothing here does I/O. Every statistic is a ``dict[str, Tensor]`` keyed
-by parameter name (as in ``model.named_parameters()``), on CPU, float32.
+Formulas (METHODS.md §1), each a ``dict[str, Tensor]`` keyed by parameter name (as in
+``model.named_parameters()``), on CPU, float32:
+
+- Diagonal Fisher (Fisher merging, Matena & Raffel 2022, NeurIPS; gradient matching, Daheim
+  et al. 2024, ICLR): F = (1/N) Σ_n (∇θ log p(ŷ_n|x_n))², ŷ_n ~ p(·|x_n) drawn from the
+  model itself (default ``label_mode="sample"``, ``seed=0``; "expected" takes the expectation
+  over ŷ exactly, "true" gives the empirical Fisher). :func:`hessian_estimate`: H = N·F.
+- Gram matrices (RegMean, Jin et al. 2023, ICLR): G = XᵀX of every linear layer's inputs,
+  one row per real (unpadded) token or example, SUMMED over rows; ``return_counts=True`` also
+  gives each Gram's row count (a plain ``int``). Normalising by that count (RegMean's
+  default, as in the public implementations) happens in ``lib.merging.regmean``
+  (``gram_normalization``), not here.
+
+These are computed apart from the merges that use them (callers cache them); nothing here
+does I/O.
 
 - :func:`per_example_grads`: ∇θ −log p(y|x) for every example of a batch, by
   ``vmap(grad(...))`` over :func:`lib.functional.functional_forward`.
 - :func:`sum_sq_grads`: Σ_b w_b (∇θ −log p(y_b|x_b))², the accumulator behind the Fisher, by
-  one of three exact methods: ``"vmap"``, ``"loop"`` (batch-size-1 autograd, the reference)
-  or ``"hooks"`` (BackPACK-style, from layer inputs and output gradients of one batched
-  backward pass; much faster for Transformers, see :func:`sum_sq_grads`).
-- :func:`diagonal_fisher`: the diagonal Fisher of Fisher merging (Matena & Raffel 2022) and
-  of gradient matching (Daheim et al. 2024), :func:`hessian_estimate` = N·F.
-- :func:`gram_matrices`: XᵀX of every linear layer's inputs, for RegMean (Jin et al. 2023).
+  one of three exact methods: ``"vmap"`` (default), ``"loop"`` (batch-size-1 autograd, the
+  reference) or ``"hooks"`` (BackPACK-style, from layer inputs and output gradients of one
+  batched backward pass; much faster for Transformers, see :func:`sum_sq_grads`).
+- :func:`diagonal_fisher`: the diagonal Fisher above; :func:`hessian_estimate` = N·F.
+- :func:`gram_matrices`: XᵀX of every linear (and unfoldable Conv2d) layer's inputs.
 
 The model is put in eval mode (no dropout; BatchNorm uses its running statistics) while a
 statistic is computed and each submodule's mode is restored afterwards. Eval mode also
@@ -562,9 +573,10 @@ def gram_matrices(
     G is the SUM over every counted row, not the mean: for token inputs ``[B, L, d]`` each
     position is a row, and positions where the batch's ``attention_mask`` is 0 are left
     out (padding must not shape the merge). With ``return_counts=True`` the result is
-    ``(grams, counts)``, ``counts[name]`` being the number of rows summed, so that
-    ``G / count`` is the mean if tasks with different amounts of data should weigh the
-    same.
+    ``(grams, counts)``, ``counts[name]`` being the number of rows summed (a plain ``int``),
+    so that ``G / count`` is the mean if tasks with different amounts of data should weigh
+    the same: pass them to ``lib.merging.regmean(..., counts=counts)``, whose default
+    ``gram_normalization="mean"`` does that division.
     """
     linears = {f"{mn}.weight" if mn else "weight": m for mn, m in model.named_modules() if _has_gram(m)}
     if linear_names is not None:

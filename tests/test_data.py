@@ -7,7 +7,6 @@ downloads are served by fakes of ``_fetch`` and of the torchvision dataset class
 """
 from __future__ import annotations
 
-import os
 import urllib.error
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from lib.data import (
     subsample,
 )
 from lib.metrics import accuracy, confusion_matrix, macro_f1, official_metric
+
+from conftest import SHARED_DATA, needs_data
 
 # --- a tiny fake mirror ------------------------------------------------------------------
 
@@ -275,8 +276,12 @@ def test_subsample_is_stratified_and_deterministic(mirror):
     assert len(small) == 12 and np.bincount(small.labels).tolist() == [2] * 6
     assert small.texts == subsample(split, 12, seed=3).texts
     assert len(subsample(split, 10_000)) == len(split)
-    parts = stratified_split(np.arange(100) % 4, (0.1, 0.1), seed=0)
-    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    labels = np.arange(100) % 4
+    parts = stratified_split(labels, (0.1, 0.1), seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))  # a partition
+    # 25 per class: 2.5 rounds half up to 3 per class in each held-out part
+    assert [np.bincount(labels[p], minlength=4).tolist() for p in parts] == [[19] * 4, [3] * 4, [3] * 4]
+    assert not np.array_equal(parts[1], stratified_split(labels, (0.1, 0.1), seed=1)[1])
 
 
 # --- vision ------------------------------------------------------------------------------
@@ -395,8 +400,8 @@ def test_metrics_against_hand_computed_cases():
 
 # --- the real mirror (skipped where it is absent) ----------------------------------------
 
-REAL = Path(os.environ.get("DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-needs_real = pytest.mark.skipif(not (REAL / "text" / "senteval").is_dir(), reason="no real data mirror here")
+REAL = SHARED_DATA  # skipped where absent, failed under CI (conftest.py)
+needs_real = needs_data("text/senteval", "text/tweeteval")
 
 # (train, validation, test) as loaded with seed 0, and the label-only lines dropped; see data/README.md.
 REAL_SIZES = {
@@ -446,10 +451,8 @@ def test_real_carved_splits_partition_the_file(name):
     assert load_text_task(name, data_dir=REAL, seed=1).test.texts != task.test.texts
 
 
-@needs_real
+@needs_data("vision/usps.npz")
 def test_real_vision_usps():
-    if not (REAL / "vision" / "usps.npz").is_file():
-        pytest.skip("no usps.npz in the mirror")
     task = load_vision_task("usps", data_dir=REAL)
     assert (len(task.train) + len(task.validation), len(task.test)) == (7291, 2007)
     assert task.train.images.shape[1:] == (16, 16, 1) and task.train.images.dtype == np.uint8

@@ -1,4 +1,6 @@
 """FS-Merge: folding is exact, "first" starts at model 1, N=1 is the model, training learns."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -151,14 +153,24 @@ def test_distillation_baseline_trains_and_folds():
     assert all(not p.requires_grad for p in student.teachers.parameters())
 
 
-def test_fs_merge_and_distill_run_from_a_config():
-    models = make_mlps(2)
+def test_fs_merge_and_distill_follow_their_config():
     loaders = task_loaders(2, (6,), batches=2)
-    config = FSMergeConfig(rank=2, epochs=2, lr=1e-3)
-    model, out_unmerge, history = fs_merge(models, loaders, config, progress=False)
-    assert len(history) == 4 and list(model.state_dict()) == list(models[0].state_dict())
-    model, out_unmerge, history = distill(make_mlps(2), loaders, config, progress=False)
-    assert len(history) == 4 and out_unmerge.shape == (2, 7, 7)
+    config = FSMergeConfig(rank=2, init="average", epochs=2, lr=1e-2, weight_decay=0.1, seed=5)
+    histories = {}
+    for run, build in ((fs_merge, lambda ms: build_supernet(ms, rank=2, init="average", seed=5)),
+                       (distill, lambda ms: Distillation(ms, rank=2, seed=5))):
+        model, out_unmerge, histories[run] = run(make_mlps(2), loaders, config, progress=False)
+        # the same run spelled out by hand: epochs × batches steps at the config's lr, decay and seed
+        by_hand = build(make_mlps(2))
+        assert histories[run] == train_supernet(by_hand, loaders, steps=4, lr=1e-2, weight_decay=0.1, seed=5, progress=False)
+        folded, maps = by_hand.fold()
+        assert torch.equal(out_unmerge, maps)
+        for key, value in folded.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
+    # and each field matters: changing one changes the training run
+    for change in ({"lr": 1e-3}, {"weight_decay": 0.0}, {"epochs": 1}, {"seed": 6}, {"init": "first"}, {"rank": 1}):
+        _, _, changed = fs_merge(make_mlps(2), loaders, dataclasses.replace(config, **change), progress=False)
+        assert changed != histories[fs_merge], change
 
 
 def test_training_is_seeded():

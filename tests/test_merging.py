@@ -1,7 +1,11 @@
 """Behaviour of the closed-form merges in lib/merging/ (METHODS.md, section 1)."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,18 +22,47 @@ def make_sd(seed: int, dtype=torch.float32, shift: float = 0.0) -> dict[str, tor
     return sd
 
 
+def make_bn_sd(seed: int, theta0_seed: int | None = None) -> dict[str, torch.Tensor]:
+    """``make_sd`` plus BatchNorm buffers whose shifts from θ0's are large (they would win any
+    top-k ranking) and sum to more than θ0's running variance (Task Arithmetic at λ = 1 would
+    make it negative)."""
+    sd = make_sd(seed)
+    g = torch.Generator().manual_seed(3000 + seed)
+    if theta0_seed is None:  # the pretrained model
+        sd["bn.running_mean"] = torch.zeros(4)
+        sd["bn.running_var"] = torch.ones(4)
+    else:
+        sd["bn.running_mean"] = 50.0 + 10.0 * torch.rand(4, generator=g)
+        sd["bn.running_var"] = 0.1 + 0.2 * torch.rand(4, generator=g)  # shift ≈ −0.8 each
+    return sd
+
+
+BUFFERS = ("bn.running_mean", "bn.running_var")
+
+
+def _strip(sd):
+    return {k: v for k, v in sd.items() if k not in BUFFERS}
+
+
 def make_stats(seed: int, like: dict) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + seed)
     return {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in like.items() if v.is_floating_point()}
 
 
-def make_grams(seed: int) -> dict[str, torch.Tensor]:
+GRAM_ROWS = 20
+
+
+def make_grams(seed: int, rows: int = GRAM_ROWS) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(2000 + seed)
     out = {}
     for k in ("a.weight", "b.weight"):
-        x = torch.randn(20, SHAPES[k][1], generator=g)
+        x = torch.randn(rows, SHAPES[k][1], generator=g)
         out[k] = x.T @ x
     return out
+
+
+def gram_counts(rows: int = GRAM_ROWS) -> dict[str, int]:
+    return {"a.weight": rows, "b.weight": rows}
 
 
 def assert_sd_close(a, b, **tol):
@@ -72,7 +105,7 @@ def test_single_model_is_returned_unchanged():
     tol = dict(rtol=1e-5, atol=1e-5)
     assert_sd_close(M.weight_average([theta1]), theta1)
     assert_sd_close(M.fisher_merging([theta1], [fisher]), theta1, **tol)
-    assert_sd_close(M.regmean([theta1], [gram], alpha=0.9), theta1, **tol)
+    assert_sd_close(M.regmean([theta1], [gram], alpha=0.9, counts=[gram_counts()]), theta1, **tol)
     assert_sd_close(M.task_arithmetic(theta0, [theta1], 1.0) | _nbt(theta1), theta1, **tol)
     assert_sd_close(M.ties_merging(theta0, [theta1], density=1.0, scale=1.0) | _nbt(theta1), theta1, **tol)
     assert_sd_close(M.gradient_matching(theta0, [theta1], [fisher], h0) | _nbt(theta1), theta1, **tol)
@@ -96,10 +129,10 @@ def test_non_floating_tensors_come_from_first_or_pretrained_model():
 
 
 def _all_calls():
-    theta0, thetas = make_sd(0), [make_sd(1), make_sd(2)]
-    fishers = [make_stats(1, thetas[0]), make_stats(2, thetas[0])]
+    theta0, thetas = make_bn_sd(0), [make_bn_sd(1, 0), make_bn_sd(2, 0)]
+    fishers = [_strip(make_stats(1, thetas[0])), _strip(make_stats(2, thetas[0]))]  # buffers have none
     grams = [make_grams(1), make_grams(2)]
-    h0 = make_stats(0, theta0)
+    h0 = _strip(make_stats(0, theta0))
     return {
         "weight_average": (M.weight_average, (thetas, [1.0, 2.0])),
         "task_vectors": (M.task_vectors, (theta0, thetas)),
@@ -109,7 +142,7 @@ def _all_calls():
         "ties_trim_and_elect": (M.ties_trim_and_elect, (theta0, thetas, 0.5)),
         "dare": (M.dare, (theta0, thetas, 0.5, 0)),
         "fisher": (M.fisher_merging, (thetas, fishers)),
-        "regmean": (M.regmean, (thetas, grams, 0.9)),
+        "regmean": (lambda *a: M.regmean(*a, counts=[gram_counts()] * 2, ridge=1e-3), (thetas, grams, 0.9)),
         "gradient_matching": (M.gradient_matching, (theta0, thetas, fishers, h0, 0.7)),
         "slerp": (M.slerp, (thetas[0], thetas[1], 0.3)),
         "task_vector_apply": (lambda tv, sd: tv.apply_to(sd, 0.5), (M.TaskVector(theta0, thetas[0]), theta0)),
@@ -364,7 +397,7 @@ def test_regmean_with_alpha_one_is_least_squares_on_pooled_data():
     biases = [torch.randn(d_out, generator=g, dtype=torch.float64) for _ in xs]
     models = [{"lin.weight": w, "lin.bias": b} for w, b in zip(ws, biases)]
     grams = [{"lin.weight": x.T @ x} for x in xs]
-    merged = M.regmean(models, grams, alpha=1.0)
+    merged = M.regmean(models, grams, alpha=1.0, gram_normalization="sum")
     x_all = torch.cat(xs)
     y_all = torch.cat([x @ w.T for x, w in zip(xs, ws)])
     lstsq = torch.linalg.lstsq(x_all, y_all).solution.T
@@ -376,16 +409,16 @@ def test_regmean_shrinks_off_diagonals_and_validates_gram_shapes():
     thetas = [make_sd(1), make_sd(2)]
     grams = [make_grams(1), make_grams(2)]
     # alpha = 0 keeps only diag(G): each input column is an independent, diag-weighted mean.
-    merged = M.regmean(thetas, grams, alpha=0.0)
+    merged = M.regmean(thetas, grams, alpha=0.0, counts=[gram_counts()] * 2)
     d1, d2 = (torch.diagonal(g["a.weight"]) for g in grams)
     expected = (thetas[0]["a.weight"] * d1 + thetas[1]["a.weight"] * d2) / (d1 + d2)
     torch.testing.assert_close(merged["a.weight"], expected)
     bad = [dict(g) for g in grams]
     bad[1]["b.weight"] = torch.eye(5)
     with pytest.raises(ValueError, match="b.weight"):
-        M.regmean(thetas, bad)
+        M.regmean(thetas, bad, gram_normalization="sum")
     with pytest.raises(ValueError, match="a.bias"):
-        M.regmean(thetas, [g | {"a.bias": torch.eye(4)} for g in grams])
+        M.regmean(thetas, [g | {"a.bias": torch.eye(4)} for g in grams], gram_normalization="sum")
 
 
 # ----------------------------------------------------------------- gradient matching
@@ -467,7 +500,7 @@ def test_mismatched_keys_shapes_and_dtypes_raise_naming_the_key(method):
         if method == "fisher":
             return M.fisher_merging([good, second], [fisher, fisher])
         if method == "regmean":
-            return M.regmean([good, second], [grams, grams])
+            return M.regmean([good, second], [grams, grams], counts=[gram_counts()] * 2)
         if method == "slerp":
             return M.slerp(good, second)
         if method == "gradient_matching":
@@ -494,6 +527,302 @@ def test_empty_inputs_raise():
 
 
 def test_registry_names_the_merges():
-    assert M.MERGE_METHODS["ties"] is M.ties_merging
+    for name, fn in M.MERGE_METHODS.items():
+        assert fn is getattr(M, {"ties": "ties_merging", "fisher": "fisher_merging"}.get(name, name))
     assert set(M.MERGE_METHODS) >= {"weight_average", "task_arithmetic", "ties", "fisher", "regmean",
                                     "gradient_matching", "slerp"}
+
+
+# --------------------------------------------------------------------------- buffers
+# METHODS.md §1: BatchNorm running statistics get the average over the models in every
+# method; they are never trimmed, sign-elected, dropped or rescaled.
+
+def _bn_models():
+    return make_bn_sd(0), [make_bn_sd(1, 0), make_bn_sd(2, 0)]
+
+
+def _buffer_merges(theta0, thetas):
+    """Every merge of ``thetas`` (2 models), by name, as a call to make."""
+    fishers = [make_stats(1, thetas[0]), make_stats(2, thetas[0])]  # Fishers for buffers too
+    grams = [make_grams(1), make_grams(2)]
+    registry = {f"registry {name}": (lambda m=method: m(theta0, thetas, _registry_stats(theta0, thetas),
+                                                          **{h: grid[-1] for h, grid in m.tuned.items()}))
+                for name, method in M.REGISTRY.items()}
+    return {
+        "weight_average": lambda: M.weight_average(thetas),
+        "task_arithmetic": lambda: M.task_arithmetic(theta0, thetas, 1.0),
+        "ties_mean": lambda: M.ties_merging(theta0, thetas, density=0.2),
+        "ties_sum": lambda: M.ties_merging(theta0, thetas, density=0.2, scale=1.0, disjoint="sum"),
+        "dare_ta": lambda: M.task_arithmetic(theta0, M.dare(theta0, thetas, 0.5, 0), 1.0),
+        "fisher": lambda: M.fisher_merging(thetas, fishers),
+        "regmean": lambda: M.regmean(thetas, grams, counts=[gram_counts()] * 2),
+        "slerp": lambda: M.slerp(thetas[0], thetas[1]),
+        **registry,
+    }
+
+
+_BUFFER_MERGES = ["weight_average", "task_arithmetic", "ties_mean", "ties_sum", "dare_ta", "fisher", "regmean",
+                  "slerp", *(f"registry {name}" for name in M.REGISTRY)]
+
+
+@pytest.mark.parametrize("method", _BUFFER_MERGES)
+def test_every_merge_averages_the_buffers(method):
+    theta0, thetas = _bn_models()
+    merged = _buffer_merges(theta0, thetas)[method]()
+    for k in BUFFERS:
+        torch.testing.assert_close(merged[k], (thetas[0][k] + thetas[1][k]) / 2)
+    assert (merged["bn.running_var"] > 0).all()
+
+
+def test_task_arithmetic_no_longer_adds_up_buffer_shifts():
+    theta0, thetas = _bn_models()
+    merged = M.task_arithmetic(theta0, thetas, 1.0)
+    old_rule = theta0["bn.running_var"] + sum(t["bn.running_var"] - theta0["bn.running_var"] for t in thetas)
+    assert (old_rule < 0).all()  # the fixture makes the old rule visible ...
+    assert (merged["bn.running_var"] > 0).all()  # ... and the buffer rule avoids it
+    # The other keys still follow Task Arithmetic.
+    torch.testing.assert_close(merged["a.weight"], theta0["a.weight"] + sum(t["a.weight"] - theta0["a.weight"] for t in thetas))
+
+
+def test_buffers_keyword_chooses_the_buffer_keys():
+    theta0, thetas = _bn_models()
+    as_buffer = M.task_arithmetic(theta0, thetas, 1.0, buffers=["a.bias"])
+    torch.testing.assert_close(as_buffer["a.bias"], (thetas[0]["a.bias"] + thetas[1]["a.bias"]) / 2)
+    as_params = M.task_arithmetic(theta0, thetas, 1.0, buffers=[])  # no buffers: TA on every key
+    torch.testing.assert_close(as_params["bn.running_var"],
+                               thetas[0]["bn.running_var"] + thetas[1]["bn.running_var"] - theta0["bn.running_var"])
+    with pytest.raises(ValueError, match="bn.nope"):
+        M.task_arithmetic(theta0, thetas, 1.0, buffers=["bn.nope"])
+
+
+def test_slerp_interpolates_buffers_linearly():
+    a, b = make_bn_sd(1, 0), make_bn_sd(2, 0)
+    merged = M.slerp(a, b, 0.25)
+    for k in BUFFERS:
+        torch.testing.assert_close(merged[k], 0.75 * a[k] + 0.25 * b[k])
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3])
+def test_ties_ranking_and_outputs_leave_buffers_out(density):
+    theta0, thetas = _bn_models()
+    # The buffers' shifts (≈ 50) are the largest |τ| entries: ranked with the rest they would
+    # use up the top-k and leave every weight trimmed.
+    merged = M.ties_merging(theta0, thetas, density=density)
+    assert_sd_close(_strip(merged), M.ties_merging(_strip(theta0), [_strip(t) for t in thetas], density=density))
+    parts = M.ties_trim_and_elect(theta0, thetas, density=density)
+    plain = M.ties_trim_and_elect(_strip(theta0), [_strip(t) for t in thetas], density=density)
+    assert all(set(p) == set(SHAPES) for p in parts)  # no buffer in the τ's
+    for p, q in zip(parts, plain):
+        assert_sd_close(p, q)
+
+
+def test_dare_copies_buffers_unchanged():
+    theta0, thetas = _bn_models()
+    for sparse, ft in zip(M.dare(theta0, thetas, 0.9, 0), thetas):
+        for k in BUFFERS:
+            assert torch.equal(sparse[k], ft[k])
+        assert not torch.equal(sparse["a.weight"], ft["a.weight"])  # the weights were dropped
+
+
+def test_task_vectors_keep_buffers():
+    theta0, thetas = _bn_models()
+    (tau,) = M.task_vectors(theta0, thetas[:1])
+    torch.testing.assert_close(tau["bn.running_var"], thetas[0]["bn.running_var"] - theta0["bn.running_var"])
+
+
+# ----------------------------------------------------------------- Fisher: relative floor
+
+
+@pytest.mark.parametrize("factor", [1e-12, 1e6])
+def test_fisher_merging_is_invariant_to_scaling_all_fishers(factor):
+    thetas = [make_sd(1), make_sd(2), make_sd(3)]
+    fishers = [make_stats(s, thetas[0]) for s in (1, 2, 3)]
+    reference = M.fisher_merging(thetas, fishers)
+    scaled = M.fisher_merging(thetas, [{k: factor * v for k, v in f.items()} for f in fishers])
+    assert_sd_close(scaled, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_floor_is_relative_to_the_tensors_fisher_scale():
+    thetas = [{"w": torch.tensor([2.0, 4.0])}, {"w": torch.tensor([6.0, 8.0])}]
+    fishers = [{"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([1.0, 1.0])}]
+    eps = 0.5
+    den = torch.tensor([1.0, 2.0])  # Σ wt Ft with wt = 1/2
+    num = torch.tensor([0.5 * 2 + 0.5 * 6, 1.5 * 4 + 0.5 * 8])
+    merged = M.fisher_merging(thetas, fishers, eps=eps)["w"]
+    torch.testing.assert_close(merged, num / (den + eps * den.mean()))
+
+
+# ------------------------------------------------------------- RegMean: normalisation, ridge
+
+
+def _regmean_tasks(rows=(40, 10), d_in=5, d_out=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, d_in, generator=g, dtype=torch.float64) for n in rows]
+    models = [{"lin.weight": torch.randn(d_out, d_in, generator=g, dtype=torch.float64)} for _ in xs]
+    grams = [{"lin.weight": x.T @ x} for x in xs]
+    counts = [{"lin.weight": len(x)} for x in xs]
+    return xs, models, grams, counts
+
+
+def _weighted_lstsq(xs, models, row_weights):
+    """argmin_W Σt ct ||Xt Wᵀ − Xt Wtᵀ||², by least squares over rows scaled by √ct."""
+    x = torch.cat([x * c ** 0.5 for x, c in zip(xs, row_weights)])
+    y = torch.cat([x @ m["lin.weight"].T * c ** 0.5 for x, m, c in zip(xs, models, row_weights)])
+    return torch.linalg.lstsq(x, y).solution.T
+
+
+def test_regmean_mean_weighs_tasks_equally_and_sum_by_rows():
+    xs, models, grams, counts = _regmean_tasks(rows=(40, 10))
+    mean = M.regmean(models, grams, alpha=1.0, counts=counts)["lin.weight"]
+    total = M.regmean(models, grams, alpha=1.0, gram_normalization="sum")["lin.weight"]
+    torch.testing.assert_close(mean, _weighted_lstsq(xs, models, [1 / len(x) for x in xs]))
+    torch.testing.assert_close(total, _weighted_lstsq(xs, models, [1.0, 1.0]))
+    assert (mean - total).abs().max() > 1e-3  # different token counts: different merges
+
+
+def test_regmean_mean_and_sum_agree_for_equal_counts():
+    xs, models, grams, counts = _regmean_tasks(rows=(25, 25))
+    mean = M.regmean(models, grams, alpha=0.8, counts=counts)["lin.weight"]
+    total = M.regmean(models, grams, alpha=0.8, gram_normalization="sum")["lin.weight"]
+    torch.testing.assert_close(mean, total)
+
+
+def test_regmean_ridge_sends_unexcited_directions_to_the_average():
+    xs, models, grams, counts = _regmean_tasks(rows=(30, 20), d_in=5)
+    dead = 2  # an input no task ever excites (a dead ReLU): zero row and column in every Gram
+    for x in xs:
+        x[:, dead] = 0
+    grams = [{"lin.weight": x.T @ x} for x in xs]
+    with pytest.raises(ValueError, match="ridge"):
+        M.regmean(models, grams, alpha=1.0, counts=counts)
+    merged = M.regmean(models, grams, alpha=1.0, counts=counts, ridge=1e-9)["lin.weight"]
+    average = (models[0]["lin.weight"] + models[1]["lin.weight"]) / 2
+    torch.testing.assert_close(merged[:, dead], average[:, dead])
+    # The excited directions are RegMean's solution without the dead input (up to the ridge).
+    live = [j for j in range(5) if j != dead]
+    reduced = M.regmean([{"lin.weight": m["lin.weight"][:, live]} for m in models],
+                        [{"lin.weight": g["lin.weight"][live][:, live]} for g in grams],
+                        alpha=1.0, counts=counts)["lin.weight"]
+    torch.testing.assert_close(merged[:, live], reduced, rtol=1e-6, atol=1e-6)
+
+
+def test_regmean_ridge_interpolates_from_regmean_to_the_average():
+    xs, models, grams, counts = _regmean_tasks()
+    average = (models[0]["lin.weight"] + models[1]["lin.weight"]) / 2
+    plain = M.regmean(models, grams, alpha=0.9, counts=counts)["lin.weight"]
+    torch.testing.assert_close(M.regmean(models, grams, alpha=0.9, counts=counts, ridge=1e-12)["lin.weight"], plain)
+    torch.testing.assert_close(M.regmean(models, grams, alpha=0.9, counts=counts, ridge=1e9)["lin.weight"], average)
+    # In between: the normal equations (ΣG̃ + εI) W*ᵀ = ΣG̃ Wtᵀ + ε W̄ᵀ, ε relative to the Grams.
+    ridge = 0.5
+    merged = M.regmean(models, grams, alpha=0.9, counts=counts, ridge=ridge)["lin.weight"]
+    shrunk = [(0.9 * g["lin.weight"] + 0.1 * torch.diag(g["lin.weight"].diagonal())) / c["lin.weight"]
+              for g, c in zip(grams, counts)]
+    epsilon = ridge * sum(shrunk).diagonal().mean()
+    lhs = (sum(shrunk) + epsilon * torch.eye(5)) @ merged.T
+    rhs = sum(s @ m["lin.weight"].T for s, m in zip(shrunk, models)) + epsilon * average.T
+    torch.testing.assert_close(lhs, rhs)
+    assert (merged - plain).abs().max() > 1e-3 and (merged - average).abs().max() > 1e-3
+
+
+def test_regmean_rejects_missing_counts_and_bad_options():
+    xs, models, grams, counts = _regmean_tasks()
+    with pytest.raises(ValueError, match='counts.*gram_normalization="sum"'):
+        M.regmean(models, grams)
+    with pytest.raises(ValueError, match="gram_normalization"):
+        M.regmean(models, grams, gram_normalization="max")
+    with pytest.raises(ValueError, match="ridge"):
+        M.regmean(models, grams, counts=counts, ridge=-1.0)
+    with pytest.raises(ValueError, match="lin.weight"):
+        M.regmean(models, grams, counts=[{}, {}])
+
+
+# -------------------------------------------------------------------------- registry
+
+
+def _registry_stats(theta0, thetas):
+    fishers = [{k: v for k, v in make_stats(s, theta0).items() if k not in BUFFERS} for s in (1, 2)]
+    return {
+        "fisher": fishers,
+        "gram": [make_grams(1, rows=30), make_grams(2, rows=10)],
+        "gram_counts": [gram_counts(30), gram_counts(10)],
+        "hessian": [{k: 100 * v for k, v in f.items()} for f in fishers],
+        "hessian_pretrained": {k: v for k, v in make_stats(0, theta0).items() if k not in BUFFERS},
+    }
+
+
+def _direct_calls(theta0, thetas, stats, scale):
+    """What each registry entry must equal, called with the merge functions' own signatures."""
+    dare = M.dare(theta0, thetas, 0.7, 0)
+    return {
+        "weight_average": M.weight_average(thetas),
+        "task_arithmetic": M.task_arithmetic(theta0, thetas, scale),
+        "ties": M.ties_merging(theta0, thetas, 0.2, scale, "mean"),
+        "dare_ta": M.task_arithmetic(theta0, dare, scale),
+        "dare_ties": M.ties_merging(theta0, dare, 0.2, scale, "mean"),
+        "fisher": M.fisher_merging(thetas, stats["fisher"]),
+        "regmean": M.regmean(thetas, stats["gram"], 0.9, counts=stats["gram_counts"]),
+        "gradient_matching": M.gradient_matching(theta0, thetas, stats["hessian"], stats["hessian_pretrained"], 1.0),
+        "slerp": M.slerp(thetas[0], thetas[1], 0.5),
+    }
+
+
+@pytest.mark.parametrize("name", list(M.REGISTRY))
+def test_every_registry_entry_runs_its_merge_with_its_defaults(name):
+    theta0, thetas = make_sd(0), [make_sd(1), make_sd(2)]
+    stats = _registry_stats(theta0, thetas)
+    method = M.REGISTRY[name]
+    assert method.name == name and method.label and method.paper and method.section.startswith("METHODS.md")
+    assert set(method.needs) <= {"fisher", "gram", "hessian"}
+    scale = 0.35
+    merged = method(theta0, thetas, {s: stats[s] for s in stats if s.split("_")[0] in method.needs},
+                    **{h: scale for h in method.tuned})
+    assert_sd_close(merged, _direct_calls(theta0, thetas, stats, scale)[name])
+    assert set(_direct_calls(theta0, thetas, stats, scale)) == set(M.REGISTRY)  # every entry checked
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.3, 1.0])
+def test_registry_task_arithmetic_at_scale_is_task_arithmetic(scale):
+    theta0, thetas = make_sd(0), [make_sd(1), make_sd(2), make_sd(3)]
+    assert_sd_close(M.REGISTRY["task_arithmetic"](theta0, thetas, {}, scale=scale),
+                    M.task_arithmetic(theta0, thetas, scale))
+
+
+def test_registry_overrides_fixed_values_and_checks_its_arguments():
+    theta0, thetas = make_sd(0), [make_sd(1), make_sd(2)]
+    stats = _registry_stats(theta0, thetas)
+    assert_sd_close(M.REGISTRY["ties"](theta0, thetas, {}, scale=0.5, density=0.6, disjoint="sum"),
+                    M.ties_merging(theta0, thetas, 0.6, 0.5, "sum"))
+    assert_sd_close(M.REGISTRY["regmean"](theta0, thetas, {"gram": stats["gram"]}, gram_normalization="sum", ridge=0.1),
+                    M.regmean(thetas, stats["gram"], 0.9, gram_normalization="sum", ridge=0.1))
+    with pytest.raises(ValueError, match="scale"):
+        M.REGISTRY["task_arithmetic"](theta0, thetas, {})  # a tuned value must be given
+    with pytest.raises(ValueError, match="fisher"):
+        M.REGISTRY["fisher"](theta0, thetas, {})
+    with pytest.raises(ValueError, match="densty"):
+        M.REGISTRY["ties"](theta0, thetas, {}, scale=1.0, densty=0.3)
+    with pytest.raises(ValueError, match="2 models"):
+        M.REGISTRY["slerp"](theta0, thetas * 2, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        M.REGISTRY["ties"].label = "x"
+
+
+def _methods_md() -> Path | None:
+    env = os.environ.get("DATA_DIR")
+    root = Path(env).parent if env else Path(__file__).resolve().parents[2] / "shared"
+    path = root / "docs" / "METHODS.md"
+    return path if path.exists() else None
+
+
+@pytest.mark.skipif(_methods_md() is None, reason="../shared/docs/METHODS.md not found")
+def test_tuned_grids_are_the_lambda_grid_of_methods_md():
+    text = _methods_md().read_text()
+    match = re.search(r"λ picked on held-out validation\s+data from \{([^}]*)\}", text)
+    first, second, _, last = (x.strip() for x in match.group(1).split(","))
+    step = float(second) - float(first)
+    documented = [float(first) + i * step for i in range(round((float(last) - float(first)) / step) + 1)]
+    assert len(M.LAMBDA_GRID) == len(documented)
+    assert all(math.isclose(a, b, abs_tol=1e-9) for a, b in zip(M.LAMBDA_GRID, documented))
+    tuned = {name: m.tuned for name, m in M.REGISTRY.items() if m.tuned}
+    # METHODS.md §1 tunes λ for Task Arithmetic and TIES (and DARE, which feeds them); the
+    # statistics-based merges and averaging have nothing to tune.
+    assert tuned == {name: {"scale": M.LAMBDA_GRID} for name in ("task_arithmetic", "ties", "dare_ta", "dare_ties")}

@@ -85,12 +85,25 @@ def test_rebasin_merge_of_a_model_and_its_permuted_copy():
         assert torch.allclose(permuted.head(merged.features(x) @ out_unmerge[1].T), permuted(x), **TOL)
 
 
-def test_rebasin_merge_of_different_models_has_the_original_shape():
+def test_rebasin_merge_of_different_models_averages_the_aligned_models():
     models = [make_vit(0), make_vit(1)]
-    merged, out_unmerge, _ = rebasin_merge(models, max_sweeps=5)
+    merged, out_unmerge, perms = rebasin_merge(models, max_sweeps=5)
     assert type(merged) is ViT
     assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in models[0].state_dict().items()}
-    assert torch.equal(out_unmerge[1], torch.eye(5, dtype=torch.float64))
+    assert torch.equal(out_unmerge[1], torch.eye(5, dtype=torch.float64))  # the ViT's features are not permuted
+    aligned = apply_permutation(models[1].state_dict(), perms[1])
+    assert any(not torch.equal(perms[1][name], torch.arange(len(perms[1][name]))) for name in perms[1])
+    for key, value in merged.state_dict().items():
+        expected = models[0].state_dict()[key] if key.startswith("head.") else (models[0].state_dict()[key] + aligned[key]) / 2
+        assert torch.allclose(value, expected, **TOL), key
+
+
+def test_weight_matching_does_not_lower_the_match():
+    a, b = make_mlp(0).state_dict(), make_mlp(1).state_dict()
+    perms = weight_matching(a, b, seed=0)
+    aligned = apply_permutation(b, perms)
+    inner = lambda x, y: sum(float((x[k] * y[k]).sum()) for k in x if not k.startswith("head."))  # noqa: E731
+    assert inner(a, aligned) > inner(a, b)
 
 
 def test_zip_matrices_pair_every_feature_once():

@@ -1,14 +1,24 @@
-"""The expensive-step machinery: cache, checkpoints, fine-tuning, and the baselines pipeline."""
+"""The expensive-step machinery: cache, checkpoints, fine-tuning, evaluation and BatchNorm
+re-estimation. Everything but the real-checkpoint test runs on the synthetic TinyTrack
+(conftest.py), so none of it needs the mirror."""
+import functools
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import lib.experiments.evaluation as evaluation
+import lib.experiments.training as training
 from lib.experiments.cache import cache_key, cached_tensors, content_hash, load_metadata, save_tensors_atomic
+from lib.experiments.evaluation import evaluate
+from lib.experiments.training import FinetuneConfig, finetune, probe_heads, reestimate_batchnorm
 from lib.models import load_cifar_resnet
-from lib.experiments.baselines import BaselinesConfig, closed_form_merges, compute_statistics, evaluate_methods, make_track, prepare_track, summary
-from lib.experiments.training import FinetuneConfig, finetune, probe_heads
+from lib.paths import cache_dir
 
-from conftest import SHARED_DATA, SHARED_MODELS, needs_data, needs_models
+from conftest import SHARED_DATA, SHARED_MODELS, TinyTrack, needs_data, needs_models
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cache_key_is_stable_and_order_free():
@@ -45,8 +55,8 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@needs_models
-@needs_data
+@needs_models("cifar_resnet/resnet20-12fca82f.th")
+@needs_data("vision/cifar10.npz")
 def test_resnet20_checkpoint_is_the_real_cifar_model():
     """The published ResNet-20 gets ~76% on the mirror's JPEG-decoded CIFAR-10 subset."""
     from lib.data import load_vision_task, prepare_images
@@ -61,60 +71,112 @@ def test_resnet20_checkpoint_is_the_real_cifar_model():
     assert 0.68 < (pred == test.labels[idx]).mean() < 0.85
 
 
-def _tiny_vision_track(**kw):
-    return make_track("vision", ["usps", "mnist"], str(SHARED_DATA), max_train=128, max_validation=32,
-                      max_test=48, models_dir=str(SHARED_MODELS), **kw)
+# ----------------------------------------------------------------------------- fine-tuning
+CONFIG = FinetuneConfig(max_steps=12, batch_size=16, eval_every=4, patience=5, lr=1e-2, warmup_steps=2, seed=1)
 
 
-@needs_models
-@needs_data
-def test_finetune_resumes_exactly_and_depends_on_seed(monkeypatch, tmp_path):
-    import lib.experiments.training as training
+def _count_steps(monkeypatch) -> list[int]:
+    """The training steps ``finetune`` executes from now on (one batch is drawn per step)."""
+    executed = []
+    draw = training._train_indices
 
-    track = _tiny_vision_track()
+    @functools.wraps(draw)  # unwraps to the real function in the cache key's code hash
+    def counted(split, batch_size, step, seed):
+        executed.append(step)
+        return draw(split, batch_size, step, seed)
+
+    monkeypatch.setattr(training, "_train_indices", counted)
+    return executed
+
+
+def test_finetune_resumes_from_its_last_checkpoint(monkeypatch, tmp_path):
+    """An interrupted run continues from its checkpoint, running only the steps it had left, and
+    ends where an uninterrupted run ends. (Equality alone would not show resuming: a run that
+    started over would end there too; the step count does.)"""
+    track = TinyTrack(["a", "b"])
     heads = probe_heads(track, max_examples=64)
-    config = FinetuneConfig(max_steps=8, batch_size=16, eval_every=4, patience=5, lr=1e-3, seed=1)
+    save = training._save_partial
 
-    # An interrupted run: crash right after the first evaluation's checkpoint, then run again.
-    real_save = training._save_partial
-
-    def save_then_crash(*args):
-        real_save(*args)
+    def save_then_crash(*args):  # interrupt right after the first evaluation's checkpoint (step 4)
+        save(*args)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "_save_partial", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        finetune(track, ["usps"], heads, config, progress=False)
-    monkeypatch.setattr(training, "_save_partial", real_save)
-    resumed = finetune(track, ["usps"], heads, config, progress=False)
+        finetune(track, ["a"], heads, CONFIG, progress=False)
+    monkeypatch.setattr(training, "_save_partial", save)
+
+    executed = _count_steps(monkeypatch)
+    resumed = finetune(track, ["a"], heads, CONFIG, progress=False)
+    assert executed == list(range(4, 12))  # steps 0-3 were not run again
+    assert not list(cache_dir().glob("**/*.partial.safetensors"))  # the checkpoint is gone when done
+
+    executed.clear()
+    assert finetune(track, ["a"], heads, CONFIG, progress=False).info == resumed.info
+    assert executed == []  # the finished expert is served from the cache
 
     monkeypatch.setenv("MERGE_CACHE_DIR", str(tmp_path))  # an uninterrupted run, from scratch
-    uninterrupted = finetune(_tiny_vision_track(), ["usps"], heads, config, progress=False)
+    uninterrupted = finetune(TinyTrack(["a", "b"]), ["a"], heads, CONFIG, progress=False)
+    assert executed == list(range(12))
     for k in resumed.encoder:
-        assert torch.allclose(resumed.encoder[k], uninterrupted.encoder[k], atol=1e-5), k
+        assert torch.allclose(resumed.encoder[k], uninterrupted.encoder[k], atol=1e-6), k
     assert np.allclose(resumed.info["history"], uninterrupted.info["history"])
 
-    other_seed = finetune(track, ["usps"], heads, FinetuneConfig(**{**config.__dict__, "seed": 2}), progress=False)
-    assert any(not torch.equal(other_seed.encoder[k], resumed.encoder[k]) for k in resumed.encoder)
+
+def test_finetune_depends_on_seed_and_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGE_CACHE_DIR", str(tmp_path))
+    track = TinyTrack(["a", "b"])
+    heads = probe_heads(track, max_examples=64)
+    one = finetune(track, ["a"], heads, CONFIG, progress=False)
+    other_seed = finetune(track, ["a"], heads, FinetuneConfig(**{**CONFIG.__dict__, "seed": 2}), progress=False)
+    other_task = finetune(track, ["b"], heads, CONFIG, progress=False)
+    for other in (other_seed, other_task):
+        assert not torch.equal(other.encoder["conv1.weight"], one.encoder["conv1.weight"])
+    # fine-tuning moved the weights, and the expert's head is the frozen probe
+    assert not torch.equal(one.encoder["conv1.weight"], track.pretrained_encoder().state_dict()["conv1.weight"])
+    assert torch.equal(one.heads["a"]["weight"], heads["a"]["weight"])
 
 
-@needs_models
-@needs_data
-def test_baselines_pipeline_end_to_end_on_a_tiny_vision_track():
-    track = _tiny_vision_track()
-    config = FinetuneConfig(max_steps=6, batch_size=16, eval_every=3, lr=1e-3, max_eval_examples=32)
-    setup = prepare_track(track, config, config, progress=False)
-    assert setup.mergeable and "layer1.0.bn1.running_mean" in setup.mergeable
-    merge_config = BaselinesConfig(lambda_grid=(0.5, 1.0), fisher_examples=16, regmean_examples=32, selection_examples=16)
-    stats = compute_statistics(track, setup, merge_config, progress=False)
-    # RegMean sees the convolutions through their unfolded-patch Gram matrices
-    assert stats["gram"]["usps"]["conv1.weight"].shape == (27, 27)
-    merged = closed_form_merges(track, setup, stats, merge_config, progress=False)
-    assert set(merged) == {"Weight averaging", "Task Arithmetic", "TIES", "DARE + TA", "DARE + TIES", "Fisher",
-                           "RegMean", "Gradient matching"}
-    assert merged["Task Arithmetic"].hyperparameters["lambda (validation)"] in (0.5, 1.0)
-    table = evaluate_methods(track, setup, merged, reestimate_bn=True, progress=False)
-    wide = summary(table)
-    assert (wide.loc["Individual experts", "Normalized"] == 100.0)
-    assert "TIES (BN re-estimated)" in wide.index
-    assert wide[["usps", "mnist"]].to_numpy().min() >= 0
+# ----------------------------------------------------------------------------- evaluation
+def test_evaluation_scores_the_given_state_and_recomputes_exactly_when_it_changes(monkeypatch, tmp_path):
+    monkeypatch.setenv("MERGE_CACHE_DIR", str(tmp_path))
+    track = TinyTrack(["a", "b"])
+    heads = probe_heads(track, max_examples=64)
+    state = {k: v.clone() for k, v in track.pretrained_encoder().state_dict().items()}
+    calls = []
+    predict = evaluation.predict
+    monkeypatch.setattr(evaluation, "predict", lambda *a: calls.append(1) or predict(*a))
+
+    # a module holding other weights: evaluate must score `state`, not whatever the module holds
+    stranger = track.pretrained_encoder()
+    torch.nn.init.normal_(stranger.conv1.weight)
+    first = evaluate(track, stranger, state, heads)
+    assert len(calls) == 2
+    reference = track.pretrained_encoder()
+    for task in track.tasks:
+        split = track.split(task, "test")
+        expected = predict(reference, heads[task], split) == split.labels
+        assert first[task]["accuracy"] == pytest.approx(100 * expected.mean())
+        assert np.array_equal(first[task]["correct"], expected)
+
+    again = evaluate(track, track.pretrained_encoder(), state, heads)
+    assert len(calls) == 2 and again["a"]["accuracy"] == first["a"]["accuracy"]  # served from the cache
+    changed = {**state, "conv1.weight": -state["conv1.weight"]}
+    evaluate(track, track.pretrained_encoder(), changed, heads)
+    assert len(calls) == 4  # a different model is evaluated, not served the old predictions
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+def test_reestimated_batchnorm_statistics_are_those_of_the_data():
+    track = TinyTrack(["a"])
+    encoder = track.pretrained_encoder()
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    state["bn1.running_mean"].fill_(5.0)  # stale statistics, as a merge leaves them
+    state["bn1.running_var"].fill_(100.0)
+    split = track.split("a", "train")
+    new = reestimate_batchnorm(encoder, state, [split], examples_per_split=len(split), batch_size=len(split))
+    activations = F.conv2d(torch.from_numpy(split.inputs), state["conv1.weight"], padding=1)
+    assert torch.allclose(new["bn1.running_mean"], activations.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(new["bn1.running_var"], activations.transpose(0, 1).flatten(1).var(1), rtol=1e-4)
+    assert torch.equal(new["conv1.weight"], state["conv1.weight"])
+    assert float(state["bn1.running_mean"][0]) == 5.0  # the input state is left as it was

@@ -312,6 +312,7 @@ def test_gram_matrices_are_xtx_over_real_tokens_only():
     torch.testing.assert_close(grams["mix.weight"], 2 * x.T @ x)
     torch.testing.assert_close(grams["head.weight"], 2 * pooled.T @ pooled)
     assert counts == {"mix.weight": 2 * int(batch["attention_mask"].sum()), "head.weight": 10}
+    assert all(type(c) is int for c in counts.values())  # plain ints, as merging.regmean's counts
 
     # Whatever sits in padded positions does not matter.
     noisy = dict(batch, input_ids=torch.where(batch["attention_mask"].bool(), batch["input_ids"], 7))
@@ -329,7 +330,7 @@ def test_gram_keys_line_up_with_bert_weights_and_hooks_go_on_error(bert):
     assert "encoder.encoder.layer.0.attention.self.query.weight" in grams
     assert all(g.shape == (params[n].shape[1],) * 2 for n, g in grams.items())
     bad = dict(text_batch(), attention_mask=torch.ones(5, 3, dtype=torch.long))  # does not line up
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="does not line up with attention_mask"):
         S.gram_matrices(bert, [bad], disable=True)
     assert not any(m._forward_pre_hooks for m in bert.modules())
 
@@ -342,14 +343,28 @@ def test_conv_gram_is_the_gram_of_unfolded_patches_and_regmean_reads_it():
     conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
     x = torch.randn(4, 2, 5, 5)
     model = _ConvOnly(conv)
-    grams = S.gram_matrices(model, [{"pixel_values": x, "labels": torch.zeros(4, dtype=torch.long)}])
+    grams, counts = S.gram_matrices(model, [{"pixel_values": x, "labels": torch.zeros(4, dtype=torch.long)}],
+                                    return_counts=True)
+    assert counts == {"conv.weight": 4 * 5 * 5}  # one row per (example, output position)
     patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
     assert torch.allclose(grams["conv.weight"], patches.T @ patches, atol=1e-4)
     # conv output == patches @ W.flatten(1).T, so the Gram above is exactly RegMean's
     out = conv(x).permute(0, 2, 3, 1).reshape(-1, 3)
     assert torch.allclose(out, patches @ conv.weight.flatten(1).T, atol=1e-5)
-    merged = merging.regmean([{"conv.weight": conv.weight.flatten(1).detach()}] * 2, [grams, grams], alpha=1.0)
-    assert torch.allclose(merged["conv.weight"], conv.weight.flatten(1), atol=1e-4)
+    # Two models with different weights and data (the second sees inputs 3× larger in the first
+    # channel): with the unfolded-patch Grams, RegMean fits both models' outputs on their own
+    # data, which is not the plain average.
+    x2 = torch.randn(4, 2, 5, 5) * torch.tensor([3.0, 1.0])[:, None, None]
+    grams2, counts2 = S.gram_matrices(model, [{"pixel_values": x2, "labels": torch.zeros(4, dtype=torch.long)}],
+                                      return_counts=True)
+    patches2 = torch.nn.functional.unfold(x2, 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    w1 = conv.weight.flatten(1).detach()
+    w2 = w1 + torch.randn_like(w1)
+    merged = merging.regmean([{"conv.weight": w1}, {"conv.weight": w2}], [grams, grams2], alpha=1.0,
+                             counts=[counts, counts2])["conv.weight"]
+    target = torch.linalg.lstsq(torch.cat([patches, patches2]), torch.cat([patches @ w1.T, patches2 @ w2.T])).solution.T
+    assert torch.allclose(merged, target, atol=1e-4)
+    assert not torch.allclose(merged, (w1 + w2) / 2, atol=1e-2)
 
 
 class _ConvOnly(nn.Module):

@@ -1,18 +1,23 @@
-"""The closed-form baselines study: everything the first notebook runs, as plain functions.
+"""The closed-form baselines study: everything ``notebooks/01_merging_baselines.ipynb`` runs.
 
-    setup = prepare_track(track, finetune_config, multitask_config)
-    stats = compute_statistics(track, setup, config)
-    merged = closed_form_merges(track, setup, stats, config)     # name -> MergeResult
-    table = evaluate_methods(track, setup, merged)
+    config = BaselinesConfig(...)                          # the notebook's parameters
+    result = run_track("vision", config)                   # experts, statistics, merges, evaluation
+    result.table, result.outcomes, result.selections
+    spread = seed_spread("vision", config)                 # the same over config.spread_seeds
+    findings(results, spread)                              # the verdicts, as Markdown
 
 Merges see only the *mergeable* keys: encoder tensors that fine-tuning changed (frozen ones,
-e.g. MiniLM's token embeddings, are copied from θ0). Heads are never merged. λ for Task
-Arithmetic, TIES and the DARE variants is chosen on the validation split, never on test.
+e.g. MiniLM's token embeddings, are copied from θ0). Heads are never merged. Every method
+comes from ``lib.merging.REGISTRY``; its tuned hyper-parameters are chosen by
+``lib.experiments.selection.select`` on the validation split, never on test. BatchNorm running
+statistics are averaged by every merge (the registry's buffer rule); the vision table also
+reports each merge with them re-estimated on unlabeled training images.
 """
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -20,28 +25,103 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import merging, statistics
+from ..models import Classifier
 from .cache import cached_tensors, content_hash
 from .evaluation import evaluate
-from ..models import Classifier
-from .tracks import Track, TextTrack, VisionTrack, model_inputs
+from .findings import Claim, Estimate, findings_markdown, held, over_seeds, paired_difference, verdict
+from .selection import Selection, select
+from .tracks import TextTrack, Track, VisionTrack
 from .training import Expert, FinetuneConfig, head_module, probe_heads, reestimate_batchnorm, train_experts, train_multitask
+
+PRETRAINED = "Pretrained (θ0 + expert head)"
+EXPERTS = "Individual experts"
+MULTITASK = "Multi-task"
+
+# The merges of the baselines table, in the order of the table (names in lib.merging.REGISTRY).
+METHODS = ("weight_average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "fisher", "regmean", "gradient_matching")
+
+# Published average accuracies, CLIP ViT-B/32 on 8 tasks (AdaMerging paper, METHODS.md §7).
+PAPER_VIT_B32 = {"Pretrained": 48.0, "Weight averaging": 65.8, "Fisher": 68.3, "Task Arithmetic": 69.1,
+                 "RegMean": 71.8, "TIES": 72.4, "Individual experts": 90.5}
 
 
 @dataclass
 class BaselinesConfig:
-    """Closed-form merge settings. Fields are notebook parameters."""
+    """Every setting of notebook 01. The fields are its papermill parameters."""
 
-    lambda_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+    scale: str = "small"
+    tracks: tuple[str, ...] = ("text", "vision")
+    text_tasks: tuple[str, ...] = ("sst2", "subj", "trec", "emotion", "emoji", "hate", "irony", "offensive")
+    vision_tasks: tuple[str, ...] = ("mnist", "fashion_mnist", "usps", "gtsrb")
+    data_dir: str = ""              # local mirror (e.g. ../shared/data); "" downloads
+    models_dir: str = ""            # folder holding cifar_resnet/resnet20-12fca82f.th; "" downloads
+    output_dir: str = ""            # "" = figures/01_merging_baselines
+    seed: int = 0
+    spread_seeds: tuple[int, ...] = (1, 2)  # further seeds of the vision track, for the seed spread
+    max_validation: int = 500       # examples per task kept for validation (early stopping, selection)
+    max_test: int = 1000            # examples per task kept for test (seeded, class-stratified subset)
+    # experts; the multi-task model gets multitask_steps_per_task × number of tasks
+    text_max_steps: int = 250
+    text_batch_size: int = 32
+    text_lr: float = 1e-4
+    vision_max_steps: int = 200
+    vision_batch_size: int = 128
+    vision_lr: float = 1e-3
+    eval_every: int = 50
+    patience: int = 2
+    multitask_steps_per_task: int = 60
+    # merges (defaults and grids of lib.merging.REGISTRY unless set here)
+    lambda_grid: tuple[float, ...] = merging.LAMBDA_GRID   # METHODS.md §1: 0, 0.05, …, 1
     ties_density: float = 0.2
     ties_disjoint: str = "mean"
     dare_drop_rate: float = 0.7
     dare_seed: int = 0
     fisher_examples: int = 256
+    fisher_batch_size: int = 16
     regmean_examples: int = 512
     regmean_alpha: float = 0.9
+    regmean_gram: str = "mean"      # Gram = mean over rows (public code) or "sum"
+    regmean_ridge: float = 1e-6     # relative; dead ReLU channels make the summed Gram singular
     gradient_matching_scale: float = 1.0
-    selection_examples: int = 100  # validation examples per task for choosing λ
-    seed: int = 0
+    selection_examples: int = 100   # validation examples per task for choosing hyper-parameters
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.scale != "small":
+            raise ValueError(f"scale={self.scale!r}: notebook 01 runs the small-scale tracks only; the paper "
+                             "scale (CLIP ViT-B/32 on 8 tasks) is the 'Paper scale' issue, not built yet.")
+        for name in self.tracks:
+            if name not in ("text", "vision"):
+                raise ValueError(f"tracks: unknown track {name!r}; choose from 'text', 'vision'.")
+
+    def track(self, name: str, seed: int | None = None) -> Track:
+        seed = self.seed if seed is None else seed
+        common = dict(data_dir=self.data_dir or None, seed=seed, max_validation=self.max_validation,
+                      max_test=self.max_test)
+        if name == "text":
+            return TextTrack(tasks=list(self.text_tasks), **common)
+        return VisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None, **common)
+
+    def finetune_configs(self, name: str, num_tasks: int, seed: int | None = None) -> tuple[FinetuneConfig, FinetuneConfig]:
+        """(experts, multi-task model) training settings of a track."""
+        common = dict(batch_size=getattr(self, f"{name}_batch_size"), lr=getattr(self, f"{name}_lr"),
+                      patience=self.patience, seed=self.seed if seed is None else seed)
+        experts = FinetuneConfig(max_steps=getattr(self, f"{name}_max_steps"), eval_every=self.eval_every, **common)
+        multitask = FinetuneConfig(max_steps=self.multitask_steps_per_task * num_tasks,
+                                   eval_every=2 * self.eval_every, **common)
+        return experts, multitask
+
+    def hyperparameters(self, method: str) -> dict:
+        """This config's fixed settings for a registry method (the rest are registry defaults)."""
+        return {
+            "ties": {"density": self.ties_density, "disjoint": self.ties_disjoint},
+            "dare_ta": {"drop_rate": self.dare_drop_rate, "seed": self.dare_seed},
+            "dare_ties": {"drop_rate": self.dare_drop_rate, "seed": self.dare_seed,
+                          "density": self.ties_density, "disjoint": self.ties_disjoint},
+            "regmean": {"alpha": self.regmean_alpha, "gram_normalization": self.regmean_gram,
+                        "ridge": self.regmean_ridge},
+            "gradient_matching": {"scale": self.gradient_matching_scale},
+        }.get(method, {})
 
 
 @dataclass
@@ -66,34 +146,6 @@ class Setup:
         return {**self.pretrained, **merged}
 
 
-def make_track(name: str, tasks: list[str], data_dir: str | None, seed: int = 0, **options) -> Track:
-    cls = {"text": TextTrack, "vision": VisionTrack}[name]
-    return cls(tasks=list(tasks), data_dir=data_dir, seed=seed, **options)
-
-
-def from_parameters(name: str, p: dict) -> tuple[Track, FinetuneConfig, FinetuneConfig, BaselinesConfig]:
-    """The track and configs that the baselines notebook builds from its parameters ``p``
-    (shared with ``make bench``, so both find the same cached experts)."""
-    track = make_track(name, p[f"{name}_tasks"], p.get("data_dir") or None, seed=p["seed"],
-                       max_validation=p["max_validation"], max_test=p["max_test"])
-    common = dict(batch_size=p[f"{name}_batch_size"], lr=p[f"{name}_lr"], patience=p["patience"], seed=p["seed"])
-    experts = FinetuneConfig(max_steps=p[f"{name}_max_steps"], eval_every=p["eval_every"], **common)
-    multitask = FinetuneConfig(max_steps=p["multitask_steps_per_task"] * len(track.tasks),
-                               eval_every=2 * p["eval_every"], **common)
-    merges = BaselinesConfig(**{f: (tuple(p[f]) if f == "lambda_grid" else p[f])
-                                for f in BaselinesConfig.__dataclass_fields__ if f in p})
-    return track, experts, multitask, merges
-
-
-def notebook_parameters(path) -> dict:
-    """The default values of a notebook's ``parameters`` cell."""
-    import ast
-
-    import papermill
-
-    return {name: ast.literal_eval(spec["default"]) for name, spec in papermill.inspect_notebook(str(path)).items()}
-
-
 def prepare_track(track: Track, config: FinetuneConfig, multitask_config: FinetuneConfig, progress=True) -> Setup:
     pretrained = {k: v.clone() for k, v in track.pretrained_encoder().state_dict().items()}
     heads = probe_heads(track)
@@ -115,55 +167,74 @@ def _encoder_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("encoder."): v for k, v in stats.items() if k.startswith("encoder.")}
 
 
+def _fisher(track: Track, encoder_state: dict, head_state: dict, split, names, config: BaselinesConfig, n: int):
+    model = _classifier(track, encoder_state, head_state)
+    data = split.subset(n, config.seed)
+    return _encoder_stats(statistics.diagonal_fisher(
+        model, data.batches(config.fisher_batch_size), param_names=names, seed=config.seed,
+        method=track.fisher_method, label_mode="sample", disable=True))
+
+
+COUNT_PREFIX = "rows:"
+
+
 def compute_statistics(track: Track, setup: Setup, config: BaselinesConfig, progress=True) -> dict:
     """Diagonal Fishers (labels sampled from the model), Hessian estimates N_t·F_t and RegMean
-    Gram matrices for every expert, plus θ0's Fisher for gradient matching. All cached."""
-    # Fisher/Hessian of parameters only: BatchNorm running statistics are buffers, merged by the
-    # fallback rule of each method (see lib.merging).
+    Gram matrices (with their row counts) for every expert, plus θ0's Fisher for gradient
+    matching. All cached under keys that cover the data, the models, every setting and the code."""
+    # Fisher/Hessian of parameters only: BatchNorm running statistics are buffers, which every
+    # merge averages (lib.merging's buffer rule).
     parameters = {n for n, _ in track.pretrained_encoder().named_parameters()}
     names = [f"encoder.{k}" for k in setup.mergeable if k in parameters]
-    fishers, grams, sizes = {}, {}, {}
+    fisher_settings = {"method": track.fisher_method, "label_mode": "sample", "batch_size": config.fisher_batch_size,
+                       "n": config.fisher_examples, "seed": config.seed, "names": _names_hash(names)}
+    fisher_code = (_fisher, statistics.diagonal_fisher, statistics.sum_sq_grads)
+    fishers, grams, counts, sizes = {}, {}, {}, {}
     for task in tqdm(track.tasks, desc=f"{track.name} statistics", disable=not progress):
         expert = setup.experts[task]
         train = track.split(task, "train")
         sizes[task] = len(train)
-        key = {**track.identity(), "task": task, "expert": content_hash(expert.encoder)}
+        key = {**track.identity([task]), "task": task, "expert": content_hash(expert.encoder),
+               "head": content_hash(expert.heads[task])}
 
         def fisher(split=train, expert=expert, task=task):
-            model = _classifier(track, expert.encoder, expert.heads[task])
-            data = split.subset(config.fisher_examples, config.seed)
-            return _encoder_stats(statistics.diagonal_fisher(
-                model, data.batches(16), param_names=names, seed=config.seed,
-                method=track.fisher_method, disable=True))
+            return _fisher(track, expert.encoder, expert.heads[task], split, names, config, config.fisher_examples)
 
         def gram(split=train, expert=expert, task=task):
             model = _classifier(track, expert.encoder, expert.heads[task])
             data = split.subset(config.regmean_examples, config.seed)
-            return _encoder_stats(statistics.gram_matrices(model, data.batches(64), disable=True))
+            g, c = statistics.gram_matrices(model, data.batches(64), return_counts=True, disable=True)
+            # row counts travel with the Grams, as 0-d tensors under a prefix no weight has
+            return {**g, **{f"{COUNT_PREFIX}{k}": torch.tensor(v) for k, v in c.items()}}
 
-        fishers[task] = cached_tensors("fisher", {**key, "n": config.fisher_examples, "seed": config.seed}, fisher)
-        grams[task] = cached_tensors("gram", {**key, "n": config.regmean_examples, "seed": config.seed}, gram)
+        fishers[task] = cached_tensors("fisher", {**key, **fisher_settings}, fisher, code=fisher_code)
+        cached = cached_tensors("gram", {**key, "n": config.regmean_examples, "seed": config.seed}, gram,
+                                code=(statistics.gram_matrices,))
+        grams[task] = _encoder_stats({k: v for k, v in cached.items() if not k.startswith(COUNT_PREFIX)})
+        counts[task] = _encoder_stats({k.removeprefix(COUNT_PREFIX): int(v) for k, v in cached.items()
+                                       if k.startswith(COUNT_PREFIX)})
 
     # θ0's own Fisher, on the pooled task data through each task's head (its pre-training data is
     # not available): H0 = N0·F0 with N0 the mean task training-set size, i.e. θ0 weighs like one task.
     def fisher0():
-        total = None
-        for task in track.tasks:
-            model = _classifier(track, setup.pretrained, setup.heads[task])
-            data = track.split(task, "train").subset(config.fisher_examples // len(track.tasks) + 1, config.seed)
-            f = _encoder_stats(statistics.diagonal_fisher(model, data.batches(16), param_names=names,
-                                                          seed=config.seed, method=track.fisher_method, disable=True))
-            total = f if total is None else {k: total[k] + f[k] for k in f}
-        return {k: v / len(track.tasks) for k, v in total.items()}
+        per_task = config.fisher_examples // len(track.tasks) + 1
+        parts = [_fisher(track, setup.pretrained, setup.heads[t], track.split(t, "train"), names, config, per_task)
+                 for t in track.tasks]
+        return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
 
-    fisher_pretrained = cached_tensors("fisher", {**track.identity(), "task": "pretrained-pooled",
-                                                  "n": config.fisher_examples, "seed": config.seed}, fisher0)
+    key0 = {**track.identity(track.tasks), "task": "pretrained-pooled",
+            "heads": {t: content_hash(setup.heads[t]) for t in track.tasks}}
+    fisher_pretrained = cached_tensors("fisher", {**key0, **fisher_settings}, fisher0, code=fisher_code)
     n0 = float(np.mean(list(sizes.values())))
     return {
-        "fisher": fishers, "gram": grams, "train_sizes": sizes,
+        "fisher": fishers, "gram": grams, "gram_counts": counts, "train_sizes": sizes,
         "hessian": {t: statistics.hessian_estimate(fishers[t], sizes[t]) for t in track.tasks},
         "hessian_pretrained": statistics.hessian_estimate(fisher_pretrained, n0),
     }
+
+
+def _names_hash(names) -> str:
+    return hashlib.sha256("|".join(names).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- merging
@@ -171,120 +242,347 @@ def compute_statistics(track: Track, setup: Setup, config: BaselinesConfig, prog
 class MergeResult:
     state: dict[str, torch.Tensor]  # full encoder state
     hyperparameters: dict = field(default_factory=dict)
+    selection: Selection | None = None
     seconds: float = 0.0
 
 
-def _validation_average(track, setup, encoder, state, config) -> float:
-    res = evaluate(track, encoder, setup.complete(state), setup.heads, split="validation",
-                   max_examples=config.selection_examples)
-    return float(np.mean([r["accuracy"] for r in res.values()]))
-
-
-def select_scale(track, setup, encoder, merge_at, config: BaselinesConfig) -> tuple[float, list]:
-    """The λ of ``config.lambda_grid`` with the best average validation accuracy."""
-    curve = [(lam, _validation_average(track, setup, encoder, merge_at(lam), config)) for lam in config.lambda_grid]
-    return max(curve, key=lambda c: c[1])[0], curve
-
-
-def _conv_as_matrix(state, grams):
+def _as_matrices(state: dict, grams: dict) -> dict:
     """RegMean sees conv kernels as linear maps over unfolded patches: (out, in·k·k)."""
     return {k: (v.flatten(1) if k in grams and v.dim() == 4 else v) for k, v in state.items()}
 
 
-def closed_form_merges(track: Track, setup: Setup, stats: dict, config: BaselinesConfig, progress=True) -> dict[str, MergeResult]:
+def _merge(method: str, pre: dict, fts: list, stats: dict, setup: Setup, **hyper) -> dict:
+    """One registry merge over the mergeable keys; statistics restricted to those keys."""
+    entry = merging.REGISTRY[method]
+    tasks = setup.track.tasks
+    keep = lambda d: {k: v for k, v in d.items() if k in pre}  # noqa: E731
+    per_task = {name: [keep(stats[name][t]) for t in tasks] for name in ("fisher", "hessian", "gram")}
+    merge_stats = {**per_task, "hessian_pretrained": keep(stats["hessian_pretrained"]),
+                   "gram_counts": [stats["gram_counts"][t] for t in tasks]}
+    if method != "regmean":
+        return entry(pre, fts, merge_stats, **hyper)
+    grams = merge_stats["gram"][0]
+    flat = entry(_as_matrices(pre, grams), [_as_matrices(f, grams) for f in fts], merge_stats, **hyper)
+    return {k: v.reshape(pre[k].shape) for k, v in flat.items()}
+
+
+def _validation_average(setup: Setup, encoder, state: dict, data, config: BaselinesConfig) -> float:
+    res = evaluate(data, encoder, setup.complete(state), setup.heads, split="validation",
+                   max_examples=config.selection_examples)
+    return float(np.mean([r["accuracy"] for r in res.values()]))
+
+
+def closed_form_merges(track: Track, setup: Setup, stats: dict, config: BaselinesConfig,
+                       methods=METHODS, progress=True) -> dict[str, MergeResult]:
+    """Every method of ``methods``, its tuned hyper-parameters chosen on validation."""
     pre = setup.restrict(setup.pretrained)
     fts = [setup.restrict(s) for s in setup.finetuned()]
-    tasks = track.tasks
     encoder = track.pretrained_encoder()
     results: dict[str, MergeResult] = {}
+    bar = tqdm(methods, desc=f"{track.name} merges", disable=not progress)
+    for method in bar:
+        entry = merging.REGISTRY[method]
+        bar.set_postfix_str(entry.label)
+        fixed = config.hyperparameters(method)
+        chosen, selection = {}, None
+        for name, grid in entry.tuned.items():  # one tuned hyper-parameter per method here
+            grid = config.lambda_grid if name == "scale" else grid
 
-    def timed(name, fn, **hyper):
+            def score(value, data, name=name):
+                state = _merge(method, pre, fts, stats, setup, **fixed, **chosen, **{name: value})
+                return _validation_average(setup, encoder, state, data, config)
+
+            selection = select(name, grid, score, track, bounds=(0.0, None))
+            chosen[name] = selection.best
         start = time.perf_counter()
-        merged = fn()
-        results[name] = MergeResult(setup.complete(merged), hyper, time.perf_counter() - start)
-
-    sparse = merging.dare(pre, fts, config.dare_drop_rate, config.dare_seed)
-    tuned = {
-        "Task Arithmetic": lambda lam: merging.task_arithmetic(pre, fts, lam),
-        "TIES": lambda lam: merging.ties_merging(pre, fts, config.ties_density, lam, config.ties_disjoint),
-        "DARE + TA": lambda lam: merging.task_arithmetic(pre, sparse, lam),
-        "DARE + TIES": lambda lam: merging.ties_merging(pre, sparse, config.ties_density, lam, config.ties_disjoint),
-    }
-    steps = ["Weight averaging", *tuned, "Fisher", "RegMean", "Gradient matching"]
-    bar = tqdm(steps, desc=f"{track.name} merges", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        if name == "Weight averaging":
-            timed(name, lambda: merging.weight_average(fts))
-        elif name in tuned:
-            lam, curve = select_scale(track, setup, encoder, tuned[name], config)
-            timed(name, lambda: tuned[name](lam), **{"lambda (validation)": lam, "validation curve": curve})
-        elif name == "Fisher":
-            fishers = [{k: stats["fisher"][t][k] for k in setup.mergeable if k in stats["fisher"][t]} for t in tasks]
-            timed(name, lambda: merging.fisher_merging(fts, fishers))
-        elif name == "RegMean":
-            grams = [{k: g for k, g in stats["gram"][t].items() if k in pre} for t in tasks]
-            flat = [_conv_as_matrix(s, grams[0]) for s in fts]
-            def regmean():
-                # Input directions no task excites (dead ReLU channels) make ΣG singular. Adding the
-                # plain average as one more model with Gram ε·I (ε tiny next to the data's scale) pins
-                # those directions to the average and leaves the rest as RegMean has them.
-                average = merging.weight_average(flat)
-                ridge = {k: 1e-6 * sum(g[k].diagonal().mean() for g in grams) * torch.eye(len(grams[0][k]))
-                         for k in grams[0]}
-                merged = merging.regmean(flat + [average], grams + [ridge], config.regmean_alpha)
-                return {k: v.reshape(pre[k].shape) for k, v in merged.items()}
-            timed(name, regmean, alpha=config.regmean_alpha)
-        elif name == "Gradient matching":
-            hess = [{k: stats["hessian"][t][k] for k in setup.mergeable if k in stats["hessian"][t]} for t in tasks]
-            h0 = {k: v for k, v in stats["hessian_pretrained"].items() if k in pre}
-            # Buffers (BatchNorm running statistics) have no Hessian. merging.gradient_matching would
-            # treat them as Task Arithmetic at α (its H0 ≫ Ht limit), which sums the experts' shifts of
-            # the running variances and can drive them negative; they get the rule's other neutral
-            # limit instead, equal uninformative Hessians with H0 → 0: the plain average.
-            with_hessian = [k for k in pre if k in h0]
-            buffers = [k for k in pre if k not in h0]
-            def gradient_matching():
-                pick = lambda sd, keys: {k: sd[k] for k in keys}  # noqa: E731
-                merged = merging.gradient_matching(pick(pre, with_hessian), [pick(f, with_hessian) for f in fts],
-                                                   hess, h0, config.gradient_matching_scale)
-                return {**merged, **merging.weight_average([pick(f, buffers) for f in fts])} if buffers else merged
-            timed(name, gradient_matching, alpha=config.gradient_matching_scale,
-                  **({"buffers": "averaged"} if buffers else {}))
+        merged = _merge(method, pre, fts, stats, setup, **fixed, **chosen)
+        results[entry.label] = MergeResult(setup.complete(merged), {**fixed, **chosen}, selection,
+                                           time.perf_counter() - start)
     return results
 
 
 # ----------------------------------------------------------------------------- the table
+@dataclass
+class TrackResult:
+    """Everything one track's run produced."""
+
+    name: str
+    seed: int
+    setup: Setup
+    merges: dict[str, MergeResult]
+    table: pd.DataFrame                                  # long: method × task × batchnorm
+    outcomes: dict[tuple[str, str], dict[str, np.ndarray]]  # (row, batchnorm) -> task -> correct?
+
+    def correct(self, row: str, batchnorm: str = "stored") -> dict[str, np.ndarray]:
+        return self.outcomes[(row, batchnorm)]
+
+
 def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult], reestimate_bn: bool = False,
-                     progress=True) -> pd.DataFrame:
-    """Long table: one row per (method, task) with accuracy, official metric and normalised score."""
+                     progress=True) -> tuple[pd.DataFrame, dict]:
+    """Long table (one row per method, task and BatchNorm variant: accuracy, official metric,
+    normalized score) and the per-example outcomes behind it."""
     encoder = track.pretrained_encoder()
-    rows = []
+    rows, outcomes = [], {}
 
     def add(method, kind, results, bn="stored"):
         for task, r in results.items():
-            rows.append({"track": track.name, "method": method, "kind": kind, "task": task, "batchnorm": bn, **r})
+            outcomes.setdefault((method, bn), {})[task] = r["correct"]
+            rows.append({"track": track.name, "method": method, "kind": kind, "task": task, "batchnorm": bn,
+                         **{k: v for k, v in r.items() if k != "correct"}})
 
-    add("Pretrained (θ0 + expert head)", "reference", evaluate(track, encoder, setup.pretrained, setup.heads))
+    add(PRETRAINED, "reference", evaluate(track, encoder, setup.pretrained, setup.heads))
     for task in track.tasks:
-        add("Individual experts", "reference",
-            evaluate(track, encoder, setup.experts[task].encoder, setup.heads, tasks=[task]))
-    add("Multi-task", "reference", evaluate(track, encoder, setup.multitask.encoder, setup.heads))
+        add(EXPERTS, "reference", evaluate(track, encoder, setup.experts[task].encoder, setup.heads, tasks=[task]))
+    add(MULTITASK, "reference", evaluate(track, encoder, setup.multitask.encoder, setup.heads))
     for name, result in tqdm(merged.items(), desc=f"{track.name} evaluation", disable=not progress):
         add(name, "merge", evaluate(track, encoder, result.state, setup.heads))
         if reestimate_bn:
-            state = reestimate_batchnorm(encoder, result.state, [track.split(t, "train") for t in track.tasks])
+            state = reestimate_batchnorm(encoder, result.state, [track.split(t, "train") for t in track.tasks],
+                                         seed=track.seed)
             add(name, "merge", evaluate(track, encoder, state, setup.heads), bn="re-estimated")
     table = pd.DataFrame(rows)
-    expert = table[table.method == "Individual experts"].set_index("task")["accuracy"]
+    expert = table[table.method == EXPERTS].set_index("task")["accuracy"]
     table["normalized"] = 100 * table["accuracy"] / table["task"].map(expert)
-    return table
+    return table, outcomes
+
+
+def run_track(name: str, config: BaselinesConfig, seed: int | None = None, progress: bool = True,
+              lap=lambda label: None) -> TrackResult:
+    """Experts, statistics, merges and evaluation of one track at one seed."""
+    seed = config.seed if seed is None else seed
+    track = config.track(name, seed)
+    expert_config, multitask_config = config.finetune_configs(name, len(track.tasks), seed)
+    setup = prepare_track(track, expert_config, multitask_config, progress=progress)
+    lap(f"{name} seed {seed}: experts ready")
+    stats = compute_statistics(track, setup, config, progress=progress)
+    lap(f"{name} seed {seed}: statistics ready")
+    merged = closed_form_merges(track, setup, stats, config, progress=progress)
+    lap(f"{name} seed {seed}: merges ready")
+    table, outcomes = evaluate_methods(track, setup, merged, reestimate_bn=isinstance(track, VisionTrack),
+                                       progress=progress)
+    lap(f"{name} seed {seed}: evaluated")
+    return TrackResult(name, seed, setup, merged, table, outcomes)
+
+
+def row_labels(table: pd.DataFrame) -> pd.Series:
+    return table.method + np.where(table.batchnorm == "re-estimated", " (BN re-estimated)", "")
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Wide table: methods × tasks (accuracy), plus average accuracy and normalised score."""
-    key = table.method + np.where(table.batchnorm == "re-estimated", " (BN re-estimated)", "")
+    key = row_labels(table)
     wide = table.assign(row=key).pivot_table(index="row", columns="task", values="accuracy", sort=False)
     wide["Average"] = wide.mean(axis=1)
     wide["Normalized"] = table.assign(row=key).groupby("row", sort=False)["normalized"].mean()
     return wide.round(1)
+
+
+def training_table(results: dict[str, TrackResult]) -> pd.DataFrame:
+    rows = []
+    for name, result in results.items():
+        for task, expert in [*result.setup.experts.items(), ("multi-task", result.setup.multitask)]:
+            info = expert.info
+            rows.append({"track": name, "model": task, "steps": info.get("steps"), "best step": info.get("best_step"),
+                         "stopped early": info.get("stopped_early"),
+                         "validation acc.": 100 * info.get("best_validation_accuracy", float("nan")),
+                         "seconds": info.get("seconds")})
+    return pd.DataFrame(rows).set_index(["track", "model"]).round(1)
+
+
+def hyperparameter_table(results: dict[str, TrackResult]) -> pd.DataFrame:
+    """Chosen hyper-parameters, where the selection's optimum lay, and each merge's time."""
+    rows = []
+    for name, result in results.items():
+        for method, r in result.merges.items():
+            rows.append({"track": name, "method": method,
+                         "hyper-parameters": ", ".join(f"{k}={v}" for k, v in r.hyperparameters.items()),
+                         "chosen on validation": (f"{r.selection.parameter}={r.selection.best:g}" if r.selection else "-"),
+                         "selection note": (r.selection.note if r.selection else "") or "-",
+                         "merge seconds": round(r.seconds, 2)})
+    return pd.DataFrame(rows).set_index(["track", "method"])
+
+
+def selection_curves(results: dict[str, TrackResult]) -> pd.DataFrame:
+    """Validation score of every grid value tried, per track and method (long)."""
+    rows = [{"track": name, "method": method, "parameter": r.selection.parameter, "value": v, "validation accuracy": s}
+            for name, result in results.items() for method, r in result.merges.items() if r.selection
+            for v, s in r.selection.scores]
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- seeds
+def seed_table(results_by_seed: list[TrackResult]) -> pd.DataFrame:
+    """Average accuracy and normalized score of every row at every seed (long)."""
+    rows = []
+    for result in results_by_seed:
+        t = result.table.assign(row=row_labels(result.table))
+        for row, group in t.groupby("row", sort=False):
+            rows.append({"track": result.name, "seed": result.seed, "row": row,
+                         "average accuracy": group["accuracy"].mean(), "normalized": group["normalized"].mean()})
+    return pd.DataFrame(rows)
+
+
+def seed_summary(seeds: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± standard deviation over seeds of each row's average accuracy and normalized score."""
+    g = seeds.groupby(["track", "row"], sort=False)
+    out = pd.DataFrame({"seeds": g.size(), "average accuracy": g["average accuracy"].mean(),
+                        "± sd": g["average accuracy"].std(ddof=1), "normalized": g["normalized"].mean(),
+                        "± sd ": g["normalized"].std(ddof=1)})
+    return out.round(2)
+
+
+def seed_difference(seeds: pd.DataFrame, track: str, a: str, b: str) -> Estimate:
+    """Mean over seeds of (a − b) in average accuracy, with its standard error over seeds."""
+    t = seeds[seeds.track == track].pivot_table(index="seed", columns="row", values="average accuracy")
+    return over_seeds((t[a] - t[b]).dropna().tolist())
+
+
+# ----------------------------------------------------------------------------- findings
+def comparison_table(result: TrackResult) -> pd.DataFrame:
+    """Every row of the table against doing nothing (θ0 with the experts' heads): the paired
+    difference in average accuracy over the same test examples, its SE and the verdict."""
+    base = result.correct(PRETRAINED)
+    rows = []
+    for (row, bn), correct in result.outcomes.items():
+        if row == PRETRAINED or row == EXPERTS:
+            continue
+        d = paired_difference(correct, base)
+        label = row + (" (BN re-estimated)" if bn == "re-estimated" else "")
+        rows.append({"track": result.name, "row": label, "minus θ0 (points)": round(d.value, 2),
+                     "SE": round(d.se, 2), "verdict vs θ0": verdict(d)})
+    return pd.DataFrame(rows).set_index(["track", "row"])
+
+
+def _normalized(result: TrackResult, bn: str = "stored") -> pd.Series:
+    t = result.table[result.table.batchnorm == bn]
+    return t.groupby("method", sort=False)["normalized"].mean()
+
+
+def findings(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None) -> str:
+    """The verdicts of notebook 01, computed from its results. Differences are paired over the
+    same test examples (SE from the per-example outcomes) and, where several seeds ran, over seeds."""
+    claims, notes = [], []
+    paper_ta = 100 * PAPER_VIT_B32["Task Arithmetic"] / PAPER_VIT_B32["Individual experts"]
+    paper_ties = 100 * PAPER_VIT_B32["TIES"] / PAPER_VIT_B32["Individual experts"]
+    paper_zero = 100 * PAPER_VIT_B32["Pretrained"] / PAPER_VIT_B32["Individual experts"]
+    for name, result in results.items():
+        norm = _normalized(result)
+        merges = [m for m in result.merges]
+        best = max(merges, key=lambda m: norm[m])
+        d_best = paired_difference(result.correct(best), result.correct(PRETRAINED))
+        claims.append(Claim(
+            f"{name} track: merging recovers what θ0 lacks", held(d_best),
+            f"Best closed-form merge {best}: {norm[best]:.1f}% normalized, {d_best} points of average accuracy over "
+            f"θ0 with the experts' heads ({norm[PRETRAINED]:.1f}% normalized); Task Arithmetic "
+            f"{norm['Task Arithmetic']:.1f}%, TIES {norm['TIES']:.1f}%, multi-task {norm[MULTITASK]:.1f}%. Paper scale "
+            f"(CLIP ViT-B/32): θ0 {paper_zero:.0f}%, Task Arithmetic {paper_ta:.0f}%, TIES {paper_ties:.0f}% normalized. "
+            f"Headroom left for learned merges: {100 - norm[best]:.1f} points.",
+            "θ0 with the experts' heads (doing nothing)"))
+        # the paper's ordering, pair by pair, with uncertainties
+        ordered = [m for m in ("Weight averaging", "Fisher", "Task Arithmetic", "RegMean", "TIES") if m in result.merges]
+        pairs = []
+        for lower, higher in zip(ordered, ordered[1:]):
+            d = paired_difference(result.correct(higher), result.correct(lower))
+            pairs.append(f"{higher} − {lower} = {d} ({verdict(d)})")
+        agree = all("better" in p or "within noise" in p for p in pairs)
+        claims.append(Claim(
+            f"{name} track: the paper's ordering WA < Fisher < TA < RegMean < TIES", "held" if all("(better)" in p for p in pairs)
+            else ("not contradicted (some steps within noise)" if agree else "did not hold"),
+            "; ".join(pairs) + ".", "θ0 (see the first claim) — each step is a paired difference on the same test examples"))
+        if (result.table.batchnorm == "re-estimated").any():
+            parts = []
+            for m in merges:
+                d = paired_difference(result.correct(m, "re-estimated"), result.correct(m))
+                parts.append(f"{m} {d}")
+            claims.append(Claim(
+                f"{name} track: re-estimating BatchNorm statistics helps merges", "mixed" if len({verdict(paired_difference(
+                    result.correct(m, 're-estimated'), result.correct(m))) for m in merges}) > 1 else held(
+                    paired_difference(result.correct(merges[0], "re-estimated"), result.correct(merges[0]))),
+                "Change in average accuracy, re-estimated minus averaged statistics: " + ", ".join(parts) + ".",
+                "the same merge with the experts' averaged running statistics"))
+        for method, r in result.merges.items():
+            if r.selection and r.selection.note:
+                notes.append(f"{name}, {method}: {r.selection.note}.")
+    if seeds is not None and len(seeds) and seeds.seed.nunique() > 1:
+        for name in seeds.track.unique():
+            n = seeds[seeds.track == name].seed.nunique()
+            result = results.get(name)
+            if result is None:
+                continue
+            norm = _normalized(result)
+            merges = sorted(result.merges, key=lambda m: -norm[m])
+            top, second = merges[0], merges[1]
+            d = seed_difference(seeds, name, top, second)
+            d0 = seed_difference(seeds, name, top, PRETRAINED)
+            claims.append(Claim(
+                f"{name} track over {n} seeds: {top} is the best merge", held(d),
+                f"{top} − {second}: {d} points of average accuracy (mean ± SE over seeds); {top} − θ0: {d0}. "
+                "A verdict that is 'within noise' here does not survive a change of seed (or of machine).",
+                "θ0 with the experts' heads, per seed"))
+    preamble = ("*Small-scale numbers (MiniLM-L6 text track, CIFAR ResNet-20 vision track); not the papers' numbers.* "
+                "Differences: paired over the same test examples, ± one standard error; a verdict needs 2 SE.")
+    return findings_markdown("Findings: closed-form baselines", claims, preamble, notes)
+
+
+# ----------------------------------------------------------------------------- figures
+def plot_normalized(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None):
+    """Normalized score of every row, per track; vision: BN re-estimated marks and seed error bars."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        merged = list(result.merges)
+        order = [PRETRAINED, *merged, MULTITASK]
+        avg = _normalized(result).reindex(order)
+        colors = ["#999999"] + sns.color_palette("viridis", len(merged)) + ["#444444"]
+        xerr = None
+        if seeds is not None and name in set(seeds.track):
+            sd = seeds[seeds.track == name].groupby("row")["normalized"].std(ddof=1)
+            xerr = sd.reindex(order).fillna(0).values[::-1]
+        ax.barh(avg.index[::-1], avg.values[::-1], color=colors[::-1], xerr=xerr, capsize=3)
+        if (result.table.batchnorm == "re-estimated").any():
+            bn = _normalized(result, "re-estimated").reindex(order)
+            ax.scatter(bn.values[::-1], range(len(order)), marker="|", s=200, color="crimson",
+                       label="BN re-estimated", zorder=3)
+            ax.legend(loc="lower right")
+        ax.axvline(100, color="black", lw=0.8, ls="--")
+        for y, v in enumerate(avg.values[::-1]):
+            ax.text(v + 1, y, f"{v:.1f}", va="center", fontsize=8)
+        ax.set_xlabel("normalized score (% of the individual experts)" + (" ± sd over seeds" if xerr is not None else ""))
+        ax.set_title(f"{name} track ({len(result.setup.track.tasks)} tasks), small scale")
+        ax.set_xlim(0, 115)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_task(results: dict[str, TrackResult]):
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        t = result.table[(result.table.batchnorm == "stored") & (result.table.method != EXPERTS)]
+        heat = t.pivot_table(index="method", columns="task", values="normalized", sort=False)
+        sns.heatmap(heat, annot=True, fmt=".0f", cmap="RdYlGn", vmin=30, vmax=100, ax=ax, cbar=False)
+        ax.set_title(f"{name}: normalized score per task (small scale)")
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def plot_selection(curves: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(curves.track))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for method, c in curves[curves.track == name].groupby("method", sort=False):
+            ax.plot(c["value"], c["validation accuracy"], marker=".", label=method)
+        ax.set_xlabel("λ")
+        ax.set_ylabel("validation accuracy (avg over tasks)")
+        ax.set_title(f"{name}: choosing λ on validation")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -40,6 +40,8 @@ def code_hash(*functions: Callable) -> str:
 
 def cache_key(spec: Mapping) -> str:
     """A short stable hash of a JSON-able spec."""
+    if "v" in spec:  # it would replace the cache version in the key
+        raise ValueError("'v' is reserved in cache specs for CACHE_VERSION; name the setting otherwise.")
     blob = json.dumps({"v": CACHE_VERSION, **spec}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

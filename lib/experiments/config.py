@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import random
+import types
 import typing
 from typing import Any, Mapping, TypeVar
 
@@ -29,25 +30,41 @@ C = TypeVar("C")
 SCALES = ("small", "paper")
 
 
+def _sequence_type(annotation: Any) -> type | None:
+    """``tuple`` or ``list`` when a field holds one (bare, parametrised or optional), else None."""
+    if isinstance(annotation, str):  # an annotation that could not be resolved
+        return next((t for t in (tuple, list) if annotation.startswith(t.__name__)), None)
+    if annotation in (tuple, list):  # bare `list`: typing.get_origin gives None for it
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list):
+        return origin
+    if origin in (typing.Union, types.UnionType):  # `tuple[str, ...] | None`
+        kinds = {_sequence_type(a) for a in typing.get_args(annotation)} - {None}
+        return kinds.pop() if len(kinds) == 1 else None
+    return None
+
+
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     """``value`` as the field's type: JSON strings for list-like fields, lists to tuples."""
-    origin = typing.get_origin(annotation)
-    text = annotation if isinstance(annotation, str) else ""
-    wants_sequence = origin in (tuple, list) or text.startswith(("tuple", "list"))
-    if wants_sequence and isinstance(value, str):
+    kind = _sequence_type(annotation)
+    if kind is None or value is None:
+        return value
+    given = value
+    if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             try:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
-                raise ValueError(
-                    f"parameter {name!r}: {value!r} is not a list. From the command line pass JSON, "
-                    f"e.g. -p {name} '[\"a\", \"b\"]', or use papermill's -y with YAML."
-                ) from None
-    if wants_sequence and isinstance(value, (list, tuple)) and (origin is tuple or text.startswith("tuple")):
-        value = tuple(value)
-    return value
+                value = None  # reported below
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"parameter {name!r}: {given!r} is not a list. From the command line pass JSON, "
+            f"e.g. -p {name} '[\"a\", \"b\"]', or use papermill's -y with YAML."
+        )
+    return tuple(value) if kind is tuple else value
 
 
 def notebook_config(config_class: type[C], namespace: Mapping[str, Any]) -> C:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .cache import cached_tensors, content_hash
+from .cache import cached_tensors, code_hash, content_hash
 from ..metrics import accuracy, official_metric
 from .tracks import Track
 from .training import encode, head_module
@@ -22,13 +22,14 @@ def evaluate(track: Track, encoder: nn.Module, encoder_state: dict[str, torch.Te
     (a reusable module of the track's architecture), each task through its own head.
 
     Predictions are cached under a content hash of the encoder state and head, so re-running
-    a notebook re-evaluates only models that actually changed."""
+    a notebook re-evaluates only models that actually changed. ``correct`` is the per-example
+    outcome (for standard errors, :mod:`lib.experiments.findings`)."""
     state_hash, loaded = content_hash(encoder_state), False
     results = {}
     for task in tasks or track.tasks:
         data = track.split(task, split).subset(max_examples, track.seed)
-        key = {**track.identity(), "task": task, "split": split, "max_examples": max_examples,
-               "encoder": state_hash, "head": content_hash(heads[task])}
+        key = {**track.identity([task]), "task": task, "split": split, "max_examples": max_examples,
+               "encoder": state_hash, "head": content_hash(heads[task]), "code": code_hash(predict, encode)}
 
         def compute(data=data, task=task):
             nonlocal loaded
@@ -39,7 +40,7 @@ def evaluate(track: Track, encoder: nn.Module, encoder_state: dict[str, torch.Te
 
         pred = cached_tensors("predictions", key, compute)["pred"].numpy()
         n_classes = track.num_classes(task)
-        results[task] = {"accuracy": 100 * accuracy(data.labels, pred),
+        results[task] = {"accuracy": 100 * accuracy(data.labels, pred), "correct": pred == data.labels,
                          "official": 100 * official_metric(track.metric(task), data.labels, pred, n_classes),
                          "metric": track.metric(task)}
     return results

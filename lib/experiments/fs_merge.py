@@ -1,12 +1,14 @@
-"""The FS-Merge study (issue #3): experts from different initialisations, every merge, evaluated.
+"""The FS-Merge study (METHODS.md §4–§6): experts from different initialisations, every merge,
+evaluated, and the paper's claims checked with uncertainties.
 
 Everything ``notebooks/03_fs_merge.ipynb`` runs, as plain functions around :class:`FSStudy`:
 
-    study = FSStudy(FSStudyConfig(...), data_dir="../shared/data")
-    pair = study.setting("mlp", ["mnist", "fashion_mnist"])            # trains or loads experts
-    rows = study.run(pair, FS_MERGE, num_images=64)                     # per-task accuracy + cost
-    control = study.setting("mlp", ["mnist", "fashion_mnist"], init="same")
-    table = study.results()                                              # every run so far
+    config = notebook_config(FSStudyConfig, globals())                  # the notebook's parameters
+    study = FSStudy(config)
+    main = pd.DataFrame(study.main_comparison())                         # every method, every setting
+    sweep = pd.DataFrame(study.image_count_sweep())                      # accuracy vs unlabeled images
+    control = pd.DataFrame(study.control())                              # same-initialisation control
+    findings(config, main, sweep, ablation, control)                     # the claims, as Markdown
 
 **Data.** Each task (MNIST, Fashion-MNIST, USPS, GTSRB, CIFAR-10, ``lib.data``) is resized to
 ``image_size`` × ``image_size`` (32: CIFAR-10's and the mirror's GTSRB size; MNIST and
@@ -24,9 +26,14 @@ The **same-initialisation control** (``init="same"``) first trains one shared mo
 warm-up of the *other* tasks (by default every task not in the setting, so the shared model
 does not already solve the tasks being merged: it plays the role of a pre-trained model),
 then fine-tunes one expert per task from it (a fresh head, everything trainable, a lower
-learning rate). All are cached as safetensors keyed by a hash of everything that produced
-them (architecture, training settings, seeds, a SHA-256 of the training images, this
-module's ``FS_STUDY_VERSION``), so a second run only loads them.
+learning rate).
+
+**Caches.** Scratch experts, shared inits and fine-tuned experts are cached as safetensors
+keyed by every setting that changes them (architecture, training settings, seeds, a SHA-256
+of the training images; :func:`scratch_expert_spec`, :func:`shared_init_spec`,
+:func:`finetuned_expert_spec`), ``FS_STUDY_VERSION`` and a hash of the source of the code that
+produces them (:func:`expert_code`), so editing that code retrains instead of serving stale
+experts. Merges are not cached: they are cheap, and the cost table measures them every run.
 
 **Unlabeled data for the data-driven merges.** Per task, the first ``num_images`` of a seeded
 permutation of the training split (so a smaller pool is a subset of a larger one), plus
@@ -35,26 +42,34 @@ distillation, RegMean's Gram matrices and ZipIt!'s correlations all see the same
 are never used.
 
 **Methods** (names are the constants below): the ensemble (all experts kept, task t answered by
-expert t: the upper reference), model 1 alone (where FS-Merge's "first" init starts), weight
-averaging, SLERP (two models), RegMean, Git Re-Basin weight matching then averaging, ZipIt!
-(two MLPs), distillation (student initialised from model 1, FS-Merge's feature loss, data,
-schedule and per-task output maps) and FS-Merge. Every merged model has the original
-architecture and size; task t is read with expert t's own head after the merge's per-task
-output map (``folded_logits``; the identity for averaging, SLERP and RegMean).
+expert t: the upper reference), model 1 alone (doing nothing: where FS-Merge's "first" init
+starts), weight averaging, SLERP (two models), RegMean (``lib.merging.regmean`` with each Gram
+divided by its row count and a relative ridge ``regmean_ridge``: a ReLU dead on every pool
+image leaves a zero row and column in the summed Gram; the ridge sends the weights that read
+it to the average instead of making the solve singular), Git Re-Basin weight matching then
+averaging, ZipIt! (two MLPs), distillation (student initialised from model 1, FS-Merge's
+feature loss, data, schedule and per-task output maps) and FS-Merge. Every merged model has
+the original architecture and size; task t is read with expert t's own head after the merge's
+per-task output map (``folded_logits``; the identity for averaging, SLERP and RegMean).
 
-**Training budget.** FS-Merge and distillation run a fixed number of optimisation steps
-(``fs_steps_mlp`` / ``fs_steps_vit``), whatever the pool size, so runs with different amounts of
-data cost the same; the paper trains 100 epochs (more steps for more data) at lr 1e-4 for
-both. With a few hundred steps on CPU, lr 1e-4 leaves both far from converged, so both use a
-peak lr of 3e-3 (``fs_lr``, ``kd_lr``; one lr for both, as in the paper). In a pilot with
-{1e-3, 3e-3, 1e-2} on the first MLP and ViT pairs, 3e-3 was distillation's best by final
-*training* feature loss (no labels involved); FS-Merge's loss was lower still at 1e-2 on the
-different-init pairs, but at 1e-2 it diverged on the same-init MLP pair (all ReLUs dead). Both
-deviations are stated wherever results are shown, and the ablation runs both methods at
-``ablation_lrs``.
+**Training budget (the study's deviation from the paper).** FS-Merge and distillation run a
+fixed number of optimisation steps (``fs_steps_mlp`` / ``fs_steps_vit``), whatever the pool
+size, so runs with different amounts of data cost the same; the paper trains 100 epochs (more
+steps for more data) at lr 1e-4 for both. With a few hundred steps on CPU, lr 1e-4 leaves both
+far from converged, so both use a peak lr of 3e-3 (``fs_lr``, ``kd_lr``; one lr for both, as in
+the paper). In a pilot with {1e-3, 3e-3, 1e-2} on the first MLP and ViT pairs, 3e-3 was
+distillation's best by final *training* feature loss (no labels involved); FS-Merge's loss was
+lower still at 1e-2 on the different-init pairs, but at 1e-2 it diverged on the same-init MLP
+pair (all ReLUs dead). The ablation runs both methods at ``ablation_lrs``.
 
-**Cost.** Each merge's wall time and peak resident memory (:func:`lib.experiments.cost.measured_call`) cover
-the merge itself (statistics, training, folding), not building the shared data pool.
+**Verdicts** (:func:`findings`) are computed from the result rows, never typed: every claim
+names its trivial baseline (model 1 alone, i.e. doing nothing, and the ensemble of experts)
+and every difference carries a standard error: paired over the same test examples within one
+seed (rows keep each model's per-example outcomes, ``correct``), over seeds when the rows hold
+several. A difference counts only beyond 2 SE.
+
+**Cost.** Each merge's wall time and peak resident memory (:func:`lib.experiments.cost.measured_call`)
+cover the merge itself (statistics, training, folding), not building the shared data pool.
 """
 from __future__ import annotations
 
@@ -62,8 +77,8 @@ import copy
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -74,15 +89,17 @@ from tqdm.auto import tqdm
 
 from .. import merging
 from ..archs import MLP, ViT
-from .cache import cache_path, cached_tensors, content_hash, load_metadata
-from .cost import measured_call
 from ..data import VISION_TASKS, load_vision_task, prepare_images, subsample_indices
 from ..fs_merge import Distillation, augmented_pool, build_supernet, folded_logits, train_supernet
 from ..permutation import rebasin_merge, zipit_merge
 from ..statistics import gram_matrices
+from .cache import cache_path, cached_tensors, code_hash, content_hash, load_metadata
+from .cost import measured_call
+from .findings import Z, Claim, Estimate, findings_markdown, over_seeds, verdict
 
-# Bump when a change here changes what a cached expert would contain.
-FS_STUDY_VERSION = 1
+# Bump when a change that the code hashes below cannot see (data loading, lib.data) changes
+# what a cached expert would contain. 2: keys now carry the producing code's hash.
+FS_STUDY_VERSION = 2
 
 ARCHS = ("mlp", "vit")
 INIT_SETTINGS = ("different", "same")
@@ -97,23 +114,31 @@ ZIPIT = "ZipIt!"
 DISTILLATION = "Distillation"
 FS_MERGE = "FS-Merge"
 METHODS = (ENSEMBLE, MODEL_1, AVERAGE, SLERP, REGMEAN, REBASIN, ZIPIT, DISTILLATION, FS_MERGE)
+CLOSED_FORM = (AVERAGE, SLERP, REGMEAN, REBASIN, ZIPIT)  # no training: the merges the paper says collapse
 TRAINED = (DISTILLATION, FS_MERGE)  # trained on the pool: depend on rank, init, steps
 DATA_DRIVEN = (REGMEAN, ZIPIT, *TRAINED)  # depend on the pool
+DEFAULT_VARIANT = "default"  # the ablation rows run at the config's settings
 
 
 @dataclass
 class FSStudyConfig:
-    """Every setting of the FS-Merge study. Fields are the notebook's parameters."""
+    """Every setting of the FS-Merge study. Fields are the notebook's parameters, one for one."""
 
-    # settings: which experts are merged
+    # paths and the run
+    data_dir: str = ""  # local data mirror (e.g. ../shared/data); "" downloads
+    models_dir: str = ""  # unused (no pretrained weights here); accepted so `make reproduce` can pass it
+    output_dir: str = ""  # where tables and figures go; "" is figures/03_fs_merge
+    progress: bool = True
+    scale: str = "small"  # "paper" is not implemented for this notebook yet (issue "paper scale")
+    seed: int = 0
+    # settings: which experts are merged (model 1 = the first task of each list)
     mlp_pairs: list = field(default_factory=lambda: [["mnist", "fashion_mnist"], ["gtsrb", "cifar10"]])
     vit_pairs: list = field(default_factory=lambda: [["fashion_mnist", "cifar10"]])
-    four_model_tasks: list = field(default_factory=lambda: ["mnist", "fashion_mnist", "usps", "cifar10"])  # MLPs
+    four_model_tasks: list = field(default_factory=lambda: ["mnist", "fashion_mnist", "usps", "cifar10"])  # MLPs; [] skips
     # data
     image_size: int = 32
     train_per_task: int = 8000  # images an expert trains on (seeded, class-stratified)
     test_per_task: int = 1000  # test images per task every accuracy is measured on
-    seed: int = 0
     # architectures
     mlp_hidden: list = field(default_factory=lambda: [256, 256])
     vit_patch: int = 8
@@ -146,23 +171,24 @@ class FSStudyConfig:
     fs_weight_decay: float = 1e-3
     rank: int = 12
     fs_init: str = "first"
-    ranks: list = field(default_factory=lambda: [0, 4, 12, 32])
+    ranks: list = field(default_factory=lambda: [0, 4, 12, 32])  # rank 0 keeps the diagonal blocks only
     ablation_lrs: list = field(default_factory=lambda: [1e-3, 1e-2])  # both methods, besides the default
     # other baselines
     regmean_alpha: float = 0.7  # the authors' reg_coef for RegMean
+    regmean_ridge: float = 1e-6  # relative ridge ε = ridge·mean diag ΣG̃ toward the average (lib.merging.regmean)
     rebasin_sweeps: int = 100
-    # which parts of the notebook run for which architecture
+    # which parts of the notebook run for which architecture (the first pair of that architecture)
     sweep_archs: list = field(default_factory=lambda: ["mlp", "vit"])
     ablation_archs: list = field(default_factory=lambda: ["mlp"])
     control_archs: list = field(default_factory=lambda: ["mlp", "vit"])
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_parameters(cls, parameters: dict) -> "FSStudyConfig":
-        """The config from a namespace that holds (at least) every field, e.g. a notebook's globals."""
-        return cls(**{f.name: parameters[f.name] for f in fields(cls)})
+    def __post_init__(self):
+        if self.scale == "paper":
+            raise NotImplementedError(
+                'scale="paper" is not yet implemented for notebooks/03_fs_merge.ipynb (see the issue '
+                '"paper scale"; METHODS.md §8 describes the protocol). Run with scale="small".')
+        if self.scale != "small":
+            raise ValueError(f'scale={self.scale!r}: choose "small" (or "paper", once implemented).')
 
 
 def expert_seed(seed: int, *parts) -> int:
@@ -314,11 +340,68 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+# -------------------------------------------------------------------------- expert caches
+
+
+def data_spec(config: FSStudyConfig, fingerprints: Mapping[str, str]) -> dict:
+    """What an expert's training data depends on: the training subsets' SHA-256 and their preparation."""
+    return {"tasks": dict(fingerprints), "image_size": config.image_size, "channels": 3, "normalisation": [0.5, 0.5],
+            "train_per_task": config.train_per_task, "split_seed": config.seed}
+
+
+def _expert_training(config: FSStudyConfig, epochs: int, lr: float) -> dict:
+    return {"epochs": epochs, "lr": lr, "weight_decay": config.expert_weight_decay, "batch_size": config.expert_batch_size}
+
+
+def scratch_expert_spec(config: FSStudyConfig, arch: str, task: str, fingerprint: str, num_classes: int) -> dict:
+    """The cache key of a from-scratch expert: every setting that changes its weights."""
+    epochs = config.mlp_epochs if arch == "mlp" else config.vit_epochs
+    return {"what": "fs_study scratch expert", "version": FS_STUDY_VERSION, "arch": arch_spec(arch, config),
+            "num_classes": num_classes, "data": data_spec(config, {task: fingerprint}),
+            "init_seed": expert_seed(config.seed, arch, task, "scratch"),
+            "train": _expert_training(config, epochs, config.expert_lr)}
+
+
+def shared_init_spec(config: FSStudyConfig, arch: str, fingerprints: Mapping[str, str]) -> dict:
+    """The cache key of the same-init control's shared model; ``fingerprints`` in warm-up order."""
+    warmup = list(fingerprints)
+    return {"what": "fs_study shared init", "version": FS_STUDY_VERSION, "arch": arch_spec(arch, config),
+            "data": data_spec(config, fingerprints), "warmup_order": warmup,  # the key sorts dicts; order matters
+            "init_seed": expert_seed(config.seed, arch, "+".join(warmup), "shared"), "per_task": config.warmup_per_task,
+            "train": _expert_training(config, config.warmup_epochs, config.expert_lr)}
+
+
+def finetuned_expert_spec(config: FSStudyConfig, arch: str, task: str, fingerprint: str, num_classes: int,
+                          shared: str) -> dict:
+    """The cache key of an expert fine-tuned from the shared model whose content hash is ``shared``."""
+    return {"what": "fs_study fine-tuned expert", "version": FS_STUDY_VERSION, "arch": arch_spec(arch, config),
+            "num_classes": num_classes, "data": data_spec(config, {task: fingerprint}), "shared": shared,
+            "head_seed": expert_seed(config.seed, arch, task, "finetuned head"),
+            "train": _expert_training(config, config.finetune_epochs, config.finetune_lr)}
+
+
+def expert_code(arch: str, kind: str) -> tuple[Callable, ...]:
+    """The functions whose source produces a cached ``kind`` ("scratch", "shared", "finetuned") of ``arch``."""
+    common = (fit, _lr_lambda, make_model, arch_spec, prepare, MLP if arch == "mlp" else ViT)
+    producer = {"scratch": FSStudy.expert, "shared": FSStudy.shared_init, "finetuned": FSStudy.finetuned_expert}[kind]
+    return (*common, producer, *((subsample_indices, _trunk) if kind == "shared" else ()))
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
 @torch.no_grad()
-def accuracy(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+def correct_predictions(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                        batch_size: int = 1000) -> np.ndarray:
+    """Per-example top-1 outcomes (bool) of a logits function on (x, y): what paired errors need."""
+    parts = [(logits(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).numpy() for i in range(0, len(y), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+def accuracy(logits: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy (%) of a logits function on (x, y)."""
-    correct = sum(int((logits(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum()) for i in range(0, len(y), batch_size))
-    return 100.0 * correct / max(1, len(y))
+    correct = correct_predictions(logits, x, y)
+    return 100.0 * float(correct.mean()) if len(correct) else 0.0
 
 
 # ------------------------------------------------------------------------------ merging
@@ -335,8 +418,13 @@ class Setting:
     results: dict = field(default_factory=dict, repr=False)  # memo: run key → rows
 
     @property
+    def pair(self) -> str:
+        """The tasks and architecture, whatever the init: what the control is matched on."""
+        return f"{self.arch.upper()}: {' + '.join(self.tasks)}"
+
+    @property
     def name(self) -> str:
-        return f"{self.arch.upper()}: {' + '.join(self.tasks)}" + (" (same init)" if self.init == "same" else "")
+        return self.pair + (" (same init)" if self.init == "same" else "")
 
     @property
     def models(self) -> list[nn.Module]:
@@ -388,8 +476,9 @@ def _from_matrices(state: dict, reference: dict) -> dict:
 
 
 @torch.no_grad()
-def regmean_grams(model: nn.Module, pool: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Gram matrices of the inputs of every linear map of the trunk (keys as in :func:`_as_matrices`).
+def regmean_grams(model: nn.Module, pool: torch.Tensor, batch_size: int = 256) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Gram matrices of the inputs of every linear map of the trunk (keys as in :func:`_as_matrices`)
+    and the number of rows summed into each: ``(grams, counts)``.
 
     ``lib.statistics.gram_matrices`` covers ``nn.Linear`` and ``conv1``; the ViT's Q/K/V
     (``in_proj_weight``, a parameter read by ``F.linear``) and ``proj`` (``x @ proj``) get
@@ -397,12 +486,14 @@ def regmean_grams(model: nn.Module, pool: torch.Tensor, batch_size: int = 256) -
     """
     names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n != "head"]
     extra: dict[str, torch.Tensor] = {}
+    extra_counts: dict[str, int] = {}
     handles = []
 
     def hook(key):
         def accumulate(module, args, output):
             x = output.detach().float().reshape(-1, output.shape[-1])
             extra[key] = extra.get(key, 0) + x.T @ x
+            extra_counts[key] = extra_counts.get(key, 0) + x.shape[0]
         return accumulate
 
     if isinstance(model, ViT):
@@ -411,24 +502,21 @@ def regmean_grams(model: nn.Module, pool: torch.Tensor, batch_size: int = 256) -
         handles.append(model.ln_post.register_forward_hook(hook("proj")))
     try:
         batches = [{"x": pool[i : i + batch_size]} for i in range(0, len(pool), batch_size)]
-        grams = gram_matrices(model, batches, linear_names=names, disable=True)
+        grams, counts = gram_matrices(model, batches, linear_names=names, return_counts=True, disable=True)
     finally:
         for h in handles:
             h.remove()
-    return {**grams, **extra}
+    return {**grams, **extra}, {**counts, **extra_counts}
 
 
-def _regmean(models, pools, config):
+def _regmean(models, pools, config: FSStudyConfig):
     states = [_as_matrices(_trunk(m)) for m in models]
-    grams = [regmean_grams(m, p) for m, p in zip(models, pools)]
-    # A ReLU unit that is dead on every pool image in every model leaves a zero row and column
-    # in the summed Gram, which is then singular. A ridge of 1e-6 × its mean diagonal makes the
-    # solve well posed; the weights reading a dead input come out 0, which changes no output.
-    for key in grams[0]:
-        ridge = 1e-6 * float(sum(g[key].diagonal().mean() for g in grams)) / len(grams) + 1e-12
-        for g in grams:
-            g[key] = g[key] + ridge * torch.eye(g[key].shape[0])
-    merged = merging.regmean(states, grams, config.regmean_alpha)
+    statistics = [regmean_grams(m, p) for m, p in zip(models, pools)]
+    # ridge: a ReLU dead on every pool image in every model leaves a zero row and column in the
+    # summed Gram; the relative ridge sends the weights reading it to the average (they change
+    # no output) instead of a singular solve.
+    merged = merging.regmean(states, [g for g, _ in statistics], config.regmean_alpha, counts=[c for _, c in statistics],
+                             gram_normalization="mean", ridge=config.regmean_ridge)
     return _with_trunk(models, _from_matrices(merged, _trunk(models[0]))), _identity_maps(models)
 
 
@@ -509,10 +597,9 @@ def warm_up() -> None:
 class FSStudy:
     """Data, experts and memoised merge results of one notebook run."""
 
-    def __init__(self, config: FSStudyConfig, data_dir=None, progress: bool = True):
+    def __init__(self, config: FSStudyConfig):
         self.config = config
-        self.data_dir = data_dir or None
-        self.progress = progress
+        self.progress = config.progress
         self._tasks: dict[str, TaskData] = {}
         self._experts: dict[tuple, Expert] = {}
         self._pools: dict[tuple, torch.Tensor] = {}
@@ -522,7 +609,7 @@ class FSStudy:
     # -- data
     def task(self, name: str) -> TaskData:
         if name not in self._tasks:
-            self._tasks[name] = load_task(name, self.config, self.data_dir)
+            self._tasks[name] = load_task(name, self.config, self.config.data_dir or None)
         return self._tasks[name]
 
     def _train_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -536,9 +623,9 @@ class FSStudy:
         return self._pools[key]
 
     # -- experts
-    def _cached_model(self, kind: str, spec: dict, train: Callable[[], tuple[dict, dict]]):
-        """Load ``kind/<hash(spec)>`` or train, save and return ``(tensors, info)``."""
-        path = cache_path(kind, spec)
+    def _cached_model(self, kind: str, spec: dict, train: Callable[[], tuple[dict, dict]], code: Sequence[Callable]):
+        """Load ``kind/<hash(spec, code)>`` or train, save and return ``(tensors, info)``."""
+        path = cache_path(kind, {**spec, "code": code_hash(*code)})  # where cached_tensors(code=...) looks
         cached = path.exists()
 
         def compute():
@@ -547,15 +634,10 @@ class FSStudy:
             self.expert_seconds += time.perf_counter() - started
             return tensors, {"info": info}
 
-        tensors = cached_tensors(kind, spec, compute)
+        tensors = cached_tensors(kind, spec, compute, code=code)
         info = dict(load_metadata(path).get("info", {}))
         info["cached"] = cached
         return tensors, info
-
-    def _data_spec(self, names: Sequence[str]) -> dict:
-        c = self.config
-        return {"tasks": {n: self.task(n).fingerprint for n in names}, "image_size": c.image_size, "channels": 3,
-                "normalisation": [0.5, 0.5], "train_per_task": c.train_per_task, "split_seed": c.seed}
 
     def expert(self, arch: str, task: str) -> Expert:
         """The from-scratch expert of ``task`` (trained once, then loaded from the cache)."""
@@ -563,12 +645,8 @@ class FSStudy:
         if key in self._experts:
             return self._experts[key]
         c, data = self.config, self.task(task)
-        seed = expert_seed(c.seed, arch, task, "scratch")
-        epochs = c.mlp_epochs if arch == "mlp" else c.vit_epochs
-        spec = {"what": "fs_study scratch expert", "version": FS_STUDY_VERSION, "arch": arch_spec(arch, c),
-                "num_classes": data.num_classes, "data": self._data_spec([task]), "init_seed": seed,
-                "train": {"epochs": epochs, "lr": c.expert_lr, "weight_decay": c.expert_weight_decay,
-                          "batch_size": c.expert_batch_size}}
+        spec = scratch_expert_spec(c, arch, task, data.fingerprint, data.num_classes)
+        seed, epochs = spec["init_seed"], spec["train"]["epochs"]
 
         def train():
             torch.manual_seed(seed)
@@ -578,7 +656,7 @@ class FSStudy:
                        seed, desc=f"{arch} expert: {task}", progress=self.progress)
             return model.state_dict(), {**info, "init_seed": seed}
 
-        tensors, info = self._cached_model(f"fs_study/experts/{arch}", spec, train)
+        tensors, info = self._cached_model(f"fs_study/experts/{arch}", spec, train, expert_code(arch, "scratch"))
         model = make_model(arch, data.num_classes, c)
         model.load_state_dict(tensors)
         expert = Expert(arch, task, _frozen(model), info)
@@ -596,11 +674,8 @@ class FSStudy:
         (``warmup_per_task`` images each, one head per task). Returns (trunk state, info)."""
         c = self.config
         warmup = list(warmup)
-        seed = expert_seed(c.seed, arch, "+".join(warmup), "shared")
-        spec = {"what": "fs_study shared init", "version": FS_STUDY_VERSION, "arch": arch_spec(arch, c),
-                "data": self._data_spec(warmup), "init_seed": seed, "per_task": c.warmup_per_task,
-                "train": {"epochs": c.warmup_epochs, "lr": c.expert_lr, "weight_decay": c.expert_weight_decay,
-                          "batch_size": c.expert_batch_size}}
+        spec = shared_init_spec(c, arch, {t: self.task(t).fingerprint for t in warmup})
+        seed = spec["init_seed"]
 
         def train():
             torch.manual_seed(seed)
@@ -615,7 +690,7 @@ class FSStudy:
                        seed, desc=f"{arch} shared warm-up", progress=self.progress)
             return _trunk(model), {**info, "init_seed": seed, "warmup_tasks": warmup}
 
-        return self._cached_model(f"fs_study/shared/{arch}", spec, train)
+        return self._cached_model(f"fs_study/shared/{arch}", spec, train, expert_code(arch, "shared"))
 
     def finetuned_expert(self, arch: str, task: str, warmup: Sequence[str]) -> Expert:
         """Expert of ``task`` fine-tuned from the shared model (fresh head, everything trained)."""
@@ -624,26 +699,19 @@ class FSStudy:
             return self._experts[key]
         c, data = self.config, self.task(task)
         shared, shared_info = self.shared_init(arch, warmup)
-        head_seed = expert_seed(c.seed, arch, task, "finetuned head")
-        spec = {"what": "fs_study fine-tuned expert", "version": FS_STUDY_VERSION, "arch": arch_spec(arch, c),
-                "num_classes": data.num_classes, "data": self._data_spec([task]), "shared": content_hash(shared),
-                "head_seed": head_seed, "train": {"epochs": c.finetune_epochs, "lr": c.finetune_lr,
-                                                  "weight_decay": c.expert_weight_decay, "batch_size": c.expert_batch_size}}
+        spec = finetuned_expert_spec(c, arch, task, data.fingerprint, data.num_classes, content_hash(shared))
+        head_seed = spec["head_seed"]
 
-        def build():
+        def train():
             torch.manual_seed(head_seed)
             model = make_model(arch, data.num_classes, c)
             model.load_state_dict({**model.state_dict(), **shared})
-            return model
-
-        def train():
-            model = build()
             x, y = self._train_tensors(task)
             info = fit(model, [model.head], [(x, y)], c.finetune_epochs, c.finetune_lr, c.expert_weight_decay,
                        c.expert_batch_size, head_seed, desc=f"{arch} fine-tune: {task}", progress=self.progress)
             return model.state_dict(), {**info, "head_seed": head_seed}
 
-        tensors, info = self._cached_model(f"fs_study/experts/{arch}", spec, train)
+        tensors, info = self._cached_model(f"fs_study/experts/{arch}", spec, train, expert_code(arch, "finetuned"))
         model = make_model(arch, data.num_classes, c)
         model.load_state_dict(tensors)
         info["shared_init"] = {"fingerprint": content_hash(shared), **{k: shared_info.get(k) for k in ("cached", "train_seconds")}}
@@ -672,7 +740,8 @@ class FSStudy:
     def run(self, setting: Setting, method: str, num_images: int | None = None, augment: int | None = None,
             rank: int | None = None, fs_init: str | None = None, steps: int | None = None,
             lr: float | None = None) -> list[dict]:
-        """Merge ``setting``'s experts with ``method`` and evaluate on every task: one row per task.
+        """Merge ``setting``'s experts with ``method`` and evaluate on every task: one row per task,
+        with the per-example outcomes (``correct``) that paired standard errors need.
 
         Memoised: the same (method, relevant options) is merged once per process. Options that do
         not affect a method (the pool for data-free merges, rank/init/steps for untrained ones)
@@ -709,18 +778,17 @@ class FSStudy:
             permutation = bool(((maps == 0) | (maps == 1)).all() and (maps.sum(-1) == 1).all())
             map_params = 0 if identity or (method == REBASIN and permutation) else maps.numel()
         rows = []
-        for t, name in enumerate(setting.tasks):
+        for t, (name, expert) in enumerate(zip(setting.tasks, setting.experts)):
             data = self.task(name)
+            correct = correct_predictions(logits[t], data.test_x, data.test_y)
             rows.append({
-                "setting": setting.name, "arch": setting.arch, "init": setting.init, "models": len(setting.tasks),
-                "method": method, "task": name, "task_index": t, **options,
-                "accuracy": accuracy(logits[t], data.test_x, data.test_y), "expert_accuracy": None, "chance": data.chance,
-                "test_examples": len(data.test_y),
+                "setting": setting.name, "pair": setting.pair, "arch": setting.arch, "init": setting.init,
+                "models": len(setting.tasks), "seed": c.seed, "method": method, "task": name, "task_index": t, **options,
+                "accuracy": 100.0 * float(correct.mean()), "expert_accuracy": self.expert_accuracy(expert),
+                "chance": data.chance, "test_examples": len(correct), "correct": correct,
                 "seconds": seconds, "peak_mib": peak, "trunk_parameters": trunk_params, "output_map_parameters": map_params,
                 "final_loss": info.get("final_loss"), "trainable_parameters": info.get("trainable_parameters"),
             })
-        for row, expert in zip(rows, setting.experts):
-            row["expert_accuracy"] = self.expert_accuracy(expert)
         setting.results[key] = rows
         return rows
 
@@ -736,10 +804,79 @@ class FSStudy:
             rows += self.run(setting, method, **options)
         return rows
 
-    def results(self) -> pd.DataFrame:
-        """Every row computed so far, over all settings."""
+    # -- the notebook's experiments
+    def main_settings(self) -> list[Setting]:
+        """Every different-init setting of the main comparison: MLP pairs, ViT pairs, the four-model MLP merge."""
+        c = self.config
+        return ([self.setting("mlp", p) for p in c.mlp_pairs] + [self.setting("vit", p) for p in c.vit_pairs]
+                + ([self.setting("mlp", c.four_model_tasks)] if c.four_model_tasks else []))
+
+    def first_pair(self, arch: str) -> list[str] | None:
+        pairs = self.config.mlp_pairs if arch == "mlp" else self.config.vit_pairs
+        return list(pairs[0]) if pairs else None
+
+    def main_comparison(self) -> list[dict]:
+        return [row for setting in self.main_settings() for row in self.run_all(setting)]
+
+    def image_count_sweep(self) -> list[dict]:
+        """For the first pair of each ``sweep_archs``: FS-Merge, distillation and the data-driven
+        closed-form merges at every ``image_counts`` (+ ``augment`` copies); FS-Merge and
+        distillation also without augmentation for ``ablation_archs``. Same steps for every n."""
+        c, rows = self.config, []
+        for arch in c.sweep_archs:
+            if not self.first_pair(arch):
+                continue
+            setting = self.setting(arch, self.first_pair(arch))
+            methods = [FS_MERGE, DISTILLATION, REGMEAN] + ([ZIPIT] if ZIPIT in methods_for(setting) else [])
+            for n in c.image_counts:
+                for method in methods:
+                    rows += self.run(setting, method, num_images=n, augment=c.augment)
+                if arch in c.ablation_archs:
+                    for method in TRAINED:
+                        rows += self.run(setting, method, num_images=n, augment=0)
+        return rows
+
+    def ablations(self) -> list[dict]:
+        """FS-Merge's initialisation, rank, augmentation and lr, and distillation's augmentation and lr,
+        on the first pair of each ``ablation_archs``; rows carry a ``variant`` (``DEFAULT_VARIANT``: the config)."""
+        c, rows = self.config, []
+
+        def ablate(setting, variant, method, **options):
+            rows.extend({**row, "variant": variant} for row in self.run(setting, method, **options))
+
+        for arch in c.ablation_archs:
+            if not self.first_pair(arch):
+                continue
+            setting = self.setting(arch, self.first_pair(arch))
+            ablate(setting, DEFAULT_VARIANT, FS_MERGE)
+            ablate(setting, DEFAULT_VARIANT, DISTILLATION)
+            other = "average" if c.fs_init == "first" else "first"
+            ablate(setting, f"init {other}", FS_MERGE, fs_init=other)
+            for r in c.ranks:
+                if r != c.rank:
+                    ablate(setting, f"rank r={r}", FS_MERGE, rank=r)
+            for method in TRAINED:
+                ablate(setting, "no augmentation", method, augment=0)
+            for lr in c.ablation_lrs:
+                if lr != c.fs_lr:
+                    ablate(setting, f"lr {lr:g}", FS_MERGE, lr=lr)
+                if lr != c.kd_lr:
+                    ablate(setting, f"lr {lr:g}", DISTILLATION, lr=lr)
+        return rows
+
+    def control(self) -> list[dict]:
+        """Every method on the first pair of each ``control_archs``, experts fine-tuned from one shared model."""
+        rows = []
+        for arch in self.config.control_archs:
+            if self.first_pair(arch):
+                rows += self.run_all(self.setting(arch, self.first_pair(arch), init="same"))
+        return rows
+
+    def results(self, outcomes: bool = True) -> pd.DataFrame:
+        """Every row computed so far, over all settings (without the per-example outcomes unless ``outcomes``)."""
         rows = [r for s in self._settings.values() for rs in s.results.values() for r in rs]
-        return pd.DataFrame(rows)
+        table = pd.DataFrame(rows)
+        return table if outcomes or not len(table) else table.drop(columns="correct")
 
     def experts_table(self) -> pd.DataFrame:
         rows = []
@@ -748,6 +885,15 @@ class FSStudy:
                          "test accuracy": self.expert_accuracy(e), "chance": self.task(task).chance, "steps": e.info.get("steps"),
                          "train seconds": e.info.get("train_seconds"), "loaded from cache": e.info.get("cached")})
         return pd.DataFrame(rows)
+
+    def run_time_note(self, wall_seconds: float) -> str:
+        """How long the run took and how much of it trained experts (for the findings' notes)."""
+        experts = self.experts_table()
+        loaded = int(experts["loaded from cache"].sum()) if len(experts) else 0
+        threads = torch.get_num_threads()
+        return (f"Run time: {wall_seconds / 60:.1f} min on {threads} CPU thread{'s' if threads != 1 else ''}, of which "
+                f"{self.expert_seconds / 60:.1f} min trained experts ({loaded} of {len(experts)} experts were loaded "
+                f"from the cache); with warm expert caches about {(wall_seconds - self.expert_seconds) / 60:.1f} min.")
 
 
 # ------------------------------------------------------------------------------ tables
@@ -770,15 +916,319 @@ def summary(rows: pd.DataFrame, index: Sequence[str] = ("method",)) -> pd.DataFr
     return wide
 
 
-def average_standard_error(accuracies: Sequence[float], test_sizes: Sequence[int]) -> float:
-    """Binomial standard error (points) of the mean of per-task test accuracies (%), one seed."""
-    variances = [a * (100 - a) / max(1, n) for a, n in zip(accuracies, test_sizes)]
-    return math.sqrt(sum(variances)) / max(1, len(variances))
+def flat(table: pd.DataFrame) -> pd.DataFrame:
+    """One index level (the first) for readable Markdown; the other levels become columns."""
+    return table.reset_index().set_index(table.index.names[0])
+
+
+def per_task(rows: pd.DataFrame, index: Sequence[str]) -> pd.Series:
+    """"task accuracy, …" per group, for the tables."""
+    return rows.groupby(list(index), sort=False).apply(
+        lambda g: ", ".join(f"{t} {a:.1f}" for t, a in zip(g["task"], g["accuracy"])), include_groups=False
+    ).rename("accuracy per task (%)")
+
+
+def _with_standard_error(table: pd.DataFrame, rows: pd.DataFrame, index: Sequence[str]) -> pd.DataFrame:
+    errors = rows.groupby(list(index), sort=False).apply(lambda g: contrast(g, [(1, {})]).se, include_groups=False)
+    return table.assign(**{"± SE": errors})
+
+
+def main_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The main comparison: average accuracy (± its standard error), normalized, retained, per task."""
+    index = ["setting", "method"]
+    table = summary(rows, index)[["average"]]
+    table = _with_standard_error(table, rows, index).join(summary(rows, index)[["normalized", "retained"]])
+    return flat(table.join(per_task(rows, index)).round(1))
+
+
+def sweep_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Average accuracy per setting, method and data (augmented or not), one column per image count."""
+    rows = rows.assign(data=np.where(rows["augment"] > 0, "+ augmented", "originals only"))
+    table = rows.groupby(["setting", "method", "data", "num_images"], sort=False)["accuracy"].mean().unstack("num_images")
+    table.columns = [f"n={c}" for c in table.columns]
+    return flat(table.round(1))
+
+
+def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Every ablation's average accuracy (± SE), scores, final training loss (×1e-3) and merge seconds."""
+    index = ["setting", "method", "variant"]
+    table = _with_standard_error(summary(rows, index)[["average"]], rows, index)
+    table = table.join(summary(rows, index)[["normalized", "retained"]]).join(per_task(rows, index))
+    firsts = rows.groupby(index, sort=False)[["final_loss", "seconds"]].first()
+    table["final feature loss ×1e-3"] = 1000 * firsts["final_loss"]  # so the .md's one decimal keeps the digits
+    table["merge seconds"] = firsts["seconds"]
+    return flat(table.round(1))
+
+
+def control_table(main: pd.DataFrame, control: pd.DataFrame) -> pd.DataFrame:
+    """The control's pairs from different inits (the main comparison) and from a shared init, side by side."""
+    both = pd.concat([main[main["pair"].isin(set(control["pair"]))], control])
+    table = summary(both, index=["pair", "method", "init"])[["average", "normalized", "retained"]].unstack("init")
+    table.columns = [f"{score} ({init} init)" for score, init in table.columns]
+    return flat(table.round(1))
+
+
+def cost_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Merge wall time, peak memory growth and parameters of every method in every setting (one run each)."""
+    table = rows.groupby(["setting", "method"], sort=False)[
+        ["seconds", "peak_mib", "trunk_parameters", "output_map_parameters", "trainable_parameters"]].first()
+    table = table.rename(columns={"seconds": "merge seconds", "peak_mib": "peak MiB", "trunk_parameters": "trunk parameters",
+                                  "output_map_parameters": "output-map parameters", "trainable_parameters": "trained parameters"})
+    return table.round({"merge seconds": 2, "peak MiB": 1})
+
+
+# ------------------------------------------------------------------------------ verdicts
+#
+# A "term" is one model's rows, chosen by column values (e.g. {"setting": s, "method": FS_MERGE}).
+# contrast(rows, [(1, a), (-1, b)]) is a − b in points of task-averaged accuracy: within one seed
+# every term is scored on the same test examples, so the per-example differences are paired; over
+# several seeds it is the mean over seeds with the between-seed standard error.
+
+RUN_KEY = ("setting", "method", "task", "seed", "num_images", "augment", "rank", "fs_init", "steps", "lr", "variant")
+
+
+def outcomes(rows: pd.DataFrame, where: Mapping) -> dict[str, np.ndarray]:
+    """``{task: per-example outcomes}`` of the one model that ``where`` selects in ``rows`` (one seed)."""
+    chosen = rows
+    for column, value in where.items():
+        chosen = chosen[chosen[column] == value]
+    # the same memoised run can reach a table twice (e.g. FS-Merge's default in main and sweep)
+    chosen = chosen.drop_duplicates([c for c in RUN_KEY if c in chosen.columns])
+    if chosen.empty:
+        raise KeyError(f"no rows where {dict(where)}")
+    if chosen["task"].duplicated().any():
+        raise ValueError(f"{dict(where)} selects more than one model; name the setting, method and options")
+    return {r.task: np.asarray(r.correct, dtype=bool) for r in chosen.itertuples()}
+
+
+def paired_contrast(terms: Sequence[tuple[float, Mapping[str, np.ndarray]]]) -> Estimate:
+    """Σ weight·accuracy over ``terms`` (points, task-averaged) with its paired standard error:
+    every term's outcomes are on the same examples of each task, so the weighted sum is taken
+    per example first, which removes the variance the terms share."""
+    tasks = list(terms[0][1])
+    means, variances = [], []
+    for task in tasks:
+        per_example = 0.0
+        for weight, outcome in terms:
+            if task not in outcome or set(outcome) != set(tasks):
+                raise ValueError(f"the terms were scored on different tasks: {sorted(outcome)} vs {sorted(tasks)}")
+            x = np.asarray(outcome[task], dtype=float)
+            if np.ndim(per_example) and x.shape != per_example.shape:
+                raise ValueError(f"task {task!r}: terms scored on {x.shape} and {per_example.shape} examples")
+            per_example = per_example + weight * x
+        means.append(per_example.mean())
+        variances.append(per_example.var(ddof=1) / len(per_example) if len(per_example) > 1 else 0.0)
+    return Estimate(100 * float(np.mean(means)), 100 * math.sqrt(sum(variances)) / len(tasks))
+
+
+def contrast(rows: pd.DataFrame, terms: Sequence[tuple[float, Mapping]]) -> Estimate:
+    """Σ weight·accuracy of the models each ``where`` selects: paired within a seed, over seeds if several."""
+    seeds = list(dict.fromkeys(rows["seed"])) if "seed" in rows.columns else [None]
+    values = []
+    for seed in seeds:
+        part = rows if seed is None else rows[rows["seed"] == seed]
+        values.append(paired_contrast([(weight, outcomes(part, where)) for weight, where in terms]))
+    return values[0] if len(values) == 1 else over_seeds([v.value for v in values])
+
+
+def quoted(d: Estimate, unit: str = " points") -> str:
+    """A difference as the findings state it: value ± SE, and whether it exceeds 2 SE."""
+    if not math.isfinite(d.se):
+        return f"{d.value:+.1f}{unit} (no standard error: no verdict)"
+    size = "exceeds 2 SE" if verdict(d) in ("better", "worse") else "within noise, |d| ≤ 2 SE"
+    return f"{d}{unit} ({size})"
+
+
+def _state(d: Estimate) -> str:
+    """One setting's outcome for a claim "d > 0"."""
+    return {"better": "held", "worse": "did not hold", "within noise": "inconclusive"}.get(verdict(d), "undetermined")
+
+
+def _outcome(states: Sequence[str], unit: str = "settings") -> str:
+    """The claim's outcome over settings, with the count behind it."""
+    n = len(states)
+    if n == 0:
+        return "not run"
+    counts = {s: states.count(s) for s in dict.fromkeys(states)}
+    if len(counts) == 1:
+        only = states[0]
+        where = "" if n == 1 else f" in both {unit}" if n == 2 else f" in all {n} {unit}"
+        return {"inconclusive": "inconclusive (within noise)"}.get(only, only) + where
+    parts = [f"{label} in {counts[s]}" for s, label in (("held", "held"), ("did not hold", "did not hold"),
+                                                         ("inconclusive", "within noise"), ("undetermined", "undetermined"))
+             if s in counts]
+    return "mixed: " + ", ".join(parts) + f" of {n} {unit}"
+
+
+def _accuracy(rows: pd.DataFrame, where: Mapping) -> Estimate:
+    return contrast(rows, [(1, where)])
+
+
+def _difference(rows: pd.DataFrame, a: Mapping, b: Mapping) -> Estimate:
+    return contrast(rows, [(1, a), (-1, b)])
+
+
+def _settings(rows: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(rows["setting"]))
+
+
+def simple_merges_collapse(main: pd.DataFrame) -> Claim:
+    """Claim 1: with different inits, no closed-form merge does better than keeping model 1 alone
+    (doing nothing). Per setting the best closed-form merge (by average accuracy) is compared with
+    model 1 alone; the claim holds where it is worse by more than 2 SE."""
+    states, parts = [], []
+    for s in _settings(main[main["init"] == "different"]):
+        methods = [m for m in CLOSED_FORM if m in set(main.loc[main["setting"] == s, "method"])]
+        accuracies = {m: _accuracy(main, {"setting": s, "method": m}) for m in methods}
+        best = max(methods, key=lambda m: accuracies[m].value)
+        d = _difference(main, {"setting": s, "method": MODEL_1}, {"setting": s, "method": best})
+        states.append(_state(d))
+        low, high = min(a.value for a in accuracies.values()), max(a.value for a in accuracies.values())
+        parts.append(f"{s}: {', '.join(methods)} reach {low:.1f}–{high:.1f}% against "
+                     f"{_accuracy(main, {'setting': s, 'method': MODEL_1}).plain()}% for model 1 alone and "
+                     f"{_accuracy(main, {'setting': s, 'method': ENSEMBLE}).plain()}% for the ensemble; "
+                     f"model 1 alone − the best ({best}) = {quoted(d)}")
+    return Claim("Closed-form merges (weight averaging, SLERP, RegMean, Re-Basin, ZipIt!) collapse across different "
+                 "initialisations: none beats keeping model 1 alone", _outcome(states), "; ".join(parts) + ".",
+                 "model 1 alone (doing nothing); the ensemble of experts as the upper reference")
+
+
+def distillation_works(main: pd.DataFrame) -> Claim:
+    """Claim 2: distillation beats keeping model 1 alone (by more than 2 SE) in every setting."""
+    states, parts = [], []
+    for s in _settings(main[main["init"] == "different"]):
+        kd, one, ensemble = ({"setting": s, "method": m} for m in (DISTILLATION, MODEL_1, ENSEMBLE))
+        d = _difference(main, kd, one)
+        states.append(_state(d))
+        parts.append(f"{s}: distillation {_accuracy(main, kd).plain()}%, − model 1 alone = {quoted(d)}; "
+                     f"ensemble − distillation = {quoted(_difference(main, ensemble, kd))}")
+    return Claim("Knowledge distillation works (beats doing nothing)", _outcome(states), "; ".join(parts) + ".",
+                 "model 1 alone (doing nothing); the ensemble of experts as the upper reference")
+
+
+def fs_merge_beats_distillation(main: pd.DataFrame) -> Claim:
+    """Claim 3: FS-Merge beats distillation (paired over the same test examples) in every setting."""
+    states, parts = [], []
+    for s in _settings(main[main["init"] == "different"]):
+        fs, kd, one = ({"setting": s, "method": m} for m in (FS_MERGE, DISTILLATION, MODEL_1))
+        d = _difference(main, fs, kd)
+        states.append(_state(d))
+        parts.append(f"{s}: FS-Merge {_accuracy(main, fs).plain()}% − distillation {_accuracy(main, kd).plain()}% = "
+                     f"{quoted(d)}; FS-Merge − model 1 alone = {quoted(_difference(main, fs, one))}")
+    images = sorted({int(n) for n in main.loc[main["method"] == FS_MERGE, "num_images"] if pd.notna(n)})
+    at = f" (at {', '.join(map(str, images))} unlabeled images per task)" if images else ""
+    return Claim(f"FS-Merge beats distillation{at}",
+                 _outcome(states), "; ".join(parts) + ".", "model 1 alone (doing nothing)")
+
+
+def advantage_largest_with_little_data(sweep: pd.DataFrame, main: pd.DataFrame) -> Claim:
+    """Claim 4: FS-Merge's advantage over distillation is largest in the low-data regime: at the
+    fewest images FS-Merge beats distillation, and by more than at the most images (both > 2 SE;
+    the change of the gap is one paired contrast of four models on the same test examples)."""
+    augmented = sweep[sweep["augment"] > 0]
+    if augmented["augment"].nunique() > 1:
+        raise ValueError("the sweep mixes augmentation settings; pass one")
+    rows = pd.concat([main[main["method"] == MODEL_1], augmented])
+    states, parts = [], []
+    for s in _settings(augmented):
+        counts = sorted(set(augmented.loc[augmented["setting"] == s, "num_images"]))
+        low, high = counts[0], counts[-1]
+        fs = {n: {"setting": s, "method": FS_MERGE, "num_images": n} for n in (low, high)}
+        kd = {n: {"setting": s, "method": DISTILLATION, "num_images": n} for n in (low, high)}
+        gap_low, gap_high = _difference(rows, fs[low], kd[low]), _difference(rows, fs[high], kd[high])
+        shrink = contrast(rows, [(1, fs[low]), (-1, kd[low]), (-1, fs[high]), (1, kd[high])])
+        first, second = _state(gap_low), _state(shrink)
+        states.append("held" if first == second == "held" else
+                      "did not hold" if "did not hold" in (first, second) else "inconclusive")
+        parts.append(f"{s}: FS-Merge − distillation = {quoted(gap_low)} at {low} images/task and {quoted(gap_high)} at "
+                     f"{high}; the gap at {low} minus the gap at {high} = {quoted(shrink)}; FS-Merge at {low} − model 1 alone "
+                     f"= {quoted(_difference(rows, fs[low], {'setting': s, 'method': MODEL_1}))}")
+    return Claim("FS-Merge's advantage over distillation is largest when data is scarce", _outcome(states),
+                 "; ".join(parts) + ".", "model 1 alone (doing nothing)")
+
+
+def shared_init_narrows_the_gap(main: pd.DataFrame, control: pd.DataFrame) -> Claim:
+    """Claim 5: with a shared initialisation the gap between FS-Merge and weight averaging narrows.
+    Weight averaging is the fixed comparison (not the best closed-form merge on test, which would
+    pick the comparison on the very examples it is scored on); the narrowing is one paired
+    contrast of four models on the same test examples."""
+    rows = pd.concat([main[main["pair"].isin(set(control["pair"]))], control])
+    states, parts = [], []
+    for pair in dict.fromkeys(control["pair"]):
+        where = {init: {m: {"pair": pair, "init": init, "method": m} for m in (FS_MERGE, AVERAGE, MODEL_1)}
+                 for init in INIT_SETTINGS}
+        gap = {init: _difference(rows, where[init][FS_MERGE], where[init][AVERAGE]) for init in INIT_SETTINGS}
+        narrowing = contrast(rows, [(1, where["different"][FS_MERGE]), (-1, where["different"][AVERAGE]),
+                                    (-1, where["same"][FS_MERGE]), (1, where["same"][AVERAGE])])
+        states.append(_state(narrowing))
+        averaging = {init: _difference(rows, where[init][AVERAGE], where[init][MODEL_1]) for init in INIT_SETTINGS}
+        parts.append(f"{pair}: FS-Merge − weight averaging = {quoted(gap['different'])} from different inits and "
+                     f"{quoted(gap['same'])} from a shared init, a narrowing of {quoted(narrowing)}; weight averaging − "
+                     f"model 1 alone = {quoted(averaging['different'])} (different) vs {quoted(averaging['same'])} (shared)")
+    return Claim("With a shared initialisation the gap between FS-Merge and simple merging narrows", _outcome(states, "pairs"),
+                 "; ".join(parts) + ".", "model 1 alone (doing nothing) in each init")
+
+
+def ablation_notes(ablation: pd.DataFrame) -> list[str]:
+    """Each ablation against its method's default, paired over the same test examples."""
+    notes = []
+    for (s, method), group in ablation.groupby(["setting", "method"], sort=False):
+        default = {"setting": s, "method": method, "variant": DEFAULT_VARIANT}
+        others = [v for v in dict.fromkeys(group["variant"]) if v != DEFAULT_VARIANT]
+        changes = "; ".join(f"{v} {quoted(_difference(ablation, {**default, 'variant': v}, default))}" for v in others)
+        notes.append(f"Ablation, {method} on {s} (default {_accuracy(ablation, default).plain()}%), variant − default: {changes}.")
+    return notes
+
+
+def cost_notes(main: pd.DataFrame) -> list[str]:
+    """Merge time and memory of FS-Merge, distillation and the closed-form merges (one timing each,
+    so no standard error and no verdict)."""
+    table = cost_table(main)
+    parts = []
+    for s in _settings(main):
+        c = table.loc[s]
+        closed = c.reindex([m for m in CLOSED_FORM if m in c.index])
+        parts.append(f"{s}: FS-Merge {c.loc[FS_MERGE, 'merge seconds']:.1f} s / {c.loc[FS_MERGE, 'peak MiB']:.0f} MiB, "
+                     f"distillation {c.loc[DISTILLATION, 'merge seconds']:.1f} s / {c.loc[DISTILLATION, 'peak MiB']:.0f} MiB, "
+                     f"closed-form merges ≤ {closed['merge seconds'].max():.2f} s")
+    return ["Cost on this machine's CPU (one timing per merge, no uncertainty): " + "; ".join(parts) + "."]
+
+
+def uncertainty_note(rows: pd.DataFrame) -> str:
+    seeds = rows["seed"].nunique() if "seed" in rows.columns else 1
+    if seeds > 1:
+        return (f"Every ± is the standard error over {seeds} seeds of the per-seed value (each seed has its own "
+                f"experts and test subsets). A difference counts only beyond {Z:g} SE.")
+    return ("Every ± is one standard error in points over the test examples, paired where two models are scored on "
+            "the same examples; one seed, so it covers test-set noise only, not the variation between training runs. "
+            f"A difference counts only beyond {Z:g} SE.")
+
+
+def findings(config: FSStudyConfig, main: pd.DataFrame, sweep: pd.DataFrame | None = None,
+             ablation: pd.DataFrame | None = None, control: pd.DataFrame | None = None, notes: Sequence[str] = ()) -> str:
+    """The notebook's ``findings.md``: the paper's five claims checked on these rows, then notes."""
+    claims = [simple_merges_collapse(main), distillation_works(main), fs_merge_beats_distillation(main)]
+    if sweep is not None and len(sweep):
+        claims.append(advantage_largest_with_little_data(sweep, main))
+    if control is not None and len(control):
+        claims.append(shared_init_narrows_the_gap(main, control))
+    preamble = (f"*Small scale (scale={config.scale!r}) on a CPU: tiny experts trained from scratch for a few epochs, "
+                f"{config.image_size}×{config.image_size} images, FS-Merge and distillation trained "
+                f"{config.fs_steps_mlp} (MLP) / {config.fs_steps_vit} (ViT) steps at peak lr {config.fs_lr:g} / "
+                f"{config.kd_lr:g} instead of 100 epochs at 1e-4. These are not the paper's numbers.* "
+                + uncertainty_note(main))
+    extra = [*(ablation_notes(ablation) if ablation is not None and len(ablation) else []), *cost_notes(main), *notes]
+    return findings_markdown("FS-Merge: which of the paper's claims held at this scale", claims, preamble, extra)
 
 
 __all__ = [
-    "FS_STUDY_VERSION", "METHODS", "ENSEMBLE", "MODEL_1", "AVERAGE", "SLERP", "REGMEAN", "REBASIN", "ZIPIT",
-    "DISTILLATION", "FS_MERGE", "FSStudyConfig", "FSStudy", "Setting", "Expert", "TaskData", "expert_seed", "load_task",
-    "unlabeled_pool", "pool_loader", "make_model", "arch_spec", "fit", "accuracy", "merge", "methods_for",
-    "regmean_grams", "summary", "average_standard_error",
+    "FS_STUDY_VERSION", "METHODS", "CLOSED_FORM", "ENSEMBLE", "MODEL_1", "AVERAGE", "SLERP", "REGMEAN", "REBASIN",
+    "ZIPIT", "DISTILLATION", "FS_MERGE", "DEFAULT_VARIANT", "FSStudyConfig", "FSStudy", "Setting", "Expert", "TaskData",
+    "expert_seed", "load_task", "unlabeled_pool", "pool_loader", "make_model", "arch_spec", "fit", "accuracy",
+    "correct_predictions", "merge", "methods_for", "regmean_grams", "data_spec", "scratch_expert_spec",
+    "shared_init_spec", "finetuned_expert_spec", "expert_code", "summary", "flat", "per_task", "main_table",
+    "sweep_table", "ablation_table", "control_table", "cost_table", "outcomes", "paired_contrast", "contrast",
+    "quoted", "simple_merges_collapse", "distillation_works", "fs_merge_beats_distillation",
+    "advantage_largest_with_little_data", "shared_init_narrows_the_gap", "ablation_notes", "cost_notes",
+    "uncertainty_note", "findings",
 ]

@@ -55,6 +55,7 @@ class Selection:
     scores: list[tuple[Any, float]] = field(default_factory=list)  # (value, validation score), ascending
     on_edge: str | None = None      # "lower" / "upper" when the optimum stayed on an edge
     extended: list[Any] = field(default_factory=list)  # values added beyond the given grid
+    at_bound: bool = False  # the edge optimum is a bound of the parameter: nothing lies beyond it
 
     @property
     def note(self) -> str:
@@ -62,8 +63,10 @@ class Selection:
         if self.extended:
             parts.append(f"grid extended by {', '.join(f'{v:g}' for v in self.extended)} because the optimum lay on its edge")
         if self.on_edge:
-            parts.append(f"{self.parameter} = {self.best:g} is on the {self.on_edge} edge of the searched grid "
-                         f"({self.scores[0][0]:g}…{self.scores[-1][0]:g}): the optimum may lie beyond it")
+            where = (f"{self.parameter} = {self.best:g} is on the {self.on_edge} edge of the searched grid "
+                     f"({self.scores[0][0]:g}…{self.scores[-1][0]:g})")
+            parts.append(f"{where}, which is the bound of {self.parameter}" if self.at_bound
+                         else f"{where}: the optimum may lie beyond it")
         return "; ".join(parts)
 
 
@@ -72,6 +75,16 @@ def _uniform_step(grid: Sequence[float], at: str) -> float | None:
     if len(grid) < 2:
         return None
     return (grid[1] - grid[0]) if at == "lower" else (grid[-1] - grid[-2])
+
+
+def _clamp(value: float, bounds: tuple[float | None, float | None]) -> float:
+    """``value`` moved inside ``bounds`` (a step past a bound stops at it), rounded off float noise."""
+    low, high = bounds
+    if low is not None:
+        value = max(value, low)
+    if high is not None:
+        value = min(value, high)
+    return round(value, 10)
 
 
 def select(
@@ -86,7 +99,7 @@ def select(
     """The grid value with the highest validation ``score`` (the smallest such value on ties).
 
     ``bounds`` limit how far a numeric grid may be extended (e.g. ``(0, None)`` for a scale that
-    cannot be negative); a non-numeric grid is never extended.
+    cannot be negative; a step past a bound stops at the bound); a non-numeric grid is never extended.
     """
     if len(grid) == 0:
         raise ValueError(f"empty grid for {parameter!r}: pass at least one value.")
@@ -108,15 +121,15 @@ def select(
         if side is None:
             break
         step = _uniform_step(ordered, side)
-        new = round(best - step, 10) if side == "lower" else round(best + step, 10)
-        low, high = bounds
-        if (low is not None and new < low) or (high is not None and new > high):
+        new = _clamp(best - step if side == "lower" else best + step, bounds)
+        if new in scores:  # the optimum is the bound itself
             break
         evaluate(new)
         extended.append(new)
     ordered = sorted(scores) if numeric else list(grid)
     best = max(ordered, key=lambda v: scores[v])  # first maximum in ascending order
-    edge = None
+    edge, at_bound = None, False
     if numeric and len(ordered) > 1:
         edge = "lower" if best == ordered[0] else "upper" if best == ordered[-1] else None
-    return Selection(parameter, best, scores[best], [(v, scores[v]) for v in ordered], edge, extended)
+        at_bound = edge is not None and best == bounds[0 if edge == "lower" else 1]
+    return Selection(parameter, best, scores[best], [(v, scores[v]) for v in ordered], edge, extended, at_bound)

@@ -124,12 +124,33 @@ class Track:
             self._cache[key] = self._load(task)
         return self._cache[key]
 
-    def identity(self) -> dict:
-        """What identifies this track's data and backbone in cache keys."""
-        return {
+    def fingerprint(self, task: str) -> str:
+        """A hash of the contents (inputs and labels) of the task's three prepared splits: a
+        mirror whose data or labels changed under the same task name gets new cache keys."""
+        key = ("fingerprint", task)
+        if key not in self._cache:
+            digest = hashlib.sha256()
+            for which in ("train", "validation", "test"):
+                split = self.split(task, which)
+                digest.update(f"{which}:{len(split)}|".encode())
+                digest.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+                if isinstance(split.inputs, np.ndarray):
+                    digest.update(np.ascontiguousarray(split.inputs).tobytes())
+                else:  # token-id lists
+                    for row in split.inputs:
+                        digest.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
+            self._cache[key] = digest.hexdigest()[:16]
+        return self._cache[key]
+
+    def identity(self, tasks=()) -> dict:
+        """What identifies this track's backbone and, for ``tasks``, their data in cache keys."""
+        identity = {
             "track": self.name, "backbone": self.backbone_id(), "seed": self.seed,
             "caps": [self.max_train, self.max_validation, self.max_test],
         }
+        if tasks:
+            identity["data"] = {t: self.fingerprint(t) for t in tasks}
+        return identity
 
 
 # ----------------------------------------------------------------------------- text

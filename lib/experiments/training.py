@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import cache_path, content_hash, load_metadata, save_tensors_atomic
+from .cache import cache_path, code_hash, content_hash, load_metadata, save_tensors_atomic
 from .tracks import PreparedSplit, Track, model_inputs
 from safetensors.torch import load_file
 
@@ -41,6 +41,13 @@ class FinetuneConfig:
     patience: int = 2
     max_eval_examples: int = 256
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "eval_every", "warmup_steps", "max_eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FinetuneConfig.{name} = {getattr(self, name)}: pass a positive integer.")
+        if not self.lr > 0:
+            raise ValueError(f"FinetuneConfig.lr = {self.lr}: pass a positive learning rate.")
 
 
 @dataclass
@@ -87,7 +94,8 @@ def probe_heads(track: Track, max_examples: int = 2000) -> dict[str, dict[str, t
     heads = {}
     encoder = None
     for task in track.tasks:
-        spec = {**track.identity(), "task": task, "max_examples": max_examples, "kind": "probe"}
+        spec = {**track.identity([task]), "task": task, "max_examples": max_examples, "kind": "probe",
+                "code": code_hash(linear_probe, encode)}
         path = cache_path(f"heads/{track.name}", spec)
         if path.exists():
             heads[task] = {k.removeprefix("head."): v for k, v in load_file(str(path)).items()}
@@ -156,7 +164,8 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     model's encoder instead; ``train_head`` trains the heads too; ``shared_head`` uses one head
     (``heads[tasks[0]]``) for every task, as a model fine-tuned on several datasets of one task is.
     """
-    spec = {**track.identity(), "tasks": list(tasks), "config": asdict(config), "kind": "finetune",
+    spec = {**track.identity(tasks), "tasks": list(tasks), "config": asdict(config), "kind": "finetune",
+            "code": code_hash(finetune, _train_indices, _lr_factor, validation_score, encode),
             "frozen": list(track.frozen_parameters),
             "heads": {t: content_hash(heads[t]) for t in tasks}}
     # only non-default options enter the key
@@ -206,6 +215,10 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks, reproducible on resume
         model.train()
         loss = F.cross_entropy(head_of[task](model.encoder(**model_inputs(batch))), batch["labels"])
+        if not torch.isfinite(loss):  # never train on (or cache) a diverged model
+            raise FloatingPointError(
+                f"{label}: the training loss became {loss.item()} at step {step}. Lower lr (now {config.lr}) or "
+                f"check the data of task {task!r}; the partial checkpoint {partial.name} holds the last good evaluation.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimizer.param_groups:

@@ -12,6 +12,13 @@ returns new ones, never modifying its inputs and doing no I/O. Conventions share
 - Arithmetic runs in the input dtype, except that float16/bfloat16 inputs are computed
   (and accumulated) in float32; results are returned in the input dtype.
 
+Buffers (BatchNorm running statistics) are averaged by every merge, never trimmed,
+sign-elected or rescaled (``lib.merging._common`` states the rule; ``buffers=`` names them).
+Each family's module states its formula, paper, defaults and its deviations from other
+public implementations. ``REGISTRY`` (``lib.merging.registry``) calls every method the same
+way, with its statistics and hyper-parameter grid; ``MERGE_METHODS`` is the older name →
+function map.
+
 Notation follows METHODS.md: θ0 pretrained, θt fine-tuned on task t, τt = θt − θ0.
 """
 from __future__ import annotations
@@ -20,18 +27,26 @@ from typing import Callable
 
 import torch
 
+from ._common import BUFFER_SUFFIXES, averaged_buffers, buffer_keys
 from .averaging import SLERP_COLINEAR_THRESHOLD, slerp, weight_average
 from .dare import dare
 from .fisher import fisher_merging
 from .gradient_matching import gradient_matching
 from .regmean import regmean
+from .registry import LAMBDA_GRID, REGISTRY, MergeMethod
 from .task_arithmetic import TaskVector, task_arithmetic, task_vectors
 from .ties import ties_merging, ties_trim_and_elect
 
 __all__ = [
+    "BUFFER_SUFFIXES",
+    "LAMBDA_GRID",
     "MERGE_METHODS",
+    "MergeMethod",
+    "REGISTRY",
     "SLERP_COLINEAR_THRESHOLD",
     "TaskVector",
+    "averaged_buffers",
+    "buffer_keys",
     "dare",
     "fisher_merging",
     "gradient_matching",
@@ -46,8 +61,9 @@ __all__ = [
 
 # ------------------------------------------------------------------------------ registry
 
-# Name → merge function, like mergekit's method registry. Signatures differ (see each
-# docstring). ``dare`` is not here: it returns sparsified models for another merge to use.
+# Name → merge function, kept for older callers; signatures differ (see each docstring).
+# ``REGISTRY`` is the uniform interface. ``dare`` is not here: it returns sparsified models
+# for another merge to use.
 MERGE_METHODS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "weight_average": weight_average,
     "task_arithmetic": task_arithmetic,

@@ -7,6 +7,13 @@ returns new ones, never modifying its inputs and doing no I/O. Conventions share
   drops the task heads from every dict before calling). Non-floating tensors (BatchNorm's
   ``num_batches_tracked`` and the like) are copied unchanged from the first or pretrained
   model.
+- Buffers (BatchNorm's running mean and variance) are not task vectors (METHODS.md §1,
+  "Buffers"). Every merge takes them out of its own rule and returns their average over the
+  models merged: uniform, or with the method's model weights where it has them
+  (``weight_average``'s and ``fisher_merging``'s ``weights``, SLERP's ``(1 − t, t)``). They
+  are never trimmed, sign-elected, dropped or rescaled. Which keys are buffers: the
+  ``buffers`` keyword where a merge takes one, else every float key ending in
+  ``running_mean`` or ``running_var`` (``BUFFER_SUFFIXES``).
 - All models must have the same keys, and per key the same shape and dtype; otherwise a
   ``ValueError`` names the key and the models.
 - Arithmetic runs in the input dtype, except that float16/bfloat16 inputs are computed
@@ -16,7 +23,7 @@ Notation follows METHODS.md: θ0 pretrained, θt fine-tuned on task t, τt = θt
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 
@@ -116,28 +123,41 @@ def _in_order(result: dict, ref: StateDict) -> dict:
 
 # ----------------------------------------------------------------------------- buffers
 # BatchNorm running statistics are not task vectors (METHODS.md §1, "Buffers"): every merge
-# averages them over the fine-tuned models (or the caller re-estimates them on data), and
-# never trims, sign-elects or rescales them.
+# averages them over the models it merges (or the caller re-estimates them on data), and
+# never trims, sign-elects or rescales them. Task Arithmetic at λ = 1 would otherwise add
+# every expert's shift of a running variance, which can drive it negative.
 BUFFER_SUFFIXES = ("running_mean", "running_var")
 
 
-def buffer_keys(sd: StateDict, buffers=None) -> list[str]:
-    """The float keys of ``sd`` merged as buffers: ``buffers`` if given, else every key whose last
-    name ends in ``BUFFER_SUFFIXES`` (BatchNorm's running mean and variance)."""
+def buffer_keys(sd: StateDict, buffers: Collection[str] | None = None) -> list[str]:
+    """The float keys of ``sd`` merged as buffers, in ``sd``'s order: those named in
+    ``buffers`` if given, else every key whose last name ends in ``BUFFER_SUFFIXES``
+    (BatchNorm's running mean and variance). Non-floating keys named in ``buffers`` are left
+    out: they are copied unchanged like every non-floating tensor."""
     if buffers is not None:
         unknown = [k for k in buffers if k not in sd]
         if unknown:
             raise ValueError(f"buffers names keys that are not in the state dict: {unknown[:5]}")
-        return [k for k in sd if k in set(buffers)]
+        chosen = set(buffers)
+        return [k for k in _float_keys(sd) if k in chosen]
     return [k for k in _float_keys(sd) if k.rsplit(".", 1)[-1] in BUFFER_SUFFIXES]
 
 
-def averaged_buffers(finetuned: Sequence[StateDict], keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The plain average over the fine-tuned models of each buffer key."""
+def averaged_buffers(finetuned: Sequence[StateDict], keys: Sequence[str],
+                     weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """The average over the models of each buffer key: plain, or with ``weights``
+    (normalized to sum to 1) when the method weights its models."""
+    w = _normalized(weights, len(finetuned))
     out = {}
     for k in keys:
-        acc = _work(finetuned[0][k]).clone()
-        for sd in finetuned[1:]:
-            acc.add_(_work(sd[k]))
-        out[k] = acc.div_(len(finetuned)).to(finetuned[0][k].dtype)
+        acc = _work(finetuned[0][k]) * w[0]  # out of place: a fresh tensor to accumulate in
+        for wt, sd in zip(w[1:], finetuned[1:]):
+            acc.add_(_work(sd[k]), alpha=wt)
+        out[k] = acc.to(finetuned[0][k].dtype)
     return out
+
+
+def _without(keys: Sequence[str], drop: Sequence[str]) -> list[str]:
+    """``keys`` minus ``drop``, order kept."""
+    dropped = set(drop)
+    return [k for k in keys if k not in dropped]

@@ -1,12 +1,28 @@
-"""Task vectors and Task Arithmetic."""
+"""Task vectors and Task Arithmetic (METHODS.md §1).
+
+θ = θ0 + λ Σt τt, with task vectors τt = θt − θ0 (Ilharco et al. 2023, "Editing Models with
+Task Arithmetic", ICLR). λ (``scale``) is chosen on held-out validation data from
+{0.0, 0.05, …, 1.0} (``lib.merging.LAMBDA_GRID``); AdaMerging's code fixes λ = 0.3. No default:
+the caller always says which λ.
+
+Deviations / conventions:
+
+- Buffers (BatchNorm running statistics) are not task vectors: ``task_arithmetic`` returns
+  their plain average over the fine-tuned models (never θ0 + λ Σ shifts, which at λ = 1 adds
+  up every expert's shift of a running variance and can make it negative).
+- ``task_vectors`` and ``TaskVector`` are plain arithmetic on whatever keys they are given:
+  buffer keys ARE in their τ's. Callers that learn coefficients over τ's (AdaMerging) should
+  leave the buffers out of the τ's and average them apart (``buffer_keys``,
+  ``averaged_buffers``).
+"""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 
-from ._common import (StateDict, _check_models, _float_keys,
-                      _in_order, _passthrough, _work)
+from ._common import (StateDict, _check_models, _float_keys, _in_order, _passthrough, _without,
+                      _work, averaged_buffers, buffer_keys)
 
 
 # ------------------------------------------------------------------ task vectors, TA
@@ -14,7 +30,11 @@ from ._common import (StateDict, _check_models, _float_keys,
 
 @torch.no_grad()
 def task_vectors(pretrained: StateDict, finetuned: Sequence[StateDict]) -> list[dict[str, torch.Tensor]]:
-    """τt = θt − θ0 for every floating tensor (non-floating keys are left out)."""
+    """τt = θt − θ0 for every floating tensor (non-floating keys are left out).
+
+    Buffers (running mean / variance) are float tensors, so they are in the τ's too; leave
+    them out of the state dicts given if the τ's are to be scaled or learned (AdaMerging).
+    """
     _check_models(pretrained, finetuned)
     return [
         {k: (_work(ft[k]) - _work(pretrained[k])).to(ft[k].dtype) for k in _float_keys(pretrained)}
@@ -27,6 +47,7 @@ class TaskVector:
 
     ``TaskVector(pretrained, finetuned)`` or ``TaskVector(vector=...)``; supports ``τ1 + τ2``,
     ``τ1 - τ2``, ``-τ``, ``c * τ`` and ``sum([...])``; ``τ.apply_to(θ0, scale)`` = θ0 + scale·τ.
+    Buffers get no special treatment here (they are in τ, as in ``task_vectors``).
     """
 
     def __init__(self, pretrained: StateDict | None = None, finetuned: StateDict | None = None,
@@ -78,11 +99,18 @@ class TaskVector:
 
 
 @torch.no_grad()
-def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], scale: float) -> dict[str, torch.Tensor]:
-    """Task Arithmetic: θ = θ0 + scale·Σt τt."""
+def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], scale: float, *,
+                    buffers: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Task Arithmetic: θ = θ0 + scale·Σt τt.
+
+    Buffers (``buffers``, or by default the keys ending in running_mean / running_var) get
+    the plain average over the fine-tuned models instead.
+    """
     _check_models(pretrained, finetuned)
     out = _passthrough(pretrained)
-    for k in _float_keys(pretrained):
+    buffer_names = buffer_keys(pretrained, buffers)
+    out.update(averaged_buffers(finetuned, buffer_names))
+    for k in _without(_float_keys(pretrained), buffer_names):
         theta0 = _work(pretrained[k])
         tau_sum = _work(finetuned[0][k]) - theta0
         for ft in finetuned[1:]:

@@ -1,12 +1,35 @@
-"""TIES-Merging."""
+"""TIES-Merging (METHODS.md §1).
+
+Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS).
+(1) Trim: keep each τt's top-k entries by |τt|, zero the rest (τ̂t); (2) elect a sign per
+entry, s = sign(Σt τ̂t); (3) disjoint merge: per entry, the mean (paper) or sum (AdaMerging's
+code) of the τ̂t whose sign equals s; θ = θ0 + λ·τ_merged.
+Defaults: density k = 0.2, disjoint "mean", λ (``scale``) = 1 (the paper's value without
+validation data; the studies tune it on ``LAMBDA_GRID``). AdaMerging's code uses "sum", λ = 0.3.
+
+Deviations / conventions (public implementations disagree; METHODS.md §1):
+
+- The top-k is GLOBAL per task: one ranking over all float entries given, jointly across
+  tensors (the paper, the authors' code, FusionBench). MergeKit ranks per tensor.
+- k = round(density·n) entries, at least one when density > 0; entries tied with the cut-off
+  are all kept. FusionBench keeps int(density·n) + 1.
+- Where Σt τ̂t is exactly 0 the elected sign is 0 and the entry gets 0 (θ0 there).
+  FusionBench puts in the vector's majority sign, MergeKit elects + (it tests sum ≥ 0). The
+  choice matters only where non-zero τ̂t cancel exactly (probability ~0 for real weights).
+- The sign is elected from the sums of the τ̂t, not their means.
+- Buffers (BatchNorm running statistics) are not task vectors: they are left out of the
+  ranking (they do not use up any of the k entries) and get the plain average over the
+  fine-tuned models, never trimmed or sign-elected. ``ties_trim_and_elect`` leaves them out
+  of the τ's it returns: average them apart (``averaged_buffers``).
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
-from ._common import (StateDict, _check_models, _float_keys,
-                      _in_order, _passthrough, _work, _work_dtype)
+from ._common import (StateDict, _check_models, _float_keys, _in_order, _passthrough, _without,
+                      _work, _work_dtype, averaged_buffers, buffer_keys)
 
 
 # -------------------------------------------------------------------------------- TIES
@@ -27,11 +50,11 @@ def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _ties_thresholds(pretrained: StateDict, finetuned: Sequence[StateDict], density: float) -> list[float]:
-    """Per task, the magnitude of its top-``density`` entry over all float tensors jointly."""
+def _ties_thresholds(pretrained: StateDict, finetuned: Sequence[StateDict], density: float,
+                     keys: Sequence[str]) -> list[float]:
+    """Per task, the magnitude of its top-``density`` entry over ``keys`` jointly."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}.")
-    keys = _float_keys(pretrained)
     n = sum(pretrained[k].numel() for k in keys)
     n_keep = round(density * n)
     if density > 0:
@@ -72,18 +95,22 @@ def _elected_sign(pretrained, finetuned, key, thresholds) -> torch.Tensor:
 
 @torch.no_grad()
 def ties_trim_and_elect(
-    pretrained: StateDict, finetuned: Sequence[StateDict], density: float = 0.2
+    pretrained: StateDict, finetuned: Sequence[StateDict], density: float = 0.2, *,
+    buffers: Collection[str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """TIES steps 1-2 per task: τt trimmed to its top-``density`` entries (ranked by |τt|
     over all float tensors jointly) and zeroed where its sign disagrees with the elected
     sign s = sign(Σt τ̂t). These are the task vectors AdaMerging++ combines.
 
-    Returned in the input dtype; non-floating keys are left out, as in ``task_vectors``.
+    Returned in the input dtype; non-floating keys are left out, as in ``task_vectors``, and
+    so are buffers (``buffers``, or by default the keys ending in running_mean / running_var):
+    they take no part in the ranking, and the caller averages them apart.
     """
     _check_models(pretrained, finetuned)
-    thresholds = _ties_thresholds(pretrained, finetuned, density)
+    keys = _without(_float_keys(pretrained), buffer_keys(pretrained, buffers))
+    thresholds = _ties_thresholds(pretrained, finetuned, density, keys)
     out = [{} for _ in finetuned]
-    for k in _float_keys(pretrained):
+    for k in keys:
         sign = _elected_sign(pretrained, finetuned, k, thresholds)
         for t, (ft, thr) in enumerate(zip(finetuned, thresholds)):
             tau = _trimmed(pretrained, ft, k, thr)
@@ -98,6 +125,8 @@ def ties_merging(
     density: float = 0.2,
     scale: float = 1.0,
     disjoint: str = "mean",
+    *,
+    buffers: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """TIES-Merging: θ = θ0 + scale·τ_merged (trim, elect sign, disjoint merge).
 
@@ -108,13 +137,18 @@ def ties_merging(
     elected sign; ``"sum"`` (AdaMerging's code) adds them. Entries where no task agrees are 0.
     Where Σt τ̂t is exactly 0 the elected sign is 0 and the entry gets 0 (the reference code
     breaks such ties by the majority sign; for real weights this has probability ~0).
+    Buffers (``buffers``, or by default the keys ending in running_mean / running_var) are
+    left out of the ranking and get the plain average over the fine-tuned models.
     """
     if disjoint not in ("mean", "sum"):
         raise ValueError(f'disjoint must be "mean" or "sum", got {disjoint!r}.')
     _check_models(pretrained, finetuned)
-    thresholds = _ties_thresholds(pretrained, finetuned, density)
+    buffer_names = buffer_keys(pretrained, buffers)
+    keys = _without(_float_keys(pretrained), buffer_names)
+    thresholds = _ties_thresholds(pretrained, finetuned, density, keys)
     out = _passthrough(pretrained)
-    for k in _float_keys(pretrained):
+    out.update(averaged_buffers(finetuned, buffer_names))
+    for k in keys:
         # One pass over the tasks, keeping the sums (and counts) of the positive and of the
         # negative τ̂t entries: the elected sign is that of their total, and the agreeing
         # entries are exactly the positive (or negative) ones. Memory stays a few copies of
