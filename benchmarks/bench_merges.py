@@ -186,13 +186,14 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 def text_experts():
     """θ0, the eight text experts and their statistics, exactly as the baselines notebook has
     them (its default parameters; trained and cached on first use, which takes a while)."""
-    from lib.experiments.baselines import compute_statistics, from_parameters, notebook_parameters, prepare_track
+    from lib.experiments.baselines import BaselinesConfig, compute_statistics, prepare_track
+    from lib.experiments.config import notebook_config, notebook_defaults
 
-    p = notebook_parameters(Path(__file__).resolve().parent.parent / "notebooks" / "01_merging_baselines.ipynb")
-    p["data_dir"] = os.environ.get("DATA_DIR", "")
-    track, expert_config, multitask_config, merge_config = from_parameters("text", p)
-    setup = prepare_track(track, expert_config, multitask_config)
-    stats = compute_statistics(track, setup, merge_config)
+    defaults = notebook_defaults(Path(__file__).resolve().parent.parent / "notebooks" / "01_merging_baselines.ipynb")
+    config = notebook_config(BaselinesConfig, {**defaults, "data_dir": os.environ.get("DATA_DIR", ""), "progress": False})
+    track = config.track("text")
+    setup = prepare_track(track, *config.finetune_configs("text", len(track.tasks)))
+    stats = compute_statistics(track, setup, config)
     pretrained = setup.restrict(setup.pretrained)
     finetuned = [setup.restrict(s) for s in setup.finetuned()]
     tasks = track.tasks

@@ -2,13 +2,17 @@
 
 Everything ``notebooks/04_gradient_matching.ipynb`` runs, as plain functions:
 
-    config = GradientMatchingConfig(...)                   # the notebook's parameters
+    config = notebook_config(GradientMatchingConfig, globals())   # the notebook's parameters
     track = make_track(config)
     models = train_models(track, config)                   # θ0, task models, all-data, without-r
     stats = compute_fishers(track, models, config)         # F̂ and N for θ0 and every task model
-    state = gradient_matching(models, stats, tasks, 1.0)   # also task_arithmetic, fisher_merging, averaging
-    ev = Evaluator(track); ev.accuracies(state, datasets)  # test accuracy of a full state dict
-    alpha_curves(...), mismatch_table(...), removal_table(...), time_per_example_gradients(...)
+    curves = alpha_curves(...); chosen = choose_alpha(...) # TA's α chosen on validation only
+    main = main_results(models, stats, evaluator, config, chosen)
+    mismatch_table(...), removal_results(...), time_per_example_gradients(...)
+    findings(main, curves, mismatch, removal, timing, config)   # the verdicts, as Markdown
+
+The tensor rules (the merge, data removal, gradient mismatch) live in
+``lib.merging.gradient_matching``; this module trains, evaluates and tabulates.
 
 The paper's main experiment, scaled down (METHODS.md §1 and §6):
 
@@ -47,28 +51,58 @@ import torch
 from torch import nn
 
 from .. import merging, statistics
+from ..functional import additive_attention_mask, eval_mode
+from ..merging.gradient_matching import (
+    DELTA,
+    gradient_mismatch,
+    objective_gradient_norm,
+    perturb_hessians,
+    relative_change,
+    relative_damping,
+    removal_amplification,
+    remove_plain,
+    remove_uncertainty_weighted,
+)
+from ..models import Classifier
 from . import cost
 from .cache import cached_tensors, content_hash
 from .evaluation import predict
-from ..functional import additive_attention_mask, eval_mode
-from ..models import Classifier
+from .findings import (
+    Claim,
+    Estimate,
+    difference_of_estimates,
+    findings_markdown,
+    held,
+    mean_accuracy,
+    paired_difference,
+    verdict,
+)
+from .selection import Selection, select
 from .tracks import TextTrack, model_inputs
-from .training import Expert, FinetuneConfig, finetune, head_module, probe_heads
+from .training import Expert, FinetuneConfig, encode, finetune, head_module, probe_heads
 
 StateDict = dict[str, torch.Tensor]
+
+# How every F̂ is computed (METHODS.md §1: labels sampled from the model). Part of the cache key.
+FISHER_LABELS = "sample"
+FISHER_METHOD = "hooks"   # exact per-example gradients, the fastest method here (see the timing table)
+FISHER_CHUNK = None
 
 
 # ----------------------------------------------------------------------------- configuration
 @dataclass
 class GradientMatchingConfig:
-    """Every setting of the study. Fields are the notebook's parameters."""
+    """Every setting of notebook 04. The fields are its papermill parameters."""
 
+    scale: str = "small"                                   # only the small-scale MiniLM setting exists
     base_task: str = "mr"                                  # θ0's dataset (IMDB in the paper)
     tasks: tuple[str, ...] = ("cr", "sst2", "mpqa")         # the task models' datasets
-    data_dir: str | None = None
+    data_dir: str = ""                                     # local mirror (e.g. ../shared/data); "" downloads
+    models_dir: str = ""                                   # unused here; `make reproduce` passes it to every notebook
+    output_dir: str = ""                                   # "" = figures/04_gradient_matching
     seed: int = 0
-    max_validation: int = 500
-    max_test: int = 1000
+    max_validation: int = 500     # examples per dataset kept for validation (early stopping, choosing α)
+    max_test: int = 1000          # examples per dataset kept for test (seeded, class-stratified)
     # fine-tuning (θ0 and every task model)
     finetune_steps: int = 250
     batch_size: int = 32
@@ -88,9 +122,21 @@ class GradientMatchingConfig:
     selection_examples: int = 200    # validation examples per dataset for choosing TA's α
     # data removal: the dataset whose influence is subtracted from the all-data model
     removed_task: str = "mpqa"
+    # damped full removal rule: δ = this × the mean entry of H0, about 0.6× its median entry, so
+    # only the flattest entries are damped; it bounds the rule's factor Hr/K by max Hr/δ
+    removal_damping: float = 0.1
+    stability_noise: float = 1e-6    # relative noise put on the Hessians to test the removal rules
     # per-example gradient timing
-    timing_examples: int = 128     # per dataset, from the examples its Fisher uses
+    timing_examples: int = 128       # per dataset, from the examples its Fisher uses
     timing_vmap_chunks: tuple[int, ...] = (8,)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.scale != "small":
+            raise ValueError(f"scale={self.scale!r}: only the small-scale MiniLM setting is implemented "
+                             "for notebook 04 (the paper's RoBERTa scale is not built).")
+        if self.removed_task not in self.tasks:
+            raise ValueError(f"removed_task={self.removed_task!r} is not one of the task datasets {self.tasks}")
 
     @property
     def datasets(self) -> list[str]:
@@ -106,6 +152,11 @@ class GradientMatchingConfig:
 def make_track(config: GradientMatchingConfig) -> TextTrack:
     return TextTrack(tasks=config.datasets, data_dir=config.data_dir or None, seed=config.seed,
                      max_validation=config.max_validation, max_test=config.max_test)
+
+
+def training_set_sizes(track, datasets: list[str]) -> dict[str, int]:
+    """N_d, the full training-set size of every dataset (the N of H = N·F̂)."""
+    return {d: len(track.split(d, "train")) for d in datasets}
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -148,7 +199,8 @@ class Models:
     all_data: StateDict                    # from θ0 on every dataset (the target θ_{1:T})
     without: StateDict                     # from θ0 on every dataset but ``removed``
     removed: str
-    info: dict[str, dict] = field(default_factory=dict)  # name -> training record
+    info: dict[str, dict] = field(default_factory=dict)                  # name -> training record
+    trained_on: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> its datasets
 
 
 def train_models(track: TextTrack, config: GradientMatchingConfig, progress: bool = True) -> Models:
@@ -164,28 +216,32 @@ def train_models(track: TextTrack, config: GradientMatchingConfig, progress: boo
     everything = config.datasets
     all_data = finetune(track, everything, head0, config.finetune_config(config.joint_steps_per_dataset * len(everything)),
                         progress, init=theta0, train_head=True, shared_head=True)
-    if config.removed_task not in config.tasks:
-        raise ValueError(f"removed_task={config.removed_task!r} is not one of the task datasets {config.tasks}")
     rest = [t for t in everything if t != config.removed_task]
     without = finetune(track, rest, head0, config.finetune_config(config.joint_steps_per_dataset * len(rest)),
                        progress, init=theta0, train_head=True, shared_head=True)
-    info = {f"θ0 ({base})": theta0.info, **{f"task model: {t}": e.info for t, e in experts.items()},
-            "all data": all_data.info, f"all data without {config.removed_task}": without.info}
+    runs = {f"θ0 ({base})": (theta0, (base,)),
+            **{f"task model: {t}": (e, (t,)) for t, e in experts.items()},
+            "all data": (all_data, tuple(everything)),
+            f"all data without {config.removed_task}": (without, tuple(rest))}
     return Models(
         theta0=full_state(theta0, base, frozen),
         tasks={t: full_state(e, t, frozen) for t, e in experts.items()},
         all_data=full_state(all_data, base, frozen),
         without=full_state(without, base, frozen),
         removed=config.removed_task,
-        info=info,
+        info={name: expert.info for name, (expert, _) in runs.items()},
+        trained_on={name: datasets for name, (_, datasets) in runs.items()},
     )
 
 
-def training_table(models: Models) -> pd.DataFrame:
+def training_table(models: Models, sizes: dict[str, int]) -> pd.DataFrame:
+    """How each model was trained; ``sizes`` = :func:`training_set_sizes`."""
     rows = [{"model": name, "steps": i.get("steps"), "best step": i.get("best_step"),
              "stopped early": i.get("stopped_early"),
              "validation acc.": 100 * i.get("best_validation_accuracy", float("nan")),
-             "seconds": i.get("seconds")} for name, i in models.info.items()]
+             "seconds": i.get("seconds"),
+             "training-set sizes": ", ".join(f"{d} {sizes[d]}" for d in models.trained_on.get(name, ()))}
+            for name, i in models.info.items()]
     return pd.DataFrame(rows).set_index("model").round(1)
 
 
@@ -205,25 +261,35 @@ class Statistics:
 
 def fisher_of(track: TextTrack, state: StateDict, task: str, config: GradientMatchingConfig) -> StateDict:
     """F̂ of one model on ``fisher_examples`` of ``task``'s training data (labels sampled from
-    the model; the exact "hooks" per-example method), for every tensor of ``state``. Cached."""
-    spec = {**track.identity(), "kind": "gm-fisher", "task": task, "model": content_hash(state),
-            "n": config.fisher_examples, "seed": config.seed, "keys": len(state)}
+    the model; exact per-example gradients), for every tensor of ``state``. Cached under every
+    setting that changes it, and the source of the code that computes it."""
+    spec = {**track.identity([task]), "kind": "gm-fisher", "task": task, "model": content_hash(state),
+            "n": config.fisher_examples, "seed": config.seed, "batch_size": config.fisher_batch_size,
+            "label_mode": FISHER_LABELS, "method": FISHER_METHOD, "chunk_size": FISHER_CHUNK,
+            "keys": sorted(state)}
 
     def compute():
         model = classifier(track, state)
         data = track.split(task, "train").subset(config.fisher_examples, config.seed)
         return statistics.diagonal_fisher(model, data.batches(config.fisher_batch_size), param_names=list(state),
-                                          seed=config.seed, method="hooks", chunk_size=None, disable=True)
+                                          label_mode=FISHER_LABELS, seed=config.seed, method=FISHER_METHOD,
+                                          chunk_size=FISHER_CHUNK, disable=True)
 
-    return cached_tensors("fisher", spec, compute)
+    return cached_tensors("fisher", spec, compute,
+                          code=[fisher_of, classifier, load_into, statistics.diagonal_fisher, statistics.sum_sq_grads])
 
 
 def compute_fishers(track: TextTrack, models: Models, config: GradientMatchingConfig) -> Statistics:
     base = config.base_task
     fisher = {base: fisher_of(track, models.theta0, base, config)}
     fisher.update({t: fisher_of(track, s, t, config) for t, s in models.tasks.items()})
-    sizes = {t: len(track.split(t, "train")) for t in fisher}
-    return Statistics(fisher, sizes, base)
+    return Statistics(fisher, training_set_sizes(track, list(fisher)), base)
+
+
+def second_fisher_estimate(track: TextTrack, models: Models, config: GradientMatchingConfig) -> Statistics:
+    """Every F̂ again with seed + 1 (other examples, other sampled labels): what a result owes
+    to the particular estimate (used by :func:`stability_table`)."""
+    return compute_fishers(track, models, dataclasses.replace(config, seed=config.seed + 1))
 
 
 # ----------------------------------------------------------------------------- merges
@@ -233,66 +299,42 @@ def task_arithmetic(models: Models, tasks: list[str], alpha: float) -> StateDict
 
 
 def gradient_matching(models: Models, stats: Statistics, tasks: list[str], alpha: float,
-                      delta: float = 1e-12) -> StateDict:
-    """θ0 + α Σt (H0 + α Σs Hs + δ)⁻¹ (H0 + Ht + δ) τt (lib.merging.gradient_matching)."""
+                      delta: float = DELTA) -> StateDict:
+    """θ0 + α Σt (H0 + α Σs Hs + δ)⁻¹ (H0 + Ht + δ) τt with Ht = Nt·F̂t, H0 = N0·F̂0."""
     return merging.gradient_matching(models.theta0, [models.tasks[t] for t in tasks],
-                                     [stats.hessian(t) for t in tasks], stats.hessian(stats.base), alpha, delta)
+                                   [stats.hessian(t) for t in tasks], stats.hessian(stats.base), alpha, delta)
 
 
-def fisher_merging(models: Models, stats: Statistics, tasks: list[str]) -> StateDict:
-    """Matena & Raffel: Σ F̂i θi / Σ F̂i over θ0 and the task models, equal model weights."""
+def _zeros(state: StateDict) -> StateDict:
+    return {k: torch.zeros_like(v) for k, v in state.items()}
+
+
+def gm_weight_averaging(models: Models, tasks: list[str]) -> StateDict:
+    """The gradient-matching rule with H0 = 0 and equal Ht (= 1): the plain mean of the task
+    models (METHODS.md §1's special case; θ0 is not among the models averaged)."""
+    ones = {k: torch.ones_like(v) for k, v in models.theta0.items()}
+    return merging.gradient_matching(models.theta0, [models.tasks[t] for t in tasks], [ones] * len(tasks),
+                                   _zeros(models.theta0), 1.0, 0.0)
+
+
+def gm_fisher_merging(models: Models, stats: Statistics, tasks: list[str], delta: float = DELTA) -> StateDict:
+    """The gradient-matching rule with H0 = 0: Fisher merging of the task models weighted by
+    Ht = Nt·F̂t (METHODS.md §1's special case). Where every Ht is 0 it gives Task Arithmetic
+    (δτt/δ), where Fisher merging gives the average: entries no data informs."""
+    return merging.gradient_matching(models.theta0, [models.tasks[t] for t in tasks], [stats.hessian(t) for t in tasks],
+                                   _zeros(models.theta0), 1.0, delta)
+
+
+def fisher_with_theta0(models: Models, stats: Statistics, tasks: list[str]) -> StateDict:
+    """Matena & Raffel over θ0 *and* the task models, unscaled F̂ (no N), equal model weights.
+    Not a special case of gradient matching: θ0 enters as a model and the Fishers lack N."""
     return merging.fisher_merging([models.theta0, *(models.tasks[t] for t in tasks)],
                                   [stats.fisher[stats.base], *(stats.fisher[t] for t in tasks)])
 
 
-def averaging(models: Models, tasks: list[str]) -> StateDict:
-    """The plain mean of θ0 and the task models."""
+def average_with_theta0(models: Models, tasks: list[str]) -> StateDict:
+    """The plain mean of θ0 and the task models (not a special case of gradient matching)."""
     return merging.weight_average([models.theta0, *(models.tasks[t] for t in tasks)])
-
-
-# ----------------------------------------------------------------------------- data removal
-@torch.no_grad()
-def remove_plain(theta_all: StateDict, theta0: StateDict, theta_r: StateDict, alpha: float = 1.0) -> StateDict:
-    """Plain task-vector subtraction: θ_all − α τr, τr = θr − θ0."""
-    return {k: theta_all[k] - alpha * (theta_r[k] - theta0[k]) for k in theta_all}
-
-
-@torch.no_grad()
-def remove_uncertainty_weighted(theta_all: StateDict, theta0: StateDict, theta_r: StateDict, h0: StateDict,
-                                h_rest: list[StateDict], h_r: StateDict, delta: float = 1e-12,
-                                hessian_correction: bool = True) -> StateDict:
-    """Remove dataset r from a model trained on everything, by the gradient-matching rule.
-
-    Derivation (diagonal H, all α = 1). With ℓ̄_0 ≈ ½‖θ − θ0‖²_{H0} and each task model
-    stationary for its own problem, ∇ℓ̄_s(θs) = −H0 τs, the model trained without r solves
-    H0(θ − θ0) + Σ_{s≠r} ∇ℓ̄_s(θ) = 0 and θ_all solves the same with r included. Subtracting
-    the two conditions and using the Taylor step of the merge, ∇ℓ̄_s(θ) ≈ ∇ℓ̄_s(θ') + Hs(θ − θ'):
-
-        θ_{\\r} = θ0 + (P − Hr)⁻¹ [ P (θ_all − θ0) − (H0 + Hr + δ) τr ],   P = H0 + Σ_s Hs + δ
-
-    (s over every task, r included) — exactly the gradient-matching merge "un-done" for r:
-    if θ_all is the gradient-matching merge of all tasks, the result is the gradient-matching
-    merge of the others. Equivalently θ_all − (P − Hr)⁻¹ [H0 τr + Hr (θr − θ_all)].
-
-    ``hessian_correction=False`` drops r's Taylor term Hr(θr − θ_all) (i.e. assumes
-    ∇ℓ̄_r(θ_all) = ∇ℓ̄_r(θr), the approximation Task Arithmetic makes), leaving an
-    uncertainty-weighted task vector: θ_all − (H0 + Σ_{s≠r} Hs + δ)⁻¹ (H0 + δ) τr, whose
-    per-entry weight lies in (0, 1].
-
-    Both reduce to plain subtraction θ_all − τr when H0 dominates every Hs.
-    """
-    out = {}
-    for k in theta_all:
-        a, t0, tr = theta_all[k].double(), theta0[k].double(), theta_r[k].double()
-        H0, Hr = h0[k].double(), h_r[k].double()
-        rest = sum((h[k].double() for h in h_rest), torch.zeros_like(H0))
-        keep = H0 + rest + delta  # precision of everything that stays: P − Hr
-        if hessian_correction:
-            step = (H0 * (tr - t0) + Hr * (tr - a) + delta * (tr - t0)) / keep
-        else:
-            step = (H0 + delta) * (tr - t0) / keep
-        out[k] = (a - step).to(theta_all[k].dtype)
-    return out
 
 
 # ----------------------------------------------------------------------------- gradient mismatch
@@ -314,98 +356,63 @@ def mean_nll_gradient(track: TextTrack, state: StateDict, task: str, n_examples:
     return {n: g / len(data) for n, g in total.items()}
 
 
-def gradient_mismatch(grads_at_merged: dict[str, StateDict], grads_at_task_models: dict[str, StateDict],
-                      sizes: dict[str, int], alphas: dict[str, float] | None = None) -> float:
-    """The paper's gradient mismatch, ‖Σt αt [∇ℓ̄t(θ_m) − ∇ℓ̄t(θt)]‖₂, over the tasks in
-    ``grads_at_task_models``. ℓ̄t is the *summed* training loss of dataset t, so each mean
-    gradient ḡ is scaled by Nt (as Ht = Nt·F̂t is). ``grads_at_merged[t]`` = ḡt at the merged
-    model θ_m, ``grads_at_task_models[t]`` = ḡt at θt; αt = 1 unless given.
-
-    Daheim et al. write the error of Task Arithmetic as θ_{1:T} − θ_TA =
-    −H0⁻¹ Σt αt [∇ℓ̄t(θ_{1:T}) − ∇ℓ̄t(θt)]. Evaluated at θ_m = θ_{1:T} (the all-data model)
-    this is exactly their term; at a merged model it measures how far that model is from
-    matching every task model's gradient. It is 0 when θ_m = θt for a single task (one task
-    vector merged at α = 1 is its own target).
-    """
-    total = 0.0
-    keys = next(iter(grads_at_task_models.values())).keys()
-    for k in keys:
-        acc = None
-        for t, g_t in grads_at_task_models.items():
-            a = 1.0 if alphas is None else alphas[t]
-            term = (a * sizes[t]) * (grads_at_merged[t][k].double() - g_t[k].double())
-            acc = term if acc is None else acc + term
-        total += float(acc.square().sum())
-    return total ** 0.5
-
-
-def objective_gradient_norm(grads_at_merged: dict[str, StateDict], sizes: dict[str, int]) -> float:
-    """‖Σ_d N_d ḡ_d(θ_m)‖₂ over every dataset d in ``grads_at_merged`` (θ0's included): the
-    gradient of the target's own objective ℓ̄_0 + Σt ℓ̄t at θ_m, zero at a stationary target."""
-    total = 0.0
-    keys = next(iter(grads_at_merged.values())).keys()
-    for k in keys:
-        acc = sum(sizes[d] * g[k].double() for d, g in grads_at_merged.items())
-        total += float(acc.square().sum())
-    return total ** 0.5
-
-
 # ----------------------------------------------------------------------------- evaluation
 class Evaluator:
     """Accuracy and predictions of full state dicts on a track's splits. Predictions are
-    memoised and cached on disk under the state's content hash (as :func:`lib.experiments.evaluation.evaluate`
-    caches encoders'), so a re-run evaluates only models that changed."""
+    memoised and cached on disk under the state's content hash, so a re-run evaluates only
+    models that changed. ``data`` (e.g. a validation-only view from ``selection.select``)
+    replaces the track as the source of examples."""
 
     def __init__(self, track: TextTrack):
         self.track = track
         self.encoder = track.pretrained_encoder()
         self._memo: dict[tuple, np.ndarray] = {}
 
+    def _split(self, task: str, split: str, max_examples: int | None, data=None):
+        return (self.track if data is None else data).split(task, split).subset(max_examples, self.track.seed)
+
     @torch.no_grad()
     def predictions(self, state: StateDict, task: str, split: str = "test", max_examples: int | None = None,
-                    state_hash: str | None = None) -> np.ndarray:
+                    state_hash: str | None = None, data=None) -> np.ndarray:
         state_hash = state_hash or content_hash(state)
         key = (state_hash, task, split, max_examples)
         if key not in self._memo:
-            spec = {**self.track.identity(), "kind": "full-state predictions", "task": task, "split": split,
+            examples = self._split(task, split, max_examples, data)  # a view refuses other splits here
+            spec = {**self.track.identity([task]), "kind": "full-state predictions", "task": task, "split": split,
                     "max_examples": max_examples, "state": state_hash}
 
             def compute():
                 load_into(self.encoder, state, self.track)
-                data = self.track.split(task, split).subset(max_examples, self.track.seed)
-                return {"pred": torch.as_tensor(predict(self.encoder, split_state(state)[1], data))}
+                return {"pred": torch.as_tensor(predict(self.encoder, split_state(state)[1], examples))}
 
-            self._memo[key] = cached_tensors("predictions", spec, compute)["pred"].numpy()
+            self._memo[key] = cached_tensors("predictions", spec, compute,
+                                             code=[predict, encode, load_into, split_state])["pred"].numpy()
         return self._memo[key]
 
-    def labels(self, task: str, split: str = "test", max_examples: int | None = None) -> np.ndarray:
-        return self.track.split(task, split).subset(max_examples, self.track.seed).labels
+    def labels(self, task: str, split: str = "test", max_examples: int | None = None, data=None) -> np.ndarray:
+        return self._split(task, split, max_examples, data).labels
+
+    def correct(self, state: StateDict, tasks: list[str], split: str = "test", max_examples: int | None = None,
+                data=None) -> dict[str, np.ndarray]:
+        """Per task, whether each example is predicted right (for paired standard errors)."""
+        h = content_hash(state)
+        return {t: self.predictions(state, t, split, max_examples, h, data) == self.labels(t, split, max_examples, data)
+                for t in tasks}
 
     def accuracies(self, state: StateDict, tasks: list[str], split: str = "test",
-                   max_examples: int | None = None) -> dict[str, float]:
+                   max_examples: int | None = None, data=None) -> dict[str, float]:
         """Accuracy (%) per task."""
-        h = content_hash(state)
-        return {t: 100 * float((self.predictions(state, t, split, max_examples, h) == self.labels(t, split, max_examples)).mean())
+        return {t: 100 * float(c.mean()) for t, c in self.correct(state, tasks, split, max_examples, data).items()}
+
+    def same_predictions(self, a: StateDict, b: StateDict, tasks: list[str], split: str = "test") -> dict[str, np.ndarray]:
+        """Per task, whether two models predict the same class on each example."""
+        ha, hb = content_hash(a), content_hash(b)
+        return {t: self.predictions(a, t, split, state_hash=ha) == self.predictions(b, t, split, state_hash=hb)
                 for t in tasks}
 
     def agreement(self, a: StateDict, b: StateDict, tasks: list[str], split: str = "test") -> float:
         """% of test examples (pooled over ``tasks``) on which two models predict the same class."""
-        ha, hb = content_hash(a), content_hash(b)
-        same = np.concatenate([self.predictions(a, t, split, state_hash=ha) == self.predictions(b, t, split, state_hash=hb)
-                               for t in tasks])
-        return 100 * float(same.mean())
-
-
-def paired_difference(evaluator: Evaluator, a: StateDict, b: StateDict, tasks: list[str]) -> tuple[float, float]:
-    """Average test accuracy of ``a`` minus that of ``b`` (points, averaged over ``tasks``) and
-    its standard error from the paired per-example differences (both see the same examples)."""
-    diffs, variances = [], []
-    for t in tasks:
-        y = evaluator.labels(t)
-        d = (evaluator.predictions(a, t) == y).astype(float) - (evaluator.predictions(b, t) == y).astype(float)
-        diffs.append(d.mean())
-        variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0)
-    return 100 * float(np.mean(diffs)), 100 * float(np.sqrt(np.sum(variances))) / len(tasks)
+        return 100 * float(np.concatenate(list(self.same_predictions(a, b, tasks, split).values())).mean())
 
 
 def relative_distance(state: StateDict, target: StateDict, reference: StateDict) -> float:
@@ -415,51 +422,130 @@ def relative_distance(state: StateDict, target: StateDict, reference: StateDict)
     return (num / den) ** 0.5 if den > 0 else float("nan")
 
 
-# ----------------------------------------------------------------------------- the experiments
 def _mean(d: dict) -> float:
     return float(np.mean(list(d.values())))
 
 
+# ----------------------------------------------------------------------------- α: curves and choice
+TA, GM = "Task Arithmetic", "Gradient matching"
+
+
+@dataclass
+class AlphaCurves:
+    """Task Arithmetic and gradient matching over the α grid: ``table`` (validation average,
+    test accuracy per dataset, test average) and the per-example test outcomes
+    ``correct[(method, α)][dataset]`` for paired standard errors."""
+
+    table: pd.DataFrame
+    correct: dict[tuple[str, float], dict[str, np.ndarray]]
+
+
 def alpha_curves(models: Models, stats: Statistics, evaluator: Evaluator, config: GradientMatchingConfig,
-                 progress: bool = True) -> pd.DataFrame:
-    """Task Arithmetic and gradient matching over ``alpha_grid``: average validation accuracy
-    (``selection_examples`` per dataset, for choosing α) and test accuracy per dataset."""
+                 progress: bool = True) -> AlphaCurves:
+    """Both rules over ``alpha_grid``: validation average (``selection_examples`` per dataset, the
+    numbers α is chosen from) and test accuracy (shown for robustness only, never for choosing)."""
     from tqdm.auto import tqdm
 
     tasks = list(config.tasks)
-    merges = {"Task Arithmetic": lambda a: task_arithmetic(models, tasks, a),
-              "Gradient matching": lambda a: gradient_matching(models, stats, tasks, a, config.delta)}
-    rows = []
+    merges = {TA: lambda a: task_arithmetic(models, tasks, a),
+              GM: lambda a: gradient_matching(models, stats, tasks, a, config.delta)}
+    rows, correct = [], {}
     for alpha in tqdm(config.alpha_grid, desc="α grid", disable=not progress):
         for method, merge in merges.items():
             state = merge(alpha)
             val = evaluator.accuracies(state, config.datasets, "validation", config.selection_examples)
-            test = evaluator.accuracies(state, config.datasets, "test")
+            correct[(method, float(alpha))] = evaluator.correct(state, config.datasets)
+            test = {d: 100 * float(c.mean()) for d, c in correct[(method, float(alpha))].items()}
             rows.append({"method": method, "alpha": alpha, "validation average": _mean(val), **test,
                          "test average": _mean(test)})
-    return pd.DataFrame(rows)
+    return AlphaCurves(pd.DataFrame(rows), correct)
 
 
-def best_alpha(curves: pd.DataFrame, method: str = "Task Arithmetic") -> float:
-    """The α with the best average validation accuracy (the smallest such α on ties)."""
-    rows = curves[curves.method == method].sort_values("alpha")
-    return float(rows.loc[rows["validation average"].idxmax(), "alpha"])
+def choose_alpha(models: Models, evaluator: Evaluator, config: GradientMatchingConfig) -> Selection:
+    """Task Arithmetic's α: the best average validation accuracy over ``alpha_grid``
+    (``selection_examples`` per dataset), through :func:`lib.experiments.selection.select`,
+    which serves validation data only and extends the grid when the best α is on its edge."""
+    tasks = list(config.tasks)
+
+    def score(alpha, data):
+        state = task_arithmetic(models, tasks, alpha)
+        return _mean(evaluator.accuracies(state, config.datasets, "validation", config.selection_examples, data=data))
+
+    return select("alpha", list(config.alpha_grid), score, evaluator.track, bounds=(0.0, None))
 
 
-def accuracy_table(states: dict[str, StateDict], evaluator: Evaluator, datasets: list[str]) -> pd.DataFrame:
-    """Test accuracy (%) of each model on every dataset, and the average."""
-    table = pd.DataFrame({name: evaluator.accuracies(s, datasets) for name, s in states.items()}).T
+# ----------------------------------------------------------------------------- the main table
+THETA0 = "θ0"
+TARGET = "all data (target θ_1:T)"
+TA1 = "Task Arithmetic (α = 1) = gradient matching as H0 ≫ Ht"
+TA_TUNED = "Task Arithmetic (α chosen on validation)"
+GM1 = "gradient matching (α = 1)"
+GM_AVERAGE = "gradient matching with H0 = 0, equal Ht = weight averaging of the task models"
+GM_FISHER = "gradient matching with H0 = 0 = Fisher merging of the task models (Ht = Nt·F̂t)"
+AVERAGE_WITH_THETA0 = "weight averaging of θ0 and the task models (not a special case)"
+FISHER_WITH_THETA0 = "Fisher merging of θ0 and the task models, unscaled F̂ (not a special case)"
+
+
+def task_label(task: str) -> str:
+    return f"task model: {task}"
+
+
+@dataclass
+class MainResult:
+    """The main table: test accuracy (%) per dataset and average (``table``), per-example test
+    outcomes per row (``correct[label][dataset]``), the states, and TA's α selection."""
+
+    table: pd.DataFrame
+    correct: dict[str, dict[str, np.ndarray]]
+    states: dict[str, StateDict]
+    selection: Selection
+
+
+def main_states(models: Models, stats: Statistics, config: GradientMatchingConfig, alpha: float) -> dict[str, StateDict]:
+    """Every model of the main table, by row label (``alpha``: TA's α chosen on validation)."""
+    tasks = list(config.tasks)
+    return {THETA0: models.theta0,
+            **{task_label(t): models.tasks[t] for t in tasks},
+            TARGET: models.all_data,
+            TA1: task_arithmetic(models, tasks, 1.0),
+            TA_TUNED: task_arithmetic(models, tasks, alpha),
+            GM1: gradient_matching(models, stats, tasks, 1.0, config.delta),
+            GM_AVERAGE: gm_weight_averaging(models, tasks),
+            GM_FISHER: gm_fisher_merging(models, stats, tasks, config.delta),
+            AVERAGE_WITH_THETA0: average_with_theta0(models, tasks),
+            FISHER_WITH_THETA0: fisher_with_theta0(models, stats, tasks)}
+
+
+def accuracy_table(correct: dict[str, dict[str, np.ndarray]]) -> pd.DataFrame:
+    """Test accuracy (%) of each row on every dataset, and the average over datasets."""
+    table = pd.DataFrame({name: {d: 100 * float(np.mean(c)) for d, c in per.items()} for name, per in correct.items()}).T
     table["Average"] = table.mean(axis=1)
     return table
+
+
+def main_results(models: Models, stats: Statistics, evaluator: Evaluator, config: GradientMatchingConfig,
+                 selection: Selection) -> MainResult:
+    states = main_states(models, stats, config, selection.best)
+    correct = {name: evaluator.correct(s, config.datasets) for name, s in states.items()}
+    return MainResult(accuracy_table(correct), correct, states, selection)
+
+
+def mismatch_extras(main: MainResult) -> dict[str, StateDict]:
+    """The models over all tasks added to the mismatch figure besides TA and GM at α = 1."""
+    return {name: main.states[name] for name in (GM_AVERAGE, GM_FISHER, TA_TUNED, TARGET)}
+
+
+# ----------------------------------------------------------------------------- mismatch vs error
+MISMATCH_TA, MISMATCH_GM = "Task Arithmetic (α = 1)", "Gradient matching (α = 1)"
 
 
 def mismatch_table(track: TextTrack, models: Models, stats: Statistics, evaluator: Evaluator,
                    config: GradientMatchingConfig, extra: dict[str, StateDict] | None = None,
                    progress: bool = True) -> pd.DataFrame:
-    """Gradient mismatch (:func:`gradient_mismatch`), the target objective's gradient norm and
-    the test error of merges of θ0 with the first k task models, k = 1..T (the paper's
-    Fig. 1: datasets added one at a time), for Task Arithmetic and gradient matching at α = 1;
-    ``extra`` (name -> state) are more models over all T tasks (other merges, the target)."""
+    """Gradient mismatch (:func:`lib.merging.gradient_matching.gradient_mismatch`), the target
+    objective's gradient norm and the test error of merges of θ0 with the first k task models,
+    k = 1..T (the paper's Fig. 1: datasets added one at a time), for Task Arithmetic and
+    gradient matching at α = 1; ``extra`` (name -> state) are more models over all T tasks."""
     from tqdm.auto import tqdm
 
     n, seed, base = config.mismatch_examples, config.seed, config.base_task
@@ -468,9 +554,8 @@ def mismatch_table(track: TextTrack, models: Models, stats: Statistics, evaluato
     plan = []
     for k in range(1, len(tasks) + 1):
         subset = tasks[:k]
-        plan += [("Task Arithmetic (α = 1)", subset, lambda s=subset: task_arithmetic(models, s, 1.0)),
-                 ("Gradient matching (α = 1)", subset,
-                  lambda s=subset: gradient_matching(models, stats, s, 1.0, config.delta))]
+        plan += [(MISMATCH_TA, subset, lambda s=subset: task_arithmetic(models, s, 1.0)),
+                 (MISMATCH_GM, subset, lambda s=subset: gradient_matching(models, stats, s, 1.0, config.delta))]
     plan += [(name, tasks, lambda s=state: s) for name, state in (extra or {}).items()]
     rows = []
     for name, subset, make in tqdm(plan, desc="gradient mismatch", disable=not progress):
@@ -479,35 +564,328 @@ def mismatch_table(track: TextTrack, models: Models, stats: Statistics, evaluato
         acc = evaluator.accuracies(state, [base, *subset])
         rows.append({"method": name, "datasets merged": 1 + len(subset), "added": "+".join(subset),
                      "gradient mismatch": gradient_mismatch({t: at_merged[t] for t in subset},
-                                                            {t: at_task_model[t] for t in subset}, stats.sizes),
+                                                                  {t: at_task_model[t] for t in subset}, stats.sizes),
                      "target objective gradient": objective_gradient_norm(at_merged, stats.sizes),
                      "test error": 100 - _mean(acc)})
         del at_merged
     return pd.DataFrame(rows)
 
 
-def removal_table(models: Models, stats: Statistics, evaluator: Evaluator,
-                  config: GradientMatchingConfig) -> tuple[pd.DataFrame, dict[str, StateDict]]:
-    """Remove ``models.removed`` from the all-data model by plain and uncertainty-weighted
-    subtraction; compare with the model trained without it (accuracy on every dataset,
-    agreement of test predictions with that model, distance to it relative to θ_all's)."""
-    r, base = models.removed, config.base_task
-    rest = [t for t in config.tasks if t != r]
-    h0, h_rest, h_r = stats.hessian(base), [stats.hessian(t) for t in rest], stats.hessian(r)
-    args = (models.all_data, models.theta0, models.tasks[r])
-    states = {
-        "all data (before removal)": models.all_data,
-        f"trained without {r} (target)": models.without,
-        f"plain: θ_all − τ_{r}": remove_plain(*args),
-        "uncertainty-weighted (full rule)": remove_uncertainty_weighted(*args, h0, h_rest, h_r, config.delta),
-        "uncertainty-weighted (first order)": remove_uncertainty_weighted(*args, h0, h_rest, h_r, config.delta,
-                                                                          hessian_correction=False),
-    }
-    table = accuracy_table(states, evaluator, config.datasets)
-    target = states[f"trained without {r} (target)"]
-    table["agreement with target %"] = [evaluator.agreement(s, target, config.datasets) for s in states.values()]
-    table["distance to target / θ_all's"] = [relative_distance(s, target, models.all_data) for s in states.values()]
-    return table, states
+# ----------------------------------------------------------------------------- data removal
+DO_NOTHING = "all data θ_all, nothing removed (do nothing)"
+RETRAINED = "retrained without the dataset (target)"
+PLAIN = "plain: θ_all − τr"
+FIRST_ORDER = "uncertainty-weighted, first order"
+FULL = "uncertainty-weighted, full rule, δ = 1e-12 (public code's δ)"
+FULL_DAMPED = "uncertainty-weighted, full rule, damped δ"
+REMOVAL_RULES = (PLAIN, FIRST_ORDER, FULL, FULL_DAMPED)
+
+# Rounding: noise of relative size ε on every Hessian entry (the error of a sum of squares) may
+# move a rule's output by at most this many ε, in units of ‖τr‖ (the vector being removed).
+STABILITY_GAIN = 1e3
+# Estimation: a second Fisher estimate (another seed: other examples, other sampled labels) must
+# leave at least this % of test predictions unchanged. The Hessians are estimates from a few
+# hundred examples; a result that a fresh estimate overturns is not a reproducible result.
+REPRODUCIBLE_AGREEMENT = 95.0
+
+
+@dataclass
+class RemovalResult:
+    """The data-removal experiment: ``table`` (test accuracy per dataset, agreement with the
+    retrained target, distance to it), ``agreement[row][dataset]`` (per-example: same
+    prediction as the target), ``stability`` (per uncertainty-weighted rule) and the δs."""
+
+    removed: str
+    table: pd.DataFrame
+    agreement: dict[str, dict[str, np.ndarray]]
+    stability: pd.DataFrame
+    deltas: dict[str, float]
+    states: dict[str, StateDict]
+
+
+def _removal_hessians(models: Models, stats: Statistics, config: GradientMatchingConfig):
+    """(H0, [Hs for the kept tasks], Hr)."""
+    rest = [t for t in config.tasks if t != models.removed]
+    return stats.hessian(config.base_task), [stats.hessian(t) for t in rest], stats.hessian(models.removed)
+
+
+def weighted_removals(models: Models, stats: Statistics, config: GradientMatchingConfig) -> tuple[dict[str, StateDict], dict]:
+    """The uncertainty-weighted rules by row label, and the δ of each."""
+    h0, h_rest, h_r = _removal_hessians(models, stats, config)
+    args = (models.all_data, models.theta0, models.tasks[models.removed])
+    deltas = {FIRST_ORDER: config.delta, FULL: config.delta,
+              FULL_DAMPED: relative_damping(h0, config.removal_damping, config.delta)}
+    return {label: remove_uncertainty_weighted(*args, h0, h_rest, h_r, delta, hessian_correction=label != FIRST_ORDER)
+            for label, delta in deltas.items()}, deltas
+
+
+def removal_states(models: Models, stats: Statistics, config: GradientMatchingConfig) -> tuple[dict[str, StateDict], dict]:
+    """Every model of the removal table by row label (doing nothing first), and the δs."""
+    weighted, deltas = weighted_removals(models, stats, config)
+    states = {DO_NOTHING: models.all_data, RETRAINED: models.without,
+              PLAIN: remove_plain(models.all_data, models.theta0, models.tasks[models.removed]), **weighted}
+    return states, deltas
+
+
+def stability_table(models: Models, stats: Statistics, config: GradientMatchingConfig,
+                    resampled: Statistics | None = None, evaluator: Evaluator | None = None,
+                    seed: int = 0) -> pd.DataFrame:
+    """How each uncertainty-weighted removal rule reacts to noise in its Hessians.
+
+    Per rule: δ; for the full rule, quantiles of the amplification Hr/(H0 + Σ_{s≠r} Hs + δ)
+    (the factor it multiplies θr − θ_all by; the first-order rule has no such term). Rounding,
+    with ε = ``stability_noise`` (:func:`lib.merging.gradient_matching.perturb_hessians`): the
+    gain ‖Δ output‖/(ε‖τr‖) under entrywise noise, and ‖Δ output‖/‖τr‖ under noise at each
+    tensor's scale (which swamps entries far below their tensor's mean, as rounding does where
+    gradients cancel). Estimation, with ``resampled`` (the Fishers again with another seed):
+    ‖Δ output‖/‖τr‖ and, with an ``evaluator``, the % of test predictions unchanged and the
+    average test accuracy. ``stable``: gain ≤ ``STABILITY_GAIN``; ``reproducible``: at least
+    ``REPRODUCIBLE_AGREEMENT`` % of predictions unchanged.
+    """
+    h0, h_rest, h_r = _removal_hessians(models, stats, config)
+    args = (models.all_data, models.theta0, models.tasks[models.removed])
+    tau_r = {k: models.tasks[models.removed][k] - models.theta0[k] for k in models.theta0}
+    states, deltas = weighted_removals(models, stats, config)
+    again = weighted_removals(models, resampled, config)[0] if resampled is not None else {}
+    eps, rows = config.stability_noise, []
+    for label, reference in states.items():
+        delta, full = deltas[label], label != FIRST_ORDER
+        row = {"rule": label, "δ": delta}
+        amp = removal_amplification(h0, h_rest, h_r, delta).numpy() if full else np.full(1, np.nan)
+        row.update({"amplification median": float(np.median(amp)), "amplification 99.9%": float(np.quantile(amp, 0.999)),
+                    "amplification max": float(amp.max())})
+        for mode in ("entry", "tensor"):
+            g = torch.Generator().manual_seed(seed)
+            noisy = [perturb_hessians(h, eps, g, mode) for h in (h0, *h_rest, h_r)]
+            out = remove_uncertainty_weighted(*args, noisy[0], noisy[1:-1], noisy[-1], delta, hessian_correction=full)
+            moved = relative_change(out, reference, tau_r)
+            if mode == "entry":
+                row["gain (entry noise)"] = moved / eps
+            else:
+                row["change / ‖τr‖ (tensor noise)"] = moved
+        row["stable"] = row["gain (entry noise)"] <= STABILITY_GAIN
+        if label in again:
+            row["change / ‖τr‖ (second Fisher estimate)"] = relative_change(again[label], reference, tau_r)
+            if evaluator is not None:
+                row["same predictions % (second Fisher estimate)"] = evaluator.agreement(again[label], reference,
+                                                                                        config.datasets)
+                row["average accuracy % (second Fisher estimate)"] = _mean(evaluator.accuracies(again[label],
+                                                                                              config.datasets))
+                row["reproducible"] = row["same predictions % (second Fisher estimate)"] >= REPRODUCIBLE_AGREEMENT
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("rule")
+
+
+def removal_results(models: Models, stats: Statistics, evaluator: Evaluator, config: GradientMatchingConfig,
+                    resampled: Statistics | None = None) -> RemovalResult:
+    """Remove ``models.removed`` from the all-data model by every rule; compare each with the
+    model trained without it, and with doing nothing (θ_all itself). ``resampled``: a second
+    Fisher estimate (:func:`compute_fishers` with another seed) for the stability table."""
+    states, deltas = removal_states(models, stats, config)
+    correct = {name: evaluator.correct(s, config.datasets) for name, s in states.items()}
+    table = accuracy_table(correct)
+    agreement = {name: evaluator.same_predictions(s, models.without, config.datasets) for name, s in states.items()}
+    table["agreement with target %"] = [mean_accuracy(a).value for a in agreement.values()]  # mean over datasets
+    table["distance to target / θ_all's"] = [relative_distance(s, models.without, models.all_data) for s in states.values()]
+    stability = stability_table(models, stats, config, resampled, evaluator)
+    return RemovalResult(models.removed, table, agreement, stability, deltas, states)
+
+
+# ----------------------------------------------------------------------------- findings
+def _overall(verdicts: list[str]) -> str:
+    """One outcome from several sub-claims' held / not-held."""
+    if all(verdicts):
+        return "held"
+    return "held only partly" if any(verdicts) else "did not hold"
+
+
+def alpha_claim(main: MainResult) -> Claim:
+    """Gradient matching at α = 1 against Task Arithmetic at α = 1 and at its validation-chosen α."""
+    c, avg = main.correct, main.table["Average"]
+    d_ta1, d_tuned = paired_difference(c[GM1], c[TA1]), paired_difference(c[GM1], c[TA_TUNED])
+    d_theta0, d_target = paired_difference(c[GM1], c[THETA0]), paired_difference(c[GM1], c[TARGET])
+    outcome = _overall([verdict(d_ta1) == "better", verdict(d_tuned) != "worse"])
+    return Claim(
+        "Gradient matching works at α = 1 without tuning", outcome,
+        f"Average test accuracy: gradient matching (α = 1) {avg[GM1]:.1f}%, Task Arithmetic at α = 1 {avg[TA1]:.1f}% and "
+        f"at its validation-chosen α = {main.selection.best:g} {avg[TA_TUNED]:.1f}%, the all-data target {avg[TARGET]:.1f}%. "
+        f"Gradient matching minus TA(α = 1): {d_ta1} points ({verdict(d_ta1)}); minus tuned TA: {d_tuned} "
+        f"({verdict(d_tuned)}); minus the target: {d_target}. Held = better than TA at α = 1 and not worse than tuned TA "
+        f"(two paired standard errors).",
+        f"θ0 (doing nothing) {avg[THETA0]:.1f}%; gradient matching minus θ0: {d_theta0} ({verdict(d_theta0)})")
+
+
+def _range_over_alpha(curves: AlphaCurves, method: str, lo: float) -> tuple[Estimate, float, float]:
+    """(best minus worst test average over α ≥ lo, paired; the best α; the worst α)."""
+    rows = curves.table[(curves.table.method == method) & (curves.table.alpha >= lo)]
+    best = float(rows.loc[rows["test average"].idxmax(), "alpha"])
+    worst = float(rows.loc[rows["test average"].idxmin(), "alpha"])
+    return paired_difference(curves.correct[(method, best)], curves.correct[(method, worst)]), best, worst
+
+
+def robustness_claim(curves: AlphaCurves, lo: float = 0.5) -> Claim:
+    """Gradient matching's accuracy varies less with α (α ≥ ``lo``) than Task Arithmetic's."""
+    s_ta, *_ = _range_over_alpha(curves, TA, lo)
+    s_gm, *_ = _range_over_alpha(curves, GM, lo)
+    d = difference_of_estimates(s_ta, s_gm)
+    alphas = sorted(a for a in curves.table.alpha.unique() if a >= lo)
+    theta0 = curves.table[(curves.table.method == TA) & (curves.table.alpha == 0)]["test average"]
+    return Claim(
+        "Gradient matching is robust to α", held(d),
+        f"Over α ∈ [{alphas[0]:g}, {alphas[-1]:g}] the average test accuracy of gradient matching spans "
+        f"{s_gm.plain()} points (best minus worst α, paired), Task Arithmetic's {s_ta.plain()}; difference of the spans "
+        f"{d} (SEs combined as independent, which overstates the noise).",
+        f"α = 0, which is θ0 for both rules ({theta0.iloc[0]:.1f}%)" if len(theta0) else "θ0 (α = 0)")
+
+
+def mismatch_claim(mismatch: pd.DataFrame, main: MainResult) -> Claim:
+    """Gradient matching has less gradient mismatch than Task Arithmetic and less test error."""
+    m = mismatch
+    full = m["datasets merged"].max()
+    at = lambda method, k, col: float(m[(m.method == method) & (m["datasets merged"] == k)][col].iloc[0])
+    pairs = [(k, at(MISMATCH_GM, k, "gradient mismatch"), at(MISMATCH_TA, k, "gradient mismatch"))
+             for k in sorted(m[m.method == MISMATCH_GM]["datasets merged"].unique()) if k > 2]
+    lower = all(g < t for _, g, t in pairs)
+    d = paired_difference(main.correct[GM1], main.correct[TA1])
+    rho = m["gradient mismatch"].corr(m["test error"], method="spearman")
+    rho_obj = m["target objective gradient"].corr(m["test error"], method="spearman")
+    target = m[m.method == TARGET]["gradient mismatch"]
+    return Claim(
+        "Less gradient mismatch, less test error", _overall([lower, verdict(d) == "better"]),
+        " ".join(f"With {k} datasets merged, gradient matching's mismatch is {g:.3g} vs Task Arithmetic's {t:.3g}."
+                 for k, g, t in pairs)
+        + f" Accuracy over all {full} datasets, gradient matching minus Task Arithmetic (α = 1): {d} points ({verdict(d)})."
+        + f" Across all {len(m)} merged models the Spearman correlation between mismatch and test error is {rho:+.2f}"
+        + f" ({rho_obj:+.2f} for the target objective's gradient norm; descriptive, no test)."
+        + (f" The all-data target's own mismatch is {target.iloc[0]:.3g}." if len(target) else ""),
+        "Task Arithmetic at α = 1, the same rule with the Hessians left out (one task vector: both return the task "
+        "model, mismatch 0)")
+
+
+def special_cases_claim(main: MainResult) -> Claim:
+    """METHODS.md §1's special cases, computed through the rule, against the full rule."""
+    c, avg = main.correct, main.table["Average"]
+    parts = [f"{name}: {mean_accuracy(c[name]).plain()}% (minus gradient matching: "
+             f"{paired_difference(c[name], c[GM1])})" for name in (GM_AVERAGE, GM_FISHER, TA1)]
+    return Claim(
+        "Weight averaging, Fisher merging and Task Arithmetic are special cases of gradient matching",
+        "holds by algebra (unit-tested: tests/test_merging.py, tests/test_gradient_matching.py)",
+        "Computed through the rule: " + "; ".join(parts) + f". Full rule (α = 1): {mean_accuracy(c[GM1]).plain()}%. "
+        f"Not special cases (θ0 enters as a model, F̂ without N): {AVERAGE_WITH_THETA0} {avg[AVERAGE_WITH_THETA0]:.1f}%, "
+        f"{FISHER_WITH_THETA0} {avg[FISHER_WITH_THETA0]:.1f}%.",
+        f"θ0 (doing nothing) {mean_accuracy(c[THETA0]).plain()}%")
+
+
+def _reliable(stability: pd.DataFrame, rule: str) -> bool:
+    """Stable under rounding and, where it was checked, reproducible with a second Fisher estimate."""
+    if rule not in stability.index:
+        return True  # plain subtraction uses no Hessian
+    row = stability.loc[rule]
+    return bool(row["stable"]) and bool(row.get("reproducible", True))
+
+
+def removal_claims(removal: RemovalResult) -> list[Claim]:
+    """Does subtracting dataset r bring θ_all closer to the retrained model than doing nothing
+    (θ_all itself), and does uncertainty weighting beat plain subtraction? Paired on the
+    per-example agreement with the retrained model. Then: is the full rule reproducible?"""
+    r, a, s = removal.removed, removal.agreement, removal.stability
+    candidates = [x for x in REMOVAL_RULES if x in a]
+    base = mean_accuracy(a[DO_NOTHING])
+    baseline = f"doing nothing (θ_all unchanged) agrees on {base.plain()}%"
+    flag = lambda x: "" if _reliable(s, x) else ", not reproducible: see the last claim"
+    vs_nothing = {x: paired_difference(a[x], a[DO_NOTHING]) for x in candidates}
+    better = [x for x in candidates if verdict(vs_nothing[x]) == "better" and _reliable(s, x)]
+    outcome = ("held" if len(better) == len(candidates) else "did not hold" if not better
+               else "held only for " + ", ".join(better))
+    claims = [Claim(
+        f"Subtracting {r} brings the all-data model closer to the model retrained without it than doing nothing",
+        outcome,
+        "Agreement with the retrained model's test predictions (mean over datasets), and its paired difference to "
+        "doing nothing: " + "; ".join(f"{x}: {mean_accuracy(a[x]).plain()}%, {vs_nothing[x]} ({verdict(vs_nothing[x])}"
+                                      f"{flag(x)})" for x in candidates) + ".",
+        baseline)]
+    weighted = [x for x in (FIRST_ORDER, FULL_DAMPED) if x in a]
+    if PLAIN in a and weighted:
+        vs_plain = {x: paired_difference(a[x], a[PLAIN]) for x in weighted}
+        claims.append(Claim(
+            "Uncertainty weighting removes a dataset better than plain subtraction",
+            _overall([verdict(d) == "better" and _reliable(s, x) for x, d in vs_plain.items()]),
+            "Agreement with the retrained model minus plain subtraction's: "
+            + "; ".join(f"{x} {d} ({verdict(d)}{flag(x)})" for x, d in vs_plain.items())
+            + ". Neither counts as a removal method unless it also beats doing nothing (claim above).",
+            baseline))
+    if FULL in s.index:
+        def describe(x):
+            row = s.loc[x]
+            parts = [f"δ = {row['δ']:.3g}"]
+            if np.isfinite(row["amplification max"]):
+                parts.append(f"amplification Hr/(H0 + Σ_{{s≠r}} Hs + δ) up to {row['amplification max']:.3g} "
+                             f"(99.9% of entries ≤ {row['amplification 99.9%']:.3g})")
+            parts.append(f"rounding gain {row['gain (entry noise)']:.3g}")
+            parts += [f"{c} {row[c]:.3g}" for c in s.columns if "second Fisher estimate" in c and pd.notna(row[c])]
+            return f"{x}: " + ", ".join(parts)
+
+        claims.append(Claim(
+            "The full removal rule gives a reproducible result",
+            "held" if _reliable(s, FULL) else "did not hold",
+            "Rounding: noise of relative size ε on every Hessian entry moves the result by gain × ε × ‖τr‖ (stable: gain "
+            f"≤ {STABILITY_GAIN:g}). Estimation: the Fishers computed again with another seed (other examples, other "
+            f"sampled labels); reproducible: ≥ {REPRODUCIBLE_AGREEMENT:g}% of test predictions unchanged. "
+            + "; ".join(describe(x) for x in s.index) + ". A rule that is not reproducible has no accuracy to report.",
+            "the first-order rule, whose per-entry weights lie in (0, 1] and cannot amplify"))
+    return claims
+
+
+LOOP = "loop (batch size 1, each example at its own length)"
+BOUND = "bound: every matrix product at the machine's peak rate"
+
+
+def timing_claim(t: pd.DataFrame, datasets: list[str], target: float = 5.0) -> Claim:
+    """The fastest exact per-example method against the batch-size-1 loop, and the machine's bound."""
+    methods = [m for m in t.loc["all"].index if m not in (LOOP, BOUND)]
+    best = max(methods, key=lambda m: t.loc[("all", m), "speed-up vs loop (wall)"])
+    speedup = t.xs(best, level="method")["speed-up vs loop (wall)"]
+    bound = t.xs(BOUND, level="method")["speed-up vs loop (wall)"]
+    loop_ms = t.xs(LOOP, level="method")["wall ms/example"]
+    tokens = t.xs(LOOP, level="method")["mean tokens"]
+    impossible = [d for d in datasets if bound[d] < target]
+    evidence = (
+        f"With {t.attrs.get('threads', '?')} torch thread(s) the fastest exact method, {best}, is {speedup['all']:.1f}× "
+        f"faster than the batch-size-1 loop over all datasets ({t.loc[('all', best), 'wall ms/example']:.1f} against "
+        f"{loop_ms['all']:.1f} ms per example); per dataset "
+        + ", ".join(f"{d} {speedup[d]:.1f}× ({tokens[d]:.0f} tokens)" for d in datasets) + ". "
+        + "; ".join(f"{m}: {t.loc[('all', m), 'speed-up vs loop (wall)']:.1f}×" for m in methods if m != best)
+        + f". Every method agrees with the loop to {t['max |diff| / max |loop|'].max():.0e} of its largest entry. "
+        "A single timing per method: no uncertainty is estimated.")
+    if impossible:
+        d0 = impossible[0]
+        evidence += (
+            f" The target cannot be met on {', '.join(impossible)}: even with every matrix product at this machine's "
+            f"measured peak ({t.attrs.get('peak GFLOP/s', float('nan')):.0f} GFLOP/s) and nothing else costing time, an "
+            "exact method would be at most " + ", ".join(f"{bound[d]:.1f}× ({d})" for d in impossible)
+            + f" faster than the loop. At {tokens[d0]:.0f} tokens ({d0}) the loop already runs its matrix products at "
+            f"{t.loc[(d0, LOOP), 'GFLOP/s']:.0f} GFLOP/s, and each example's out×in gradient of every layer must still "
+            "be formed and squared one example at a time, which batching does not shrink.")
+    evidence += " ".join(f" On {d} ({tokens[d]:.0f} tokens) the bound is {bound[d]:.1f}× and {best} reaches "
+                         f"{speedup[d]:.1f}×." for d in datasets if d not in impossible)
+    return Claim(f"Per-example squared gradients {target:g}× faster than the loop",
+                 "met" if speedup["all"] >= target else "not met", evidence, "the batch-size-1 autograd loop")
+
+
+def findings(main: MainResult, curves: AlphaCurves, mismatch: pd.DataFrame, removal: RemovalResult,
+             timing: pd.DataFrame | None, config: GradientMatchingConfig) -> str:
+    """``findings.md`` of notebook 04: every verdict, computed from the run's results."""
+    claims = [alpha_claim(main), robustness_claim(curves), mismatch_claim(mismatch, main), special_cases_claim(main),
+              *removal_claims(removal)]
+    if timing is not None:
+        claims.append(timing_claim(timing, config.datasets))
+    notes = [f"Task Arithmetic's α: {main.selection.note}."] if main.selection.note else []
+    notes.append(f"Damped removal rule: δ = {config.removal_damping:g} × the mean entry of H0 "
+                 f"= {removal.deltas[FULL_DAMPED]:.3g} (the public code's δ is {config.delta:g}).")
+    preamble = (f"*Small scale (MiniLM-L6, {len(config.datasets)} datasets, ≤{config.max_test} test examples each); "
+                "not the paper's numbers.* Differences are in points with a paired standard error over the same test "
+                "examples; a verdict needs two standard errors.")
+    return findings_markdown("Gradient matching (Daheim et al., ICLR 2024) — findings", claims, preamble, notes)
 
 
 # ----------------------------------------------------------------------------- per-example gradients
@@ -524,10 +902,6 @@ class VmappableClassifier(nn.Module):
                                           attention_mask=additive_attention_mask(attention_mask)).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
-
-
-LOOP = "loop (batch size 1, each example at its own length)"
-BOUND = "bound: every matrix product at the machine's peak rate"
 
 
 def linear_flops(model: nn.Module, tokens: int) -> float:
@@ -622,3 +996,26 @@ def time_per_example_gradients(track: TextTrack, models: Models, config: Gradien
     table.attrs.update(threads=torch.get_num_threads(), parameters=sum(v.numel() for v in models.theta0.values()),
                        **{"peak GFLOP/s": peak / 1e9})
     return table
+
+
+def timing_display(timing: pd.DataFrame) -> pd.DataFrame:
+    """The timing table for reading: dataset and method as columns, deviations as text (a
+    Markdown writer would round a number like 2e-06 to 0.0)."""
+    shown = timing.reset_index().set_index("dataset")
+    shown["max |diff| / max |loop|"] = shown["max |diff| / max |loop|"].map(
+        lambda x: "" if pd.isna(x) else f"{x:.1e}".replace("e", "×10^"))
+    return shown
+
+
+def timing_caption(timing: pd.DataFrame, config: GradientMatchingConfig) -> str:
+    a = timing.attrs
+    return (f"Per-example squared gradients Σ_b g_b² for {a['parameters'] / 1e6:.1f}M parameters (MiniLM-L6 + head), "
+            f"{config.timing_examples} training examples per dataset in batches of {config.fisher_batch_size}, "
+            f"{a['threads']} torch thread(s), measured side by side in one run; peak float32 matrix-product rate of this "
+            f"machine {a['peak GFLOP/s']:.0f} GFLOP/s. Rows 'all': time summed over the datasets.")
+
+
+def stability_display(stability: pd.DataFrame) -> pd.DataFrame:
+    """The stability table for reading: numbers as text with three significant digits (a
+    Markdown writer would print δ = 1e-12 or a gain of 2e-6 as 0.0)."""
+    return stability.map(lambda x: x if isinstance(x, (bool, np.bool_, str)) else f"{x:.3g}")

@@ -55,12 +55,37 @@ def sync(text: str, root: Path) -> str:
     return _BLOCK.sub(refill, text)
 
 
+RUN_TIMES = "figures/run_times.md"
+
+
+def run_times(root: Path) -> str:
+    """A table of every committed run's record (``figures/*/run.json``): what ran, at which commit,
+    for how long, on how many threads. The README quotes it, so no run time is typed by hand."""
+    import json
+
+    rows = ["| output | written by | commit | wall time | threads | finished (UTC) |", "|---|---|---|---|---|---|"]
+    for path in sorted(Path(root).glob("figures/*/run.json")):
+        record = json.loads(path.read_text())
+        minutes = record.get("wall_time_seconds", float("nan")) / 60
+        rows.append(f"| `{path.parent.relative_to(root)}/` | `{record.get('notebook', '?')}` | "
+                    f"{str(record.get('git_commit', '?'))[:7]}{'+' if '+' in str(record.get('git_commit')) else ''} | "
+                    f"{minutes:.1f} min | {record.get('machine', {}).get('threads', '?')} | "
+                    f"{record.get('finished_utc', '?')} |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib.experiments.readme", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if README.md is out of date")
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="the repository (default: this one)")
     args = parser.parse_args(argv)
     readme = args.root / "README.md"
+    times, times_path = run_times(args.root), args.root / RUN_TIMES
+    if not times_path.exists() or times_path.read_text() != times:
+        if args.check:
+            print(f"{RUN_TIMES} is out of date: run `make readme`.", file=sys.stderr)
+            return 1
+        times_path.write_text(times)
     old = readme.read_text()
     new = sync(old, args.root)
     if new == old:

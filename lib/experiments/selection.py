@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 class TestSplitAccessed(RuntimeError):
     """Raised when code running inside a selection reads a split other than validation."""
 
+    __test__ = False  # not a pytest test class, despite its name
+
 
 class ValidationOnly:
     """A view of a track (anything with ``split(task, which)``) that serves only validation data.

@@ -1,25 +1,12 @@
-"""Closed-form model merges over state dicts (METHODS.md, section 1).
+"""Closed-form model merges over state dicts (METHODS.md, section 1), one family per file.
 
-Every function here is pure: it takes state dicts (``dict[str, torch.Tensor]``) and
-returns new ones, never modifying its inputs and doing no I/O. Conventions shared by all:
+    from lib import merging
+    merging.task_arithmetic(θ0, experts, scale=0.3)          # the plain functions, or
+    merging.REGISTRY["ties"](θ0, experts, stats, scale=0.3)    # every method called one way
 
-- Every floating-point tensor given is merged; the caller chooses the keys (for example,
-  drops the task heads from every dict before calling). Non-floating tensors (BatchNorm's
-  ``num_batches_tracked`` and the like) are copied unchanged from the first or pretrained
-  model.
-- All models must have the same keys, and per key the same shape and dtype; otherwise a
-  ``ValueError`` names the key and the models.
-- Arithmetic runs in the input dtype, except that float16/bfloat16 inputs are computed
-  (and accumulated) in float32; results are returned in the input dtype.
-
-Buffers (BatchNorm running statistics) are averaged by every merge, never trimmed,
-sign-elected or rescaled (``lib.merging._common`` states the rule; ``buffers=`` names them).
-Each family's module states its formula, paper, defaults and its deviations from other
-public implementations. ``REGISTRY`` (``lib.merging.registry``) calls every method the same
-way, with its statistics and hyper-parameter grid; ``MERGE_METHODS`` is the older name →
-function map.
-
-Notation follows METHODS.md: θ0 pretrained, θt fine-tuned on task t, τt = θt − θ0.
+Every merge is a pure function: state dicts in, a new state dict out, inputs untouched, no I/O.
+The conventions all of them share (key checks, dtypes, the buffer rule) are in ``_common.py``;
+each family's file opens with its formula, paper, defaults and deviations.
 """
 from __future__ import annotations
 
@@ -31,7 +18,9 @@ from ._common import BUFFER_SUFFIXES, averaged_buffers, buffer_keys
 from .averaging import SLERP_COLINEAR_THRESHOLD, slerp, weight_average
 from .dare import dare
 from .fisher import fisher_merging
-from .gradient_matching import gradient_matching
+from .gradient_matching import (DELTA, gradient_matching, gradient_mismatch, objective_gradient_norm, perturb_hessians,
+                                relative_change, relative_damping, removal_amplification, remove_plain,
+                                remove_uncertainty_weighted)
 from .regmean import regmean
 from .registry import LAMBDA_GRID, REGISTRY, MergeMethod
 from .task_arithmetic import TaskVector, task_arithmetic, task_vectors
@@ -49,7 +38,16 @@ __all__ = [
     "buffer_keys",
     "dare",
     "fisher_merging",
+    "DELTA",
     "gradient_matching",
+    "gradient_mismatch",
+    "objective_gradient_norm",
+    "perturb_hessians",
+    "relative_change",
+    "relative_damping",
+    "removal_amplification",
+    "remove_plain",
+    "remove_uncertainty_weighted",
     "regmean",
     "slerp",
     "task_arithmetic",
