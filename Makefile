@@ -1,6 +1,7 @@
 # make test                          run the test suite (builds .venv on first use)
 # make reproduce DATA_DIR=../shared/data [MODELS_DIR=../shared/models]
 #                                    regenerate every committed table and figure
+# make readme                        refill README.md's quoted tables and figures/run_times.md from figures/
 # make bench                         time each closed-form merge (wall time, peak memory)
 # make bench-grads [DATA_DIR=...]     time per-example squared gradients: loop, vmap, hooks, and the machine's bound
 # make lab                           open the notebooks in JupyterLab
@@ -43,6 +44,7 @@ test: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) -m pytest -q tests
 
 reproduce: $(NOTEBOOKS)
+	$(MAKE) readme
 
 $(ALL_NOTEBOOKS): $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	@mkdir -p figures/$@
