@@ -78,7 +78,7 @@ def test_notebook_parameters_are_exactly_the_config_fields_with_equal_defaults()
 
 def test_paper_scale_is_a_clear_error_and_small_is_the_default():
     assert FSStudyConfig().scale == "small"
-    with pytest.raises(NotImplementedError, match='"paper scale"'):
+    with pytest.raises(ValueError, match='"paper scale"'):
         notebook_config(FSStudyConfig, {"scale": "paper"})
     with pytest.raises(ValueError, match="scale"):
         notebook_config(FSStudyConfig, {"scale": "huge"})

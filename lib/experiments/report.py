@@ -36,7 +36,7 @@ def git_commit() -> str:
 
 def relative_paths(value):
     """``value`` with every absolute path in it rewritten relative to the repository, so that
-    committed outputs carry no machine paths (``/home/me/data`` -> ``../data``)."""
+    committed outputs carry no machine paths (a mirror beside the checkout becomes ``../shared/data``)."""
     if isinstance(value, dict):
         return {k: relative_paths(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
