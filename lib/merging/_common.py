@@ -161,3 +161,15 @@ def _without(keys: Sequence[str], drop: Sequence[str]) -> list[str]:
     """``keys`` minus ``drop``, order kept."""
     dropped = set(drop)
     return [k for k in keys if k not in dropped]
+
+
+def _has_statistic(key: str, stats: Sequence[StateDict], what: str) -> bool:
+    """Whether every model has a ``what`` (Fisher, Gram) for ``key``: True for all, False for none;
+    a key that only some models describe is an error, since the merge could not weigh them alike."""
+    present = [key in s for s in stats]
+    if not any(present):
+        return False
+    if not all(present):
+        raise ValueError(f"key {key!r} has a {what} in models {[i for i, p in enumerate(present) if p]} "
+                         f"but not in the others; give every model a {what} for it, or none.")
+    return True

@@ -28,7 +28,7 @@ from typing import Collection, Sequence
 
 import torch
 
-from ._common import (StateDict, _check_nonempty, _check_same_layout, _check_stats, _float_keys,
+from ._common import (_has_statistic, StateDict, _check_nonempty, _check_same_layout, _check_stats, _float_keys,
                       _normalized, _without, _work, _work_dtype, buffer_keys)
 from .averaging import weight_average
 
@@ -65,12 +65,8 @@ def fisher_merging(
         _check_stats(f, ref, f"fishers[{t}]")
     out = weight_average(state_dicts, w)  # also the answer for buffers and keys without Fishers
     for k in _without(_float_keys(ref), buffer_keys(ref, buffers)):
-        present = [k in f for f in fishers]
-        if not any(present):
+        if not _has_statistic(k, fishers, "Fisher"):
             continue
-        if not all(present):
-            raise ValueError(f"key {k!r} has a Fisher in models {[i for i, p in enumerate(present) if p]} "
-                             "but not in the others; give every model a Fisher for it, or none.")
         dtype = _work_dtype(ref[k].dtype)
         num = torch.zeros(ref[k].shape, dtype=dtype, device=ref[k].device)
         den = torch.zeros_like(num)

@@ -35,7 +35,7 @@ from typing import Collection, Mapping, Sequence
 
 import torch
 
-from ._common import (StateDict, _check_nonempty, _check_same_layout, _check_stats, _float_keys,
+from ._common import (_has_statistic, StateDict, _check_nonempty, _check_same_layout, _check_stats, _float_keys,
                       _without, buffer_keys)
 from .averaging import weight_average
 
@@ -94,12 +94,8 @@ def regmean(
         _check_stats(g, ref, f"grams[{t}]", shape_of=lambda w: (w.shape[1], w.shape[1]))
     out = weight_average(state_dicts)  # the answer for buffers and keys without Grams
     for k in _without(_float_keys(ref), buffer_keys(ref, buffers)):
-        present = [k in g for g in grams]
-        if not any(present):
+        if not _has_statistic(k, grams, "Gram"):
             continue
-        if not all(present):
-            raise ValueError(f"key {k!r} has a Gram in models {[i for i, p in enumerate(present) if p]} "
-                             "but not in the others; give every model a Gram for it, or none.")
         lhs = torch.zeros(ref[k].shape[1], ref[k].shape[1], dtype=torch.float64, device=ref[k].device)
         rhs = torch.zeros(ref[k].shape[1], ref[k].shape[0], dtype=torch.float64, device=ref[k].device)
         for t, (sd, g) in enumerate(zip(state_dicts, grams)):
