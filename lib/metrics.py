@@ -8,6 +8,8 @@ Official metrics (``official_metric(name, ...)``; ``TextTask.metric`` holds the 
 - ``stance_f1``: TweetEval stance, the mean of the F1 of "against" (1) and "favor" (2);
   the official number is computed on the five targets' test sets concatenated.
 - ``macro_recall``: TweetEval sentiment (not in the mirror; here for completeness).
+- ``matthews``: the Matthews correlation coefficient (multi-class form), in [-1, 1]; a
+  choice for a user's imbalanced task (0 for constant predictions, however common the class).
 
 These follow TweetEval's evaluation script, which uses scikit-learn's
 ``classification_report``: a class's F1 is 0 when it has no true positives, and the macro
@@ -84,17 +86,32 @@ def stance_f1(y_true, y_pred, num_classes: int = 3) -> float:
     return float((f1[1] + f1[2]) / 2)
 
 
+def matthews(y_true, y_pred, num_classes: int) -> float:
+    """Matthews correlation coefficient from the confusion matrix ``C`` (Gorodkin's R_K).
+
+    ``(c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2) (s^2 - sum_k t_k^2))`` with ``c`` the
+    correct predictions, ``s`` all of them, ``t_k``/``p_k`` how often class k is true/predicted.
+    For two classes this is the usual ``(TP TN - FP FN) / sqrt(...)``. 0 where the
+    denominator is 0 (one class only among the labels or the predictions), as scikit-learn does.
+    """
+    cm = confusion_matrix(y_true, y_pred, num_classes).astype(float)
+    t, p, c, s = cm.sum(1), cm.sum(0), np.trace(cm), cm.sum()
+    denominator = np.sqrt((s**2 - p @ p) * (s**2 - t @ t))
+    return float((c * s - p @ t) / denominator) if denominator > 0 else 0.0
+
+
 OFFICIAL_METRICS: dict[str, Callable[..., float]] = {
     "accuracy": lambda y_true, y_pred, num_classes: accuracy(y_true, y_pred),
     "macro_f1": macro_f1,
     "irony_f1": irony_f1,
     "stance_f1": stance_f1,
     "macro_recall": macro_recall,
+    "matthews": matthews,
 }
 
 
 def official_metric(metric_name: str, y_true, y_pred, num_classes: int) -> float:
-    """The metric named ``metric_name`` (a key of ``OFFICIAL_METRICS``), in [0, 1]."""
+    """The metric named ``metric_name`` (a key of ``OFFICIAL_METRICS``): in [0, 1], matthews in [-1, 1]."""
     if metric_name not in OFFICIAL_METRICS:
         raise ValueError(f"Unknown metric {metric_name!r}; known: {', '.join(OFFICIAL_METRICS)}")
     _check(y_true, y_pred, num_classes)

@@ -25,6 +25,11 @@ does I/O.
 - :func:`diagonal_fisher`: the diagonal Fisher above; :func:`hessian_estimate` = N·F.
 - :func:`gram_matrices`: XᵀX of every linear (and unfoldable Conv2d) layer's inputs.
 
+Every Fisher, Gram and Hessian returned is checked (:func:`check_statistic`): NaN or ±Inf
+entries, or a statistic that is zero in every tensor, raise a ``ValueError`` naming the tensor
+and what to check, instead of flowing into a merge (a zero Fisher turns Fisher merging into a
+plain average without a word).
+
 The model is put in eval mode (no dropout; BatchNorm uses its running statistics) while a
 statistic is computed and each submodule's mode is restored afterwards. Eval mode also
 matters for correctness: it makes examples independent of each other within a batch, which
@@ -32,7 +37,10 @@ per-example gradients assume.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import functools
+import math
+from numbers import Real
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -441,6 +449,56 @@ def _add_layer_sq_sums_(total, owners, uses, calls, gs, weights) -> None:
 # Fisher and Hessian estimates
 # ----------------------------------------------------------------------------------------
 
+# What to check when a statistic is non-finite or zero everywhere.
+_FISHER_ADVICE = {
+    "nonfinite": "the model's outputs or gradients overflowed: check its weights for NaN/Inf (a diverged "
+                 "fine-tuning run, a damaged file) and that the inputs are finite.",
+    "zero": "no gradient reached these parameters: check that param_names names parameters the loss "
+            "depends on (not frozen or unused ones), that the batches hold real examples, and that the "
+            "model's predictions are not saturated (every probability 0 or 1 gives zero gradients).",
+}
+_GRAM_ADVICE = {
+    "nonfinite": "the layer inputs overflowed: check the model's weights and the batches' inputs for NaN/Inf.",
+    "zero": "every input to these layers was zero: check the batches (all-zero or all-padding inputs, an "
+            "attention_mask of zeros) and linear_names.",
+}
+
+
+def check_statistic(stat: Mapping[str, Tensor], what: str, advice: Mapping[str, str]) -> None:
+    """Raise ValueError if a tensor of ``stat`` has NaN/±Inf entries, or if every tensor is all zero.
+
+    A single zero tensor is allowed: some parameters get no gradient by construction (a
+    self-attention key bias) and some layers see only zeros (a dead ReLU's successor). A
+    statistic that is zero everywhere, though, carries no information, and the merges would
+    quietly fall back to averaging."""
+    for name, t in stat.items():
+        if not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise ValueError(f"the {what} of {name!r} has {nan} NaN and {inf} Inf entries (of {t.numel():,}): "
+                             f"{advice['nonfinite']}")
+    if stat and not any(bool(t.any()) for t in stat.values()):
+        names = list(stat)
+        raise ValueError(f"the {what} is zero in all {len(names)} tensors ({', '.join(names[:3])}"
+                         f"{', ...' if len(names) > 3 else ''}): {advice['zero']}")
+
+
+def _checked(compute: Callable, what: str, advice: Mapping[str, str]) -> Callable:
+    """``compute`` with its result passed through :func:`check_statistic`.
+
+    Applied after the definition (``f = _checked(f, ...)``), not as a decorator: callers key
+    cached statistics by the source of ``diagonal_fisher`` and ``gram_matrices``
+    (``lib.experiments.cache.code_hash``, which unwraps), and a check that changes no result
+    must not invalidate every cached statistic."""
+
+    @functools.wraps(compute)
+    def checked(*args, **kwargs):
+        result = compute(*args, **kwargs)
+        check_statistic(result[0] if isinstance(result, tuple) else result, what, advice)
+        return result
+
+    return checked
+
+
 def _batches_upto(batches: Iterable[Batch], max_examples: int | None):
     """Yield batches, cutting the last one so that at most ``max_examples`` are seen."""
     seen = 0
@@ -458,6 +516,10 @@ def _label_terms(label_mode: str, logits: Tensor | None, labels: Tensor, generat
     if label_mode == "true":
         return [(labels, None)]
     probs = torch.softmax(logits.detach().float(), dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # else multinomial fails with a message naming nothing
+        raise ValueError(f"the model's outputs are NaN or Inf for {int((~torch.isfinite(probs)).any(-1).sum())} of "
+                         f"{len(probs)} examples, so no Fisher can be computed. Check the model's weights for "
+                         "NaN/Inf (a diverged fine-tuning run, a damaged file) and that the inputs are finite.")
     if label_mode == "sample":
         # Drawn on CPU so that the draws do not depend on the device; drawing a batch in
         # chunks gives the same labels as drawing it at once.
@@ -530,10 +592,18 @@ def diagonal_fisher(
     return {name: (s / n).float().cpu() for name, s in total.items()}
 
 
+diagonal_fisher = _checked(diagonal_fisher, "Fisher", _FISHER_ADVICE)
+
+
 def hessian_estimate(fisher: Mapping[str, Tensor], num_examples: int) -> dict[str, Tensor]:
     """H = N · F: the Hessian of the summed training loss over N examples, estimated from
     the mean squared-gradient Fisher F (Daheim et al. 2024: H_t = N_t · F̂_t)."""
-    return {name: num_examples * f for name, f in fisher.items()}
+    if not (isinstance(num_examples, Real) and 0 < num_examples < math.inf):
+        raise ValueError(f"hessian_estimate: num_examples = {num_examples}; pass the (positive) size of the "
+                         "training set the Fisher stands for.")
+    hessian = {name: num_examples * f for name, f in fisher.items()}
+    check_statistic(hessian, "Hessian", _FISHER_ADVICE)
+    return hessian
 
 
 # ----------------------------------------------------------------------------------------
@@ -623,3 +693,6 @@ def gram_matrices(
         bar.close()
     grams = {n: g.cpu() for n, g in grams.items()}
     return (grams, counts) if return_counts else grams
+
+
+gram_matrices = _checked(gram_matrices, "Gram matrix", _GRAM_ADVICE)

@@ -7,7 +7,10 @@ downloads are served by fakes of ``_fetch`` and of the torchvision dataset class
 """
 from __future__ import annotations
 
+import io
 import urllib.error
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +51,19 @@ def _write_tweeteval(folder: Path, sizes=(12, 4, 6), num_classes=2, empty_tweet_
         (folder / f"{split}_labels.txt").write_text("".join(f"{i % num_classes}\n" for i in range(n)))
 
 
+# The fake mirror's files stand for the published ones, so their sizes are the "published" sizes
+# here (tests/test_nothing_silent.py checks the real sizes against the real mirror).
+FAKE_SENTEVAL_LINES = {"rt-polarity.all": 40, "custrev.all": 20, "subj.all": 20, "mpqa.all": 20,
+                       **{f"stsa.{kind}.{split}": n for kind in ("binary", "fine")
+                          for split, n in (("train", 16), ("dev", 6), ("test", 8))},
+                       "TREC.train.all": 60, "TREC.test.all": 12}
+FAKE_TWEETEVAL_LINES = {task: {"train": 12, "val": 4, "test": 6} for task in ("irony", "hate", "emoji")}
+
+
 @pytest.fixture
-def mirror(tmp_path: Path) -> Path:
+def mirror(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setattr(text_module, "SENTEVAL_LINES", FAKE_SENTEVAL_LINES)
+    monkeypatch.setattr(text_module, "TWEETEVAL_LINES", FAKE_TWEETEVAL_LINES)
     root = tmp_path / "mirror"
     senteval = root / "text" / "senteval"
     senteval.mkdir(parents=True)
@@ -259,14 +273,14 @@ def test_user_csv_txt_and_folder(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "train.txt").write_bytes(_labelled(20, 2, "x"))
-    (folder / "test.tsv").write_bytes(b"0\tone\n1\ttwo\n")
+    (folder / "test.tsv").write_bytes(b"label\ttext\n0\tone\n1\ttwo\n")  # a .tsv needs a header
     task = load_text_task(str(folder))
     assert task.test.texts == ["one", "two"] and (len(task.train), len(task.validation)) == (18, 2)
 
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_text_task(str(tmp_path / "absent.csv"))
     (tmp_path / "gaps.txt").write_bytes(b"0 a\n2 b\n")
-    with pytest.raises(ValueError, match=r"0\.\.C-1.*missing \[1\]"):
+    with pytest.raises(ValueError, match=r"gaps\.txt: label 1 has no training examples.*0\.\.C-1 without gaps"):
         load_text_task(str(tmp_path / "gaps.txt"))
 
 
@@ -343,6 +357,99 @@ def test_torchvision_download_is_converted_and_cached(tmp_path, monkeypatch):
     assert np.array_equal(again.test.images, mnist.test.images)
 
 
+class FakeKMNIST(FakeMNIST):
+    pass
+
+
+class FakeEuroSAT(_FakeTorchvision):
+    """One set of 64x64 RGB photos, no train/test split (torchvision's EuroSAT is an ImageFolder)."""
+
+    shape, classes = (64, 64, 3), 10
+
+    def __init__(self, root, download=False):
+        _constructed.append("FakeEuroSAT")
+        self.n = 50  # 5 per class
+
+    # Red says the label (to check that the split keeps image and label together); green is
+    # the same noise in every image (to check the resizing filter).
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+
+    def __getitem__(self, i):
+        image = np.zeros(self.shape, dtype=np.uint8)
+        image[..., 0], image[..., 1] = 20 * (i % 10), self.noise
+        return Image.fromarray(image), i % 10
+
+
+EUROSAT_CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                   "PermanentCrop", "Residential", "River", "SeaLake"]
+
+
+def test_eurosat_and_kmnist_downloads(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "EuroSAT", FakeEuroSAT)
+    monkeypatch.setattr(torchvision.datasets, "KMNIST", FakeKMNIST)
+    monkeypatch.delenv("DATA_DIR", raising=False)
+    monkeypatch.setenv("MERGE_DOWNLOAD_DIR", str(tmp_path))
+    eurosat = load_vision_task("eurosat")
+    with np.load(tmp_path / "vision" / "eurosat.npz") as f:
+        assert sorted(f.files) == ["classes", "x_test", "x_train", "y_test", "y_train"]
+        assert f["x_train"].shape == (40, 32, 32, 3) and f["x_test"].shape == (10, 32, 32, 3)  # 80/20, resized
+        assert f["x_train"].dtype == np.uint8 and f["y_train"].dtype == np.int64
+        assert np.bincount(f["y_test"]).tolist() == [1] * 10  # class-stratified
+        assert np.abs(f["x_train"][:, 5, 5, 0].astype(int) - 20 * f["y_train"]).max() <= 1  # pairs kept
+        lanczos = np.asarray(Image.fromarray(FakeEuroSAT.noise).resize((32, 32), Image.Resampling.LANCZOS))
+        assert all(np.array_equal(green, lanczos) for green in f["x_test"][..., 1])  # as the mirror was made
+        assert f["classes"].tolist() == EUROSAT_CLASSES
+    assert eurosat.classes == EUROSAT_CLASSES and any("80/20" in n and "Lanczos" in n for n in eurosat.notes)
+    kmnist = load_vision_task("kmnist")
+    assert kmnist.classes == ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
+    assert kmnist.test.images.shape == (6, 28, 28, 1) and len(kmnist.train) + len(kmnist.validation) == 12
+
+
+def _mnist_m_archive(top: str) -> bytes:
+    """A zip laid out like the GitHub archive of the MNIST-M repository: 32x32 RGB PNGs plus label files."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr(f"{top}/README.md", "# DANN")
+        for split, n in (("train", 20), ("test", 10)):
+            lines = []
+            for i in range(n):
+                png = io.BytesIO()
+                Image.new("RGB", (32, 32), (20 * (i % 10), 0, 0)).save(png, "PNG")
+                zf.writestr(f"{top}/mnist_m/mnist_m_{split}/{i:08d}.png", png.getvalue())
+                lines.append(f"{i:08d}.png {i % 10}\n")
+            zf.writestr(f"{top}/mnist_m/mnist_m_{split}_labels.txt", "".join(lines))
+    return buffer.getvalue()
+
+
+def test_mnist_m_download_from_the_repository_archive(tmp_path, monkeypatch):
+    from lib.data import vision
+
+    requested = []
+    archive = _mnist_m_archive("Domain-Adversarial-Training-of-Neural-Networks-main")
+
+    def fake_urlopen(url, timeout):  # here the default branch is "main"; the repository's is "master"
+        requested.append(url)
+        if not url.endswith("/archive/refs/heads/main.zip"):
+            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+        return io.BytesIO(archive)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.delenv("DATA_DIR", raising=False)
+    monkeypatch.setenv("MERGE_DOWNLOAD_DIR", str(tmp_path))
+    task = load_vision_task("mnist_m")
+    assert [url.rsplit("/", 1)[1] for url in requested] == ["master.zip", "main.zip"]  # a 404 moves on
+    assert requested[0].startswith(f"https://github.com/{vision.MNIST_M_REPOSITORY}/archive/")
+    with np.load(tmp_path / "vision" / "mnist_m.npz") as f:
+        assert f["x_train"].shape == (20, 32, 32, 3) and f["x_test"].shape == (10, 32, 32, 3)
+        assert f["y_test"].tolist() == list(range(10)) and f["classes"].tolist() == [str(d) for d in range(10)]
+        assert np.array_equal(f["x_train"][:, 0, 0, 0], 20 * f["y_train"])
+    assert any("MNIST-M PNGs" in n for n in task.notes)
+    load_vision_task("mnist_m")
+    assert len(requested) == 2  # the second run reads the saved .npz
+
+
 def test_image_folders(tmp_path):
     flat = tmp_path / "shapes"
     for c, colour in (("circle", 40), ("square", 200)):
@@ -396,6 +503,10 @@ def test_metrics_against_hand_computed_cases():
         official_metric("f1", y_true, y_pred, 3)
     with pytest.raises(ValueError, match="outside"):
         macro_f1([0, 1], [0, 3], 2)
+    # Matthews: TP 2, TN 2, FP 1, FN 0 -> (2*2 - 1*0) / sqrt(3*2*3*2) = 2/3; multi-class as scikit-learn
+    assert official_metric("matthews", [0, 0, 0, 1, 1], [0, 0, 1, 1, 1], 2) == pytest.approx(2 / 3)
+    assert official_metric("matthews", y_true, y_pred, 3) == pytest.approx(0.5222329678670935)
+    assert official_metric("matthews", [0, 1, 1], [1, 1, 1], 2) == 0.0  # constant prediction
 
 
 # --- the real mirror (skipped where it is absent) ----------------------------------------
@@ -449,6 +560,27 @@ def test_real_carved_splits_partition_the_file(name):
     assert sorted(_all_texts(task)) == sorted(text_module._read_labelled(file, 2).texts)
     assert load_text_task(name, data_dir=REAL).test.texts == task.test.texts  # deterministic
     assert load_text_task(name, data_dir=REAL, seed=1).test.texts != task.test.texts
+
+
+@pytest.mark.parametrize(
+    "name, image_shape, sizes, classes",
+    [
+        pytest.param("eurosat", (32, 32, 3), (12000, 3000), EUROSAT_CLASSES, marks=needs_data("vision/eurosat.npz")),
+        pytest.param("kmnist", (28, 28, 1), (8000, 2000), ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+                     marks=needs_data("vision/kmnist.npz")),
+        pytest.param("mnist_m", (32, 32, 3), (6000, 1500), [str(d) for d in range(10)],
+                     marks=needs_data("vision/mnist_m.npz")),
+    ],
+)
+def test_real_new_vision_tasks(name, image_shape, sizes, classes):
+    task = load_vision_task(name, data_dir=REAL)
+    assert (len(task.train) + len(task.validation), len(task.test)) == sizes
+    assert task.train.images.shape[1:] == image_shape and task.test.images.dtype == np.uint8
+    assert task.classes == classes and task.metric == "accuracy"
+    assert set(np.unique(task.test.labels)) == set(range(10))
+    assert any(note.startswith(f"mirror {name}.npz is") for note in task.notes)  # labelled as a subset
+    if name == "kmnist":
+        assert any("re-split of the KMNIST test set" in note for note in task.notes)
 
 
 @needs_data("vision/usps.npz")

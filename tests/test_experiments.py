@@ -240,3 +240,20 @@ def test_readme_sync_rewrites_stale_blocks(tmp_path):
 def test_readme_in_sync():
     text = (REPO_ROOT / "README.md").read_text()
     assert sync(text, REPO_ROOT) == text, "README.md quotes outdated tables from figures/: run `make readme`."
+
+
+def test_a_custom_run_writes_to_its_own_folder_and_only_the_default_run_to_figures():
+    from lib.experiments.baselines import BaselinesConfig
+    from lib.experiments.config import output_folder
+    from lib.paths import REPO_ROOT
+
+    default = BaselinesConfig(data_dir="../shared/data", models_dir="../shared/models")  # locations don't count
+    assert output_folder("01_merging_baselines", default) == REPO_ROOT / "figures" / "01_merging_baselines"
+    custom = BaselinesConfig(text_tasks=("sst2", "/home/me/data/my.task.csv"), seed=3)
+    path = output_folder("01_merging_baselines", custom)
+    assert path.parent == REPO_ROOT / "runs" / "01_merging_baselines"
+    assert path.name.startswith("text_tasks=sst2+my.task.csv_seed=3-")
+    other = output_folder("01_merging_baselines", BaselinesConfig(text_tasks=("sst2", "/elsewhere/my.task.csv"), seed=3))
+    assert other != path  # same short description, different parameters: the hash keeps them apart
+    assert output_folder("01_merging_baselines", BaselinesConfig(output_dir="figures/01_merging_baselines", seed=3)) \
+        == REPO_ROOT / "figures" / "01_merging_baselines"  # asked for explicitly

@@ -31,7 +31,7 @@ from .evaluation import evaluate
 from .findings import Claim, Estimate, findings_markdown, held, over_seeds, paired_difference, verdict
 from .selection import Selection, select
 from .tracks import TextTrack, Track, VisionTrack
-from .training import Expert, FinetuneConfig, head_module, probe_heads, reestimate_batchnorm, train_experts, train_multitask
+from .training import Expert, FinetuneConfig, head_module, initial_heads, reestimate_batchnorm, train_experts, train_multitask
 
 PRETRAINED = "Pretrained (θ0 + expert head)"
 EXPERTS = "Individual experts"
@@ -60,6 +60,11 @@ class BaselinesConfig:
     spread_seeds: tuple[int, ...] = (1, 2)  # further seeds of the vision track, for the seed spread
     max_validation: int = 500       # examples per task kept for validation (early stopping, selection)
     max_test: int = 1000            # examples per task kept for test (seeded, class-stratified subset)
+    # each task's head (Track.head_kind): probe, few_shot, joint, or zero_shot (text only)
+    text_heads: str = "probe"
+    vision_heads: str = "probe"
+    head_shots: int = 16            # examples per class of a few_shot head
+    vision_backbone: str = "resnet20"  # or "resnet56"
     # experts; the multi-task model gets multitask_steps_per_task × number of tasks
     text_max_steps: int = 250
     text_batch_size: int = 32
@@ -97,10 +102,11 @@ class BaselinesConfig:
     def track(self, name: str, seed: int | None = None) -> Track:
         seed = self.seed if seed is None else seed
         common = dict(data_dir=self.data_dir or None, seed=seed, max_validation=self.max_validation,
-                      max_test=self.max_test)
+                      max_test=self.max_test, head_kind=getattr(self, f"{name}_heads"), head_shots=self.head_shots)
         if name == "text":
             return TextTrack(tasks=list(self.text_tasks), **common)
-        return VisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None, **common)
+        return VisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None,
+                           backbone=self.vision_backbone, **common)
 
     def finetune_configs(self, name: str, num_tasks: int, seed: int | None = None) -> tuple[FinetuneConfig, FinetuneConfig]:
         """(experts, multi-task model) training settings of a track."""
@@ -132,7 +138,7 @@ class Setup:
     pretrained: dict[str, torch.Tensor]
     heads: dict[str, dict[str, torch.Tensor]]
     experts: dict[str, Expert]
-    multitask: Expert
+    multitask: Expert | None
     mergeable: list[str] = field(default_factory=list)
 
     def finetuned(self) -> list[dict[str, torch.Tensor]]:
@@ -146,13 +152,17 @@ class Setup:
         return {**self.pretrained, **merged}
 
 
-def prepare_track(track: Track, config: FinetuneConfig, multitask_config: FinetuneConfig, progress=True) -> Setup:
+def prepare_track(track: Track, config: FinetuneConfig, multitask_config: FinetuneConfig | None, progress=True) -> Setup:
+    """θ0, heads, experts and (unless ``multitask_config`` is None) the multi-task model."""
     pretrained = {k: v.clone() for k, v in track.pretrained_encoder().state_dict().items()}
-    heads = probe_heads(track)
-    experts = train_experts(track, heads, config, progress)
-    multitask = train_multitask(track, heads, multitask_config, progress)
+    start_heads = initial_heads(track)
+    experts = train_experts(track, start_heads, config, progress)
+    multitask = None if multitask_config is None else train_multitask(track, start_heads, multitask_config, progress)
     mergeable = [k for k, v in pretrained.items() if v.is_floating_point()
                  and any(not torch.equal(e.encoder[k], v) for e in experts.values())]
+    # Every model is evaluated through each task's expert head: the frozen start head, or the head
+    # trained with the expert (head_kind "joint", as in the GLUE merging papers).
+    heads = {t: experts[t].heads[t] for t in track.tasks}
     return Setup(track, pretrained, heads, experts, multitask, mergeable)
 
 
@@ -256,9 +266,12 @@ def _merge(method: str, pre: dict, fts: list, stats: dict, setup: Setup, **hyper
     entry = merging.REGISTRY[method]
     tasks = setup.track.tasks
     keep = lambda d: {k: v for k, v in d.items() if k in pre}  # noqa: E731
-    per_task = {name: [keep(stats[name][t]) for t in tasks] for name in ("fisher", "hessian", "gram")}
-    merge_stats = {**per_task, "hessian_pretrained": keep(stats["hessian_pretrained"]),
-                   "gram_counts": [stats["gram_counts"][t] for t in tasks]}
+    # Only what the method reads, so a merge that needs no statistics runs without them.
+    merge_stats = {name: [keep(stats[name][t]) for t in tasks] for name in entry.needs}
+    if "gram" in entry.needs:
+        merge_stats["gram_counts"] = [stats["gram_counts"][t] for t in tasks]
+    if "hessian" in entry.needs:
+        merge_stats["hessian_pretrained"] = keep(stats["hessian_pretrained"])
     if method != "regmean":
         return entry(pre, fts, merge_stats, **hyper)
     grams = merge_stats["gram"][0]
@@ -318,28 +331,33 @@ class TrackResult:
 
 
 def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult], reestimate_bn: bool = False,
-                     progress=True) -> tuple[pd.DataFrame, dict]:
+                     progress=True, split: str = "test") -> tuple[pd.DataFrame, dict]:
     """Long table (one row per method, task and BatchNorm variant: accuracy, official metric,
-    normalized score) and the per-example outcomes behind it."""
+    normalized score) and the per-example outcomes behind it, on ``split`` (the multi-task row
+    only when the setup has a multi-task model)."""
     encoder = track.pretrained_encoder()
     rows, outcomes = [], {}
 
     def add(method, kind, results, bn="stored"):
         for task, r in results.items():
+            task = track.display_name(task)  # a user's task by its name, not its path
             outcomes.setdefault((method, bn), {})[task] = r["correct"]
             rows.append({"track": track.name, "method": method, "kind": kind, "task": task, "batchnorm": bn,
                          **{k: v for k, v in r.items() if k != "correct"}})
 
-    add(PRETRAINED, "reference", evaluate(track, encoder, setup.pretrained, setup.heads))
+    add(PRETRAINED, "reference", evaluate(track, encoder, setup.pretrained, setup.heads, split=split))
     for task in track.tasks:
-        add(EXPERTS, "reference", evaluate(track, encoder, setup.experts[task].encoder, setup.heads, tasks=[task]))
-    add(MULTITASK, "reference", evaluate(track, encoder, setup.multitask.encoder, setup.heads))
+        add(EXPERTS, "reference", evaluate(track, encoder, setup.experts[task].encoder, setup.heads, tasks=[task],
+                                           split=split))
+    if setup.multitask is not None:
+        add(MULTITASK, "reference", evaluate(track, encoder, setup.multitask.encoder, setup.multitask.heads,
+                                             split=split))
     for name, result in tqdm(merged.items(), desc=f"{track.name} evaluation", disable=not progress):
-        add(name, "merge", evaluate(track, encoder, result.state, setup.heads))
+        add(name, "merge", evaluate(track, encoder, result.state, setup.heads, split=split))
         if reestimate_bn:
             state = reestimate_batchnorm(encoder, result.state, [track.split(t, "train") for t in track.tasks],
                                          seed=track.seed)
-            add(name, "merge", evaluate(track, encoder, state, setup.heads), bn="re-estimated")
+            add(name, "merge", evaluate(track, encoder, state, setup.heads, split=split), bn="re-estimated")
     table = pd.DataFrame(rows)
     expert = table[table.method == EXPERTS].set_index("task")["accuracy"]
     table["normalized"] = 100 * table["accuracy"] / table["task"].map(expert)
@@ -382,7 +400,8 @@ def training_table(results: dict[str, TrackResult]) -> pd.DataFrame:
     for name, result in results.items():
         for task, expert in [*result.setup.experts.items(), ("multi-task", result.setup.multitask)]:
             info = expert.info
-            rows.append({"track": name, "model": task, "steps": info.get("steps"), "best step": info.get("best_step"),
+            model = result.setup.track.display_name(task) if task in result.setup.experts else task
+            rows.append({"track": name, "model": model, "steps": info.get("steps"), "best step": info.get("best_step"),
                          "stopped early": info.get("stopped_early"),
                          "validation acc.": 100 * info.get("best_validation_accuracy", float("nan")),
                          "seconds": info.get("seconds")})

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import types
 import typing
+from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import numpy as np
 import torch
+
+from ..paths import REPO_ROOT
 
 C = TypeVar("C")
 
@@ -111,3 +115,37 @@ def runtime(seed: int, threads: int | None = 2) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# Parameters that say where things are or how a run looks, not what it computes.
+_LOCATION_PARAMETERS = ("data_dir", "models_dir", "output_dir", "progress")
+
+
+def output_folder(notebook: str, config) -> Path:
+    """Where a notebook run writes its tables and figures.
+
+    - ``config.output_dir`` when given (a relative path is taken from the repository root);
+    - ``figures/<notebook>/``, the committed results, only for the default configuration;
+    - otherwise ``runs/<notebook>/<the changed parameters>``, so that a custom run (other tasks,
+      budgets, seeds) never overwrites the committed results. Pass
+      ``output_dir=figures/<notebook>`` to do that on purpose.
+    """
+    if config.output_dir:
+        path = Path(config.output_dir).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
+    defaults = type(config)()
+    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if f.name not in _LOCATION_PARAMETERS and getattr(config, f.name) != getattr(defaults, f.name)}
+    if not changed:
+        return REPO_ROOT / "figures" / notebook
+    described = "_".join(f"{k}={_short(v)}" for k, v in changed.items())
+    digest = hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return REPO_ROOT / "runs" / notebook / f"{described[:80]}-{digest}"
+
+
+def _short(value) -> str:
+    """A parameter value as a short, file-name-safe string (paths by their last part)."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(_short(v) for v in value)
+    text = Path(str(value)).name if os.sep in str(value) or "/" in str(value) else str(value)
+    return "".join(c if c.isalnum() or c in "-.=" else "-" for c in text)

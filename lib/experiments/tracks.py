@@ -25,8 +25,9 @@ from .. import data as datasets
 from ..models import load_cifar_resnet, load_text_encoder, minilm_path
 from ..paths import REPO_ROOT, download_dir
 
-RESNET20_FILE = "resnet20-12fca82f.th"
-RESNET20_URL = f"https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/{RESNET20_FILE}"
+HEAD_KINDS = ("probe", "few_shot", "joint", "zero_shot")
+CIFAR_RESNETS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
+CIFAR_RESNET_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/{file}"
 
 
 @dataclass
@@ -99,7 +100,23 @@ class Track:
     max_train: int | None = None
     max_validation: int | None = 500
     max_test: int | None = 1000
+    # What each task's head is (lib.experiments.training.initial_heads): "probe" (a linear probe
+    # on θ0's features), "few_shot" (a probe on head_shots examples per class), "joint" (trained
+    # with each expert) or "zero_shot" (text: built from class descriptions, as CLIP's).
+    head_kind: str = "probe"
+    head_shots: int = 16
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.head_kind not in HEAD_KINDS:
+            raise ValueError(f"head_kind = {self.head_kind!r}: choose one of {', '.join(HEAD_KINDS)}.")
+        if self.head_kind == "zero_shot" and not self.has_text_tower:
+            raise ValueError(f"head_kind = 'zero_shot' needs class descriptions embedded by a text model; the "
+                             f"{self.name} track has none. Use 'few_shot' (its analogue), 'joint' or 'probe'.")
+        if self.head_shots < 1:
+            raise ValueError(f"head_shots = {self.head_shots}: pass a positive number of examples per class.")
+
+    has_text_tower: bool = field(default=False, init=False, repr=False)
 
     def split(self, task: str, split: str) -> PreparedSplit:
         key = (task, split)
@@ -123,6 +140,13 @@ class Track:
         if key not in self._cache:
             self._cache[key] = self._load(task)
         return self._cache[key]
+
+    def display_name(self, task: str) -> str:
+        """How tables name ``task``: the loader's name (a user task's folder or file stem, or the
+        name its task description gives), unless two tasks of the track would share it."""
+        names = {t: getattr(self._raw_task(t), "name", t) for t in self.tasks} if task in self.tasks else {}
+        name = names.get(task, task)
+        return name if list(names.values()).count(name) <= 1 else task
 
     def fingerprint(self, task: str) -> str:
         """A hash of the contents (inputs and labels) of the task's three prepared splits: a
@@ -185,8 +209,13 @@ class TextTrack(Track):
         return self._cache["tokenizer"]
 
     def _prepare(self, task, split) -> PreparedSplit:
-        ids = self._tokenizer()(list(split.texts), truncation=True, max_length=self.max_length)["input_ids"]
-        return PreparedSplit(task, ids, np.asarray(split.labels), _text_collate, np.array([len(r) for r in ids]))
+        return self.prepare_texts(split.texts, split.labels, task)
+
+    def prepare_texts(self, texts, labels=None, task: str = "") -> PreparedSplit:
+        """Any sentences (e.g. class descriptions) tokenized like the track's data."""
+        ids = self._tokenizer()(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        labels = np.zeros(len(ids), dtype=np.int64) if labels is None else np.asarray(labels)
+        return PreparedSplit(task, ids, labels, _text_collate, np.array([len(r) for r in ids]))
 
     def pretrained_encoder(self):
         import copy
@@ -197,6 +226,7 @@ class TextTrack(Track):
     # Token embeddings are frozen while fine-tuning: a task touches only the rows of the tokens
     # it contains, and updating (and AdamW-stepping) all 30522 rows doubles the step's cost on CPU.
     frozen_parameters: tuple[str, ...] = ("transformer.embeddings.word_embeddings.weight",)
+    has_text_tower: bool = field(default=True, init=False, repr=False)
     # Per-example squared gradients from layer hooks (exact; HF attention masks defeat vmap).
     fisher_method: str = "hooks"
 
@@ -206,36 +236,61 @@ def _image_collate(split: PreparedSplit, idx: np.ndarray) -> dict[str, torch.Ten
     return {"pixel_values": datasets.prepare_images(split.inputs[idx], size=32, channels=3)}
 
 
-def resnet20_checkpoint(models_dir: str | None = None) -> Path:
-    """The ResNet-20 file: from ``models_dir`` (or $MODELS_DIR), else downloaded once."""
-    models_dir = models_dir or os.environ.get("MODELS_DIR")
-    if models_dir:
-        path = Path(models_dir)
-        if not path.is_absolute() and not path.exists():
-            path = REPO_ROOT / models_dir
-        path = path / "cifar_resnet" / RESNET20_FILE
+def models_mirror(models_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local model folder: ``models_dir``, else $MODELS_DIR, else the ``models`` folder beside
+    $DATA_DIR (as the Makefile derives it); None when none is set (download instead)."""
+    value = models_dir or os.environ.get("MODELS_DIR")
+    if not value and os.environ.get("DATA_DIR"):
+        value = str(Path(os.environ["DATA_DIR"]).expanduser() / ".." / "models")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / value  # notebooks run from notebooks/; paths are relative to the repo root
+    return path
+
+
+def cifar_resnet_checkpoint(backbone: str = "resnet20", models_dir: str | None = None) -> Path:
+    """A CIFAR ResNet checkpoint: from the local model folder (see :func:`models_mirror`), else
+    downloaded once from akamaster/pytorch_resnet_cifar10."""
+    if backbone not in CIFAR_RESNETS:
+        raise ValueError(f"backbone = {backbone!r}: choose one of {', '.join(CIFAR_RESNETS)}.")
+    file = CIFAR_RESNETS[backbone]
+    mirror = models_mirror(models_dir)
+    if mirror is not None:
+        path = mirror / "cifar_resnet" / file
         if not path.exists():
-            raise FileNotFoundError(f"MODELS_DIR={models_dir!r} has no cifar_resnet/{RESNET20_FILE}")
+            raise FileNotFoundError(f"{path} not found. Put {file} (from {CIFAR_RESNET_URL.format(file=file)}) in "
+                                    f"{mirror / 'cifar_resnet'}, or point models_dir / MODELS_DIR at a folder that has it.")
         return path
-    path = download_dir() / "models" / RESNET20_FILE
+    path = download_dir() / "models" / file
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        urllib.request.urlretrieve(RESNET20_URL, tmp)
+        try:
+            urllib.request.urlretrieve(CIFAR_RESNET_URL.format(file=file), tmp)
+        except OSError as err:
+            raise RuntimeError(f"Could not download {file} ({err}). Offline, put it in <models>/cifar_resnet/ and "
+                               "set models_dir (or MODELS_DIR) to <models>, e.g. ../shared/models.") from err
         os.replace(tmp, path)
     return path
 
 
+def resnet20_checkpoint(models_dir: str | None = None) -> Path:
+    return cifar_resnet_checkpoint("resnet20", models_dir)
+
+
 @dataclass
 class VisionTrack(Track):
-    """CIFAR-10 ResNet-20 + MNIST / Fashion-MNIST / USPS / GTSRB."""
+    """A CIFAR-10 ResNet (20 or 56 layers) + image tasks (MNIST, Fashion-MNIST, USPS, GTSRB, ...)."""
 
     name: str = "vision"
     models_dir: str | None = None
+    backbone: str = "resnet20"
     max_train: int | None = 20000
 
     def backbone_id(self) -> str:
-        path = resnet20_checkpoint(self.models_dir)
+        path = cifar_resnet_checkpoint(self.backbone, self.models_dir)
         return f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
 
     def _load(self, task):
@@ -245,7 +300,7 @@ class VisionTrack(Track):
         return PreparedSplit(task, np.asarray(split.images), np.asarray(split.labels), _image_collate)
 
     def pretrained_encoder(self):
-        encoder, _ = load_cifar_resnet(resnet20_checkpoint(self.models_dir))
+        encoder, _ = load_cifar_resnet(cifar_resnet_checkpoint(self.backbone, self.models_dir))
         return encoder
 
     frozen_parameters: tuple[str, ...] = ()

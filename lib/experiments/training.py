@@ -14,8 +14,11 @@ interrupted mid-training resumes from its last evaluation.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,9 +26,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import cache_path, code_hash, content_hash, load_metadata, save_tensors_atomic
+from ..data.descriptions import class_descriptions
+from ..heads import MINILM_TEMPERATURE, head_module, random_head, zero_shot_head
+from .selection import Selection, select
+from . import cache
+from .cache import code_hash, content_hash, load_cached, load_metadata, save_tensors_atomic
 from .tracks import PreparedSplit, Track, model_inputs
-from safetensors.torch import load_file
+
+
+# ----------------------------------------------------------------------------- cache access
+# Every cached file here is read through cache.load_cached, which checks it against the hash
+# saved with it. ``finetune``'s source is part of every expert's cache key, so it is not edited
+# to call that: instead the two names it uses, ``cache_path`` and ``load_file``, are these
+# helpers. ``cache_path`` moves a damaged file (and a damaged partial checkpoint) aside before
+# the caller looks, so ``path.exists()`` means a file that loads and matches its hash, and a
+# damaged one is recomputed by the caller's normal path.
+def cache_path(kind: str, spec: dict) -> Path:
+    """``cache.cache_path``, with what is cached there verified first (a damaged file moved aside)."""
+    path = cache.cache_path(kind, spec)
+    for file in (path, _partial_path(path)):
+        load_cached(file)  # None for a missing file, and for a damaged one after moving it aside
+    return path
+
+
+def _partial_path(path: Path) -> Path:
+    """Where ``finetune`` keeps the checkpoint of an unfinished run of ``path``."""
+    return path.with_suffix(".partial.safetensors")
+
+
+def _load_verified(path) -> dict[str, torch.Tensor]:
+    """The tensors of a cached file that :func:`cache_path` has verified."""
+    tensors = load_cached(path)
+    if tensors is None:  # damaged between the check and now (load_cached warned and moved it aside)
+        raise RuntimeError(f"the cache file {path} was damaged or removed while in use; run again to recompute it.")
+    return tensors
+
+
+load_file = _load_verified  # the name finetune reads its partial checkpoint with
+
+
+def _head_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A head's state dict from a cached heads file (keys ``head.weight``, ``head.bias``)."""
+    return {k.removeprefix("head."): v for k, v in tensors.items()}
 
 
 @dataclass
@@ -43,11 +85,13 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "eval_every", "warmup_steps", "max_eval_examples"):
+        for name in ("max_steps", "batch_size", "eval_every", "warmup_steps", "max_eval_examples", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FinetuneConfig.{name} = {getattr(self, name)}: pass a positive integer.")
-        if not self.lr > 0:
-            raise ValueError(f"FinetuneConfig.lr = {self.lr}: pass a positive learning rate.")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"FinetuneConfig.lr = {self.lr}: pass a positive, finite learning rate.")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"FinetuneConfig.weight_decay = {self.weight_decay}: pass a finite value >= 0.")
 
 
 @dataclass
@@ -97,8 +141,8 @@ def probe_heads(track: Track, max_examples: int = 2000) -> dict[str, dict[str, t
         spec = {**track.identity([task]), "task": task, "max_examples": max_examples, "kind": "probe",
                 "code": code_hash(linear_probe, encode)}
         path = cache_path(f"heads/{track.name}", spec)
-        if path.exists():
-            heads[task] = {k.removeprefix("head."): v for k, v in load_file(str(path)).items()}
+        if path.exists():  # a verified file (cache_path moved a damaged one aside)
+            heads[task] = _head_of(_load_verified(path))
             continue
         encoder = encoder or track.pretrained_encoder()
         split = track.split(task, "train").subset(max_examples, track.seed)
@@ -108,11 +152,81 @@ def probe_heads(track: Track, max_examples: int = 2000) -> dict[str, dict[str, t
     return heads
 
 
-def head_module(state: dict[str, torch.Tensor]) -> nn.Linear:
-    out_features, in_features = state["weight"].shape
-    head = nn.Linear(in_features, out_features)
-    head.load_state_dict(state)
-    return head.requires_grad_(False)
+def _per_class_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """``shots`` seeded indices of every class (all of a class that has fewer)."""
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked))
+
+
+def few_shot_heads(track: Track) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's linear probe on θ0 features of ``track.head_shots`` training examples per class
+    (cached): for a backbone with no text tower, the analogue of a zero-shot head."""
+    heads, encoder = {}, None
+    for task in track.tasks:
+        spec = {**track.identity([task]), "task": task, "shots": track.head_shots, "kind": "few_shot",
+                "code": code_hash(linear_probe, encode, _per_class_indices)}
+        path = cache_path(f"heads/{track.name}", spec)
+        if not path.exists():
+            encoder = encoder or track.pretrained_encoder()
+            split = track.split(task, "train")
+            idx = _per_class_indices(split.labels, track.head_shots, track.seed)
+            features = encode(encoder, split)[torch.as_tensor(idx)]
+            head = linear_probe(features, split.labels[idx], track.num_classes(task), seed=track.seed)
+            save_tensors_atomic({f"head.{k}": v for k, v in head.items()}, path, {"spec": spec})
+        heads[task] = _head_of(_load_verified(path))
+    return heads
+
+
+def joint_heads(track: Track) -> dict[str, dict[str, torch.Tensor]]:
+    """Freshly initialised heads (seeded per task), to be trained with each expert."""
+    dim = track.pretrained_encoder().feature_dim
+    return {task: random_head(dim, track.num_classes(task), seed=track.seed * 1000 + i)
+            for i, task in enumerate(track.tasks)}
+
+
+def zero_shot_heads(track: Track, temperature: float = MINILM_TEMPERATURE,
+                    descriptions_file=None) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Selection]]:
+    """Each task's zero-shot head from its class descriptions (``data/class_descriptions.yaml``),
+    the candidate description set chosen on validation accuracy of θ0 (cached).
+
+    Returns the heads and, per task, the :class:`Selection` over candidate sets."""
+    heads, selections, encoder = {}, {}, None
+    for task in track.tasks:
+        candidates = class_descriptions(task, track.raw(task).classes, descriptions_file)
+        spec = {**track.identity([task]), "task": task, "kind": "zero_shot", "temperature": temperature,
+                "descriptions": candidates, "code": code_hash(zero_shot_head, encode, select)}
+        path = cache_path(f"heads/{track.name}", spec)
+        if not path.exists():
+            encoder = encoder or track.pretrained_encoder()
+            made = {name: zero_shot_head([encode(encoder, track.prepare_texts(texts)) for texts in per_class],
+                                         temperature) for name, per_class in candidates.items()}
+            features = {}
+
+            def score(name, data, task=task):
+                split = data.split(task, "validation")
+                if "x" not in features:
+                    features["x"] = encode(encoder, split)
+                logits = head_module(made[name])(features["x"])
+                return float((logits.argmax(1).numpy() == split.labels).mean())
+
+            chosen = select("descriptions", list(candidates), score, track)
+            save_tensors_atomic({f"head.{k}": v for k, v in made[chosen.best].items()}, path,
+                                {"spec": spec, "selection": dataclasses.asdict(chosen)})
+        heads[task] = _head_of(_load_verified(path))
+        selections[task] = Selection(**load_metadata(path)["selection"])
+    return heads, selections
+
+
+def initial_heads(track: Track) -> dict[str, dict[str, torch.Tensor]]:
+    """The heads experts start from, of the track's ``head_kind`` (frozen unless "joint")."""
+    if track.head_kind == "probe":
+        return probe_heads(track)
+    if track.head_kind == "few_shot":
+        return few_shot_heads(track)
+    if track.head_kind == "joint":
+        return joint_heads(track)
+    return zero_shot_heads(track)[0]
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -182,9 +296,11 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     model.encoder = track.pretrained_encoder()
     if init is not None:
         model.encoder.load_state_dict(init.encoder)
+    # Heads are keyed by position, never by task name: a user's task may be named "my.task".
     head_keys = {t: (tasks[0] if shared_head else t) for t in tasks}
-    model.heads = nn.ModuleDict({k: head_module(heads[k]) for k in dict.fromkeys(head_keys.values())})
-    head_of = {t: model.heads[k] for t, k in head_keys.items()}
+    slot = {k: str(i) for i, k in enumerate(dict.fromkeys(head_keys.values()))}
+    model.heads = nn.ModuleDict({slot[k]: head_module(heads[k]) for k in slot})
+    head_of = {t: model.heads[slot[k]] for t, k in head_keys.items()}
     trainable = {f"encoder.{n}" for n, _ in model.encoder.named_parameters() if n not in track.frozen_parameters}
     if train_head:
         trainable |= {n for n, _ in model.named_parameters() if n.startswith("heads.")}
@@ -244,10 +360,10 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
             "seconds": time.perf_counter() - started, "history": state["history"],
             "stopped_early": step < config.max_steps}
     encoder_best = {k[8:]: v for k, v in best.items() if k.startswith("encoder.")}
-    heads_best = {t: {k: best[f"heads.{head_keys[t]}.{k}"] for k in ("weight", "bias")} for t in tasks}
+    heads_best = {t: {k: best[f"heads.{slot[head_keys[t]]}.{k}"] for k in heads[head_keys[t]]} for t in tasks}
     tensors = {f"encoder.{k}": v for k, v in encoder_best.items()}
     # .clone(): with shared_head every task names the same tensors, which safetensors will not save twice
-    tensors.update({f"head.{t}.{k}": v.clone() for t in tasks for k, v in heads_best[t].items()})
+    tensors.update({f"head.{i}.{k}": v.clone() for i, t in enumerate(tasks) for k, v in heads_best[t].items()})
     save_tensors_atomic(tensors, path, {"spec": spec, "info": info})
     partial.unlink(missing_ok=True)
     return Expert(encoder_best, heads_best, info)
@@ -264,21 +380,23 @@ def _save_partial(path, model, best, params, optimizer, state, spec):
 
 
 def _load_expert(path, tasks) -> Expert:
-    tensors = load_file(str(path))
+    tensors = _load_verified(path)
     encoder = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
-    heads = {t: {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"head.{t}.")} for t in tasks}
+    heads = {t: {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"head.{i}.")}
+             for i, t in enumerate(tasks)}
     return Expert(encoder, heads, load_metadata(path).get("info", {}))
 
 
 def train_experts(track: Track, heads: dict, config: FinetuneConfig, progress: bool = True) -> dict[str, Expert]:
     """One expert per task of the track (each cached)."""
-    return {task: finetune(track, [task], heads, config, progress) for task in
+    train_head = track.head_kind == "joint"
+    return {task: finetune(track, [task], heads, config, progress, train_head=train_head) for task in
             tqdm(track.tasks, desc=f"{track.name} experts", disable=not progress)}
 
 
 def train_multitask(track: Track, heads: dict, config: FinetuneConfig, progress: bool = True) -> Expert:
     """The multi-task model: ``config.max_steps`` is the total over all tasks."""
-    return finetune(track, list(track.tasks), heads, config, progress)
+    return finetune(track, list(track.tasks), heads, config, progress, train_head=track.head_kind == "joint")
 
 
 # ----------------------------------------------------------------------------- BatchNorm

@@ -16,6 +16,11 @@ returns new ones, never modifying its inputs and doing no I/O. Conventions share
   ``running_mean`` or ``running_var`` (``BUFFER_SUFFIXES``).
 - All models must have the same keys, and per key the same shape and dtype; otherwise a
   ``ValueError`` names the key and the models.
+- Nothing non-finite goes in: a NaN or ±Inf entry in any model or statistic (Fisher, Gram,
+  Hessian), or a NaN/infinite hyper-parameter, is a ``ValueError`` naming the model, the key
+  and the count. One NaN would otherwise turn a whole merge into NaN (SLERP's norms, every
+  weighted sum) or be silently replaced by θ0 (TIES's trim drops it). One ``isfinite`` pass
+  per tensor.
 - Arithmetic runs in the input dtype, except that float16/bfloat16 inputs are computed
   (and accumulated) in float32; results are returned in the input dtype.
 
@@ -23,6 +28,8 @@ Notation follows METHODS.md: θ0 pretrained, θt fine-tuned on task t, τt = θt
 """
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Collection, Mapping, Sequence
 
 import torch
@@ -77,17 +84,57 @@ def _check_same_layout(models: Sequence[StateDict], labels: Sequence[str]) -> No
                 )
 
 
+def _nonfinite(x: torch.Tensor) -> str:
+    """How many NaN and ±Inf entries ``x`` has, in words."""
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    parts = [f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else ""]
+    return f"{' and '.join(p for p in parts if p)} entries (of {x.numel():,})"
+
+
+def _check_finite(sd: StateDict, label: str) -> None:
+    """Raise ValueError naming the first float tensor of ``sd`` that holds NaN or ±Inf."""
+    for k, v in sd.items():
+        if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
+            raise ValueError(
+                f"{label}[{k!r}] has {_nonfinite(v)}; a merge would spread them or silently drop them. "
+                "Check where it came from (a diverged fine-tuning run, a damaged file, a statistic of bad "
+                "data), recompute it, or leave that model out of the merge.")
+
+
+def _check_numbers(where: str, **values) -> None:
+    """Raise ValueError for a hyper-parameter that is NaN or infinite (a number, a 0-d tensor, or a
+    sequence of them such as ``weights``); None and non-numbers (strings, flags) are left alone."""
+    for name, value in values.items():
+        several = isinstance(value, (list, tuple)) or (torch.is_tensor(value) and value.dim() == 1)
+        items = value if several else [value]
+        for v in items:
+            if torch.is_tensor(v) and v.numel() == 1:
+                v = float(v)
+            if isinstance(v, Real) and not isinstance(v, bool) and not math.isfinite(v):
+                raise ValueError(f"{where}: {name} = {value} is not finite (NaN or Inf); pass a finite value "
+                                 f"for {name} (e.g. one of its validation grid).")
+
+
+def _check_state_dicts(models: Sequence[StateDict], labels: Sequence[str]) -> None:
+    """The models to merge: one layout (keys, shapes, dtypes) and finite entries."""
+    _check_same_layout(models, labels)
+    for sd, label in zip(models, labels):
+        _check_finite(sd, label)
+
+
 def _check_models(pretrained: StateDict | None, finetuned: Sequence[StateDict]) -> None:
     _check_nonempty(finetuned, "finetuned")
     models = ([pretrained] if pretrained is not None else []) + list(finetuned)
     labels = (["pretrained"] if pretrained is not None else []) + [
         f"finetuned[{i}]" for i in range(len(finetuned))
     ]
-    _check_same_layout(models, labels)
+    _check_state_dicts(models, labels)
 
 
 def _check_stats(stats: StateDict, params: StateDict, label: str, shape_of=None) -> None:
-    """Statistics (Fishers, Hessians) must name known float tensors, with the right shape."""
+    """Statistics (Fishers, Grams, Hessians) must name known float tensors, with the right shape,
+    and hold finite values."""
+    _check_finite(stats, label)
     for k, v in stats.items():
         if k not in params:
             raise ValueError(f"{label} has key {k!r}, which is not among the parameters merged.")

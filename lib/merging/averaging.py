@@ -12,6 +12,9 @@ Deviations / conventions:
 
 - SLERP falls back to linear interpolation where |cos Ω| > 0.9995 (mergekit's threshold,
   ``SLERP_COLINEAR_THRESHOLD``) or either tensor's norm is below ``eps``.
+- SLERP's t must lie in [0, 1]: outside it the path leaves the arc between the two models
+  (extrapolation, not a merge), and the buffers' weights (1 − t, t) turn negative, which can
+  make a running variance negative.
 - SLERP interpolates the raw weights, not task vectors (it has no θ0), as mergekit does.
 - Buffers (BatchNorm running statistics): weight averaging treats them like any tensor,
   which is already the buffer rule; SLERP interpolates them linearly, (1 − t)·a + t·b, the
@@ -23,7 +26,7 @@ from typing import Collection, Sequence
 
 import torch
 
-from ._common import (StateDict, _check_nonempty, _check_same_layout, _float_keys,
+from ._common import (StateDict, _check_nonempty, _check_numbers, _check_state_dicts, _float_keys,
                       _in_order, _passthrough, _without, _work, averaged_buffers,
                       buffer_keys)
 
@@ -45,7 +48,14 @@ def weight_average(
     Buffers are averaged like every other float tensor, which is the buffer rule itself.
     """
     _check_nonempty(state_dicts, "state_dicts")
-    _check_same_layout(state_dicts, [f"state_dicts[{i}]" for i in range(len(state_dicts))])
+    _check_numbers("weight_average", weights=weights)
+    _check_state_dicts(state_dicts, [f"state_dicts[{i}]" for i in range(len(state_dicts))])
+    return _average(state_dicts, weights)
+
+
+def _average(state_dicts: Sequence[StateDict], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """``weight_average`` without its checks, for merges that have checked their inputs already
+    (an ``isfinite`` pass over every model costs as much as the average itself)."""
     out = _passthrough(state_dicts[0])
     out.update(averaged_buffers(state_dicts, _float_keys(state_dicts[0]), weights))
     return _in_order(out, state_dicts[0])
@@ -63,8 +73,13 @@ def slerp(state_dict_a: StateDict, state_dict_b: StateDict, t: float = 0.5, eps:
     Falls back to linear interpolation (1−t)·a + t·b where |cos Ω| > 0.9995
     (``SLERP_COLINEAR_THRESHOLD``) or either tensor has norm below ``eps``. Buffers (``buffers``,
     or by default the keys ending in running_mean / running_var) are interpolated linearly.
+    ``t`` must be in [0, 1] (0 gives a, 1 gives b).
     """
-    _check_same_layout([state_dict_a, state_dict_b], ["state_dict_a", "state_dict_b"])
+    _check_numbers("slerp", t=t, eps=eps)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"slerp: t = {t} is outside [0, 1]; SLERP interpolates between the two models "
+                         "(t = 0 gives the first, 1 the second). Pass t in [0, 1].")
+    _check_state_dicts([state_dict_a, state_dict_b], ["state_dict_a", "state_dict_b"])
     out = _passthrough(state_dict_a)
     buffer_names = buffer_keys(state_dict_a, buffers)
     out.update(averaged_buffers([state_dict_a, state_dict_b], buffer_names, [1.0 - t, t]))

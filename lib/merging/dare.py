@@ -23,8 +23,8 @@ from typing import Collection, Sequence
 
 import torch
 
-from ._common import (StateDict, _check_models, _float_keys, _in_order, _passthrough, _without,
-                      _work, buffer_keys)
+from ._common import (StateDict, _check_models, _check_numbers, _float_keys, _in_order, _passthrough,
+                      _without, _work, buffer_keys)
 
 
 # -------------------------------------------------------------------------------- DARE
@@ -49,6 +49,7 @@ def dare(
     are passed. Non-floating tensors and buffers (``buffers``, or by default the keys ending in
     running_mean / running_var) are copied unchanged from each fine-tuned model.
     """
+    _check_numbers("dare", drop_rate=drop_rate)
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}.")
     _check_models(pretrained, finetuned)

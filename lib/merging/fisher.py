@@ -21,6 +21,8 @@ Deviations / conventions:
   in all models or in none.
 - Buffers (``buffers``, or by default the keys ending in running_mean / running_var) are
   averaged with the model weights, whatever Fishers are given for them.
+- Model weights must be >= 0: a negative weight makes wt·Ft a negative precision, and the
+  denominator can cross 0 (division by ~0), which is no weighted average.
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from typing import Collection, Sequence
 
 import torch
 
-from ._common import (_has_statistic, StateDict, _check_nonempty, _check_same_layout, _check_stats, _float_keys,
-                      _normalized, _without, _work, _work_dtype, buffer_keys)
-from .averaging import weight_average
+from ._common import (_has_statistic, StateDict, _check_nonempty, _check_numbers, _check_state_dicts, _check_stats,
+                      _float_keys, _normalized, _without, _work, _work_dtype, buffer_keys)
+from .averaging import _average
 
 
 # ---------------------------------------------------------------------- Fisher merging
@@ -54,16 +56,19 @@ def fisher_merging(
     a Fisher in all models or in none. Weights are normalized to sum to 1 (uniform when None).
     """
     _check_nonempty(state_dicts, "state_dicts")
-    _check_same_layout(state_dicts, [f"state_dicts[{i}]" for i in range(len(state_dicts))])
-    if len(fishers) != len(state_dicts):
-        raise ValueError(f"got {len(fishers)} Fisher dicts for {len(state_dicts)} models.")
+    _check_numbers("fisher_merging", weights=weights, eps=eps)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}.")
+    if weights is not None and any(w < 0 for w in weights):
+        raise ValueError(f"fisher_merging: weights {list(weights)} include a negative one; pass weights >= 0.")
+    _check_state_dicts(state_dicts, [f"state_dicts[{i}]" for i in range(len(state_dicts))])
+    if len(fishers) != len(state_dicts):
+        raise ValueError(f"got {len(fishers)} Fisher dicts for {len(state_dicts)} models.")
     w = _normalized(weights, len(state_dicts))
     ref = state_dicts[0]
     for t, f in enumerate(fishers):
         _check_stats(f, ref, f"fishers[{t}]")
-    out = weight_average(state_dicts, w)  # also the answer for buffers and keys without Fishers
+    out = _average(state_dicts, w)  # also the answer for buffers and keys without Fishers
     for k in _without(_float_keys(ref), buffer_keys(ref, buffers)):
         if not _has_statistic(k, fishers, "Fisher"):
             continue

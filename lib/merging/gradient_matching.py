@@ -21,6 +21,9 @@ Deviations and conventions:
 - Buffers (``buffers=``, by default BatchNorm's running mean / variance) are not task
   vectors: they get their plain average over the fine-tuned models, never Task Arithmetic
   (``lib.merging._common``). They have no Hessian; giving one is an error.
+- α = ``scale`` and δ = ``delta`` must be >= 0: α weighs the task likelihoods in the
+  precision H0 + α Σs Hs + δ, and a negative one can drive it to 0 (an infinite merge). To
+  remove a task, use :func:`remove_uncertainty_weighted` (or Task Arithmetic's negation).
 
 Also here, for the study of notebook 04 (all take and return tensors):
 
@@ -40,7 +43,9 @@ import torch
 
 from ._common import (
     StateDict,
+    _check_finite,
     _check_models,
+    _check_numbers,
     _check_stats,
     _float_keys,
     _in_order,
@@ -72,8 +77,16 @@ def gradient_matching(
 
     ``hessians[t][k]`` and ``pretrained_hessian[k]`` are diagonals (shaped like the
     parameter), e.g. Ht = Nt·F̂t. Float tensors with no Hessian anywhere get Task Arithmetic
-    with the same α; buffer keys get their average over ``finetuned``.
+    with the same α; buffer keys get their average over ``finetuned``. ``scale`` and ``delta``
+    must be >= 0.
     """
+    _check_numbers("gradient_matching", scale=scale, delta=delta)
+    if scale < 0 or delta < 0:
+        raise ValueError(
+            f"gradient_matching: scale = {scale}, delta = {delta}; both must be >= 0, since they weigh the "
+            "task Hessians and the damping in the precision H0 + scale·ΣHs + delta, which a negative value "
+            "can drive to 0. To take a task out, use remove_uncertainty_weighted or task_arithmetic with a "
+            "negative scale.")
     _check_models(pretrained, finetuned)
     if len(hessians) != len(finetuned):
         raise ValueError(f"got {len(hessians)} Hessian dicts for {len(finetuned)} fine-tuned models.")
@@ -113,6 +126,9 @@ def gradient_matching(
 @torch.no_grad()
 def remove_plain(theta_all: StateDict, theta0: StateDict, theta_r: StateDict, alpha: float = 1.0) -> StateDict:
     """Plain task-vector subtraction: θ_all − α τr, τr = θr − θ0."""
+    _check_numbers("remove_plain", alpha=alpha)
+    for sd, label in ((theta_all, "theta_all"), (theta0, "theta0"), (theta_r, "theta_r")):
+        _check_finite(sd, label)
     return {k: theta_all[k] - alpha * (theta_r[k] - theta0[k]) for k in theta_all}
 
 
@@ -154,6 +170,10 @@ def remove_uncertainty_weighted(theta_all: StateDict, theta0: StateDict, theta_r
     (:func:`relative_damping`) bounds the factor by max Hr/δ. Both forms become plain
     subtraction θ_all − τr when H0 (or δ) dominates every Hs.
     """
+    _check_numbers("remove_uncertainty_weighted", delta=delta)
+    named = [(theta_all, "theta_all"), (theta0, "theta0"), (theta_r, "theta_r"), (h0, "h0"), (h_r, "h_r")]
+    for sd, label in named + [(h, f"h_rest[{i}]") for i, h in enumerate(h_rest)]:
+        _check_finite(sd, label)
     out = {}
     for k in theta_all:
         a, t0, tr = theta_all[k].double(), theta0[k].double(), theta_r[k].double()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ._common import StateDict
+from ._common import StateDict, _check_numbers
 from .averaging import slerp, weight_average
 from .dare import dare
 from .fisher import fisher_merging
@@ -75,7 +75,9 @@ class MergeMethod:
         if untuned:
             raise ValueError(f"{self.name}: pass {untuned} (tuned on validation data over "
                              f"{ {h: self.tuned[h] for h in untuned} }).")
-        return self.merge(pretrained, finetuned, stats, **{**self.fixed, **hyper})
+        hyper = {**self.fixed, **hyper}
+        _check_numbers(self.name, **hyper)  # NaN would make every entry NaN; the merge checks the tensors
+        return self.merge(pretrained, finetuned, stats, **hyper)
 
 
 # ------------------------------------------------------------------- uniform adapters

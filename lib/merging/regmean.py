@@ -35,9 +35,9 @@ from typing import Collection, Mapping, Sequence
 
 import torch
 
-from ._common import (_has_statistic, StateDict, _check_nonempty, _check_same_layout, _check_stats, _float_keys,
-                      _without, buffer_keys)
-from .averaging import weight_average
+from ._common import (_has_statistic, StateDict, _check_nonempty, _check_numbers, _check_state_dicts, _check_stats,
+                      _float_keys, _without, buffer_keys)
+from .averaging import _average
 
 GRAM_NORMALIZATIONS = ("mean", "sum")
 
@@ -68,7 +68,8 @@ def regmean(
     4-D conv weights must be flattened to (out, in·kh·kw) by the caller.
     """
     _check_nonempty(state_dicts, "state_dicts")
-    _check_same_layout(state_dicts, [f"state_dicts[{i}]" for i in range(len(state_dicts))])
+    _check_numbers("regmean", alpha=alpha, ridge=ridge)
+    _check_state_dicts(state_dicts, [f"state_dicts[{i}]" for i in range(len(state_dicts))])
     if len(grams) != len(state_dicts):
         raise ValueError(f"got {len(grams)} Gram dicts for {len(state_dicts)} models.")
     if not 0.0 <= alpha <= 1.0:
@@ -92,7 +93,7 @@ def regmean(
                 raise ValueError(f"grams[{t}] has key {k!r}, but {k!r} is not a 2-D (out×in) weight "
                                  "(flatten conv weights to (out, in·kh·kw) first).")
         _check_stats(g, ref, f"grams[{t}]", shape_of=lambda w: (w.shape[1], w.shape[1]))
-    out = weight_average(state_dicts)  # the answer for buffers and keys without Grams
+    out = _average(state_dicts)  # the answer for buffers and keys without Grams
     for k in _without(_float_keys(ref), buffer_keys(ref, buffers)):
         if not _has_statistic(k, grams, "Gram"):
             continue

@@ -10,6 +10,9 @@ Deviations / conventions:
 - Buffers (BatchNorm running statistics) are not task vectors: ``task_arithmetic`` returns
   their plain average over the fine-tuned models (never θ0 + λ Σ shifts, which at λ = 1 adds
   up every expert's shift of a running variance and can make it negative).
+- A negative ``scale`` is allowed: θ0 − λτ is Ilharco et al.'s task negation (forgetting).
+- ``TaskVector.apply_to`` refuses a τ with keys that θ0 lacks (they would be dropped, and θ0
+  returned unchanged where every key is missing); keys of θ0 without a τ entry are copied.
 - ``task_vectors`` and ``TaskVector`` are plain arithmetic on whatever keys they are given:
   buffer keys ARE in their τ's. Callers that learn coefficients over τ's (AdaMerging) should
   leave the buffers out of the τ's and average them apart (``buffer_keys``,
@@ -21,8 +24,8 @@ from typing import Collection, Mapping, Sequence
 
 import torch
 
-from ._common import (StateDict, _check_models, _float_keys, _in_order, _passthrough, _without,
-                      _work, averaged_buffers, buffer_keys)
+from ._common import (StateDict, _check_finite, _check_models, _check_numbers, _float_keys, _in_order,
+                      _passthrough, _without, _work, averaged_buffers, buffer_keys)
 
 
 # ------------------------------------------------------------------ task vectors, TA
@@ -85,7 +88,17 @@ class TaskVector:
 
     @torch.no_grad()
     def apply_to(self, pretrained: StateDict, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """θ0 + scale·τ; keys of θ0 without a task vector entry are copied unchanged."""
+        """θ0 + scale·τ; keys of θ0 without a task vector entry are copied unchanged. Every key of
+        τ must be in θ0, and both must be finite."""
+        unknown = [k for k in self.vector if k not in pretrained]
+        if unknown:
+            raise ValueError(
+                f"the task vector has {len(unknown)} key(s) that the pretrained state dict lacks: "
+                f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (its keys look like {list(pretrained)[:3]}). "
+                "Make τ from state dicts with the same keys as θ0 (e.g. strip or add a 'module.' prefix).")
+        _check_numbers("TaskVector.apply_to", scale=scale)
+        _check_finite(pretrained, "pretrained")
+        _check_finite(self.vector, "task vector")
         out = {}
         for k, v in pretrained.items():
             if k in self.vector:
@@ -104,8 +117,10 @@ def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], scale
     """Task Arithmetic: θ = θ0 + scale·Σt τt.
 
     Buffers (``buffers``, or by default the keys ending in running_mean / running_var) get
-    the plain average over the fine-tuned models instead.
+    the plain average over the fine-tuned models instead. A negative scale negates the task
+    vectors (task negation).
     """
+    _check_numbers("task_arithmetic", scale=scale)
     _check_models(pretrained, finetuned)
     out = _passthrough(pretrained)
     buffer_names = buffer_keys(pretrained, buffers)

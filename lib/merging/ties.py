@@ -17,6 +17,9 @@ Deviations / conventions (public implementations disagree; METHODS.md §1):
   FusionBench puts in the vector's majority sign, MergeKit elects + (it tests sum ≥ 0). The
   choice matters only where non-zero τ̂t cancel exactly (probability ~0 for real weights).
 - The sign is elected from the sums of the τ̂t, not their means.
+- A negative ``scale`` is allowed: TIES of the negated task vectors is the negated TIES vector
+  (trimming ranks |τ|, and the elected signs flip with the τ's), so θ0 − |λ|·τ_merged is task
+  negation done with TIES, as θ0 − λΣτ is with Task Arithmetic.
 - Buffers (BatchNorm running statistics) are not task vectors: they are left out of the
   ranking (they do not use up any of the k entries) and get the plain average over the
   fine-tuned models, never trimmed or sign-elected. ``ties_trim_and_elect`` leaves them out
@@ -28,8 +31,8 @@ from typing import Collection, Sequence
 
 import torch
 
-from ._common import (StateDict, _check_models, _float_keys, _in_order, _passthrough, _without,
-                      _work, _work_dtype, averaged_buffers, buffer_keys)
+from ._common import (StateDict, _check_models, _check_numbers, _float_keys, _in_order, _passthrough,
+                      _without, _work, _work_dtype, averaged_buffers, buffer_keys)
 
 
 # -------------------------------------------------------------------------------- TIES
@@ -106,6 +109,7 @@ def ties_trim_and_elect(
     so are buffers (``buffers``, or by default the keys ending in running_mean / running_var):
     they take no part in the ranking, and the caller averages them apart.
     """
+    _check_numbers("ties_trim_and_elect", density=density)
     _check_models(pretrained, finetuned)
     keys = _without(_float_keys(pretrained), buffer_keys(pretrained, buffers))
     thresholds = _ties_thresholds(pretrained, finetuned, density, keys)
@@ -142,6 +146,7 @@ def ties_merging(
     """
     if disjoint not in ("mean", "sum"):
         raise ValueError(f'disjoint must be "mean" or "sum", got {disjoint!r}.')
+    _check_numbers("ties_merging", density=density, scale=scale)
     _check_models(pretrained, finetuned)
     buffer_names = buffer_keys(pretrained, buffers)
     keys = _without(_float_keys(pretrained), buffer_names)
