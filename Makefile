@@ -4,6 +4,8 @@
 # make readme                        refill README.md's quoted tables and figures/run_times.md from figures/
 # make bench                         time each closed-form merge (wall time, peak memory)
 # make bench-grads [DATA_DIR=...]     time per-example squared gradients: loop, vmap, hooks, and the machine's bound
+# make bench-adamerging              an AdaMerging step against a plain forward+backward (time, peak memory)
+# make bench-twin                    Twin-Merging inference: static, low-rank, grouped, per-input
 # make lab                           open the notebooks in JupyterLab
 #
 # Without DATA_DIR, data is downloaded from the public sources into data/downloads/.
@@ -24,7 +26,7 @@ NOTEBOOKS := 01_merging_baselines 03_fs_merge 04_gradient_matching
 ALL_NOTEBOOKS := $(NOTEBOOKS) 00_benchmark_calibration
 PAPERMILL_ARGS ?=
 
-.PHONY: venv test reproduce readme bench bench-grads lab clean-cache $(ALL_NOTEBOOKS)
+.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin lab clean-cache $(ALL_NOTEBOOKS)
 
 venv: $(VENV)/.installed
 
@@ -60,6 +62,13 @@ bench: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 
 bench-grads: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_per_example_grads.py
+
+# AdaMerging step vs a plain forward+backward; Twin-Merging's inference paths side by side.
+bench-adamerging: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/bench_adamerging.py
+
+bench-twin: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/bench_twin_merging.py
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

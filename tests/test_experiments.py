@@ -257,3 +257,29 @@ def test_a_custom_run_writes_to_its_own_folder_and_only_the_default_run_to_figur
     assert other != path  # same short description, different parameters: the hash keeps them apart
     assert output_folder("01_merging_baselines", BaselinesConfig(output_dir="figures/01_merging_baselines", seed=3)) \
         == REPO_ROOT / "figures" / "01_merging_baselines"  # asked for explicitly
+
+
+def test_models_dir_defaults_like_the_makefile_and_offline_errors_name_the_file(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from lib.experiments import tracks
+
+    monkeypatch.delenv("MODELS_DIR", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "mirror" / "data"))
+    assert tracks.models_mirror().resolve() == (tmp_path / "mirror" / "models").resolve()  # $(DATA_DIR)/../models
+    with pytest.raises(FileNotFoundError, match=r"resnet56-4bfd9763\.th not found\. Put resnet56-4bfd9763\.th .* in"):
+        tracks.cifar_resnet_checkpoint("resnet56")
+    with pytest.raises(ValueError, match="choose one of resnet20, resnet56"):
+        tracks.cifar_resnet_checkpoint("resnet18")
+
+    monkeypatch.delenv("DATA_DIR")  # no mirror at all: download, which fails offline
+    monkeypatch.setenv("MERGE_DOWNLOAD_DIR", str(tmp_path / "downloads"))
+    assert tracks.models_mirror() is None
+
+    def offline(url, filename):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(RuntimeError, match=r"Could not download resnet20-12fca82f\.th .* set models_dir \(or MODELS_DIR\)"):
+        tracks.cifar_resnet_checkpoint("resnet20")

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 
 from ._common import BUFFER_SUFFIXES, averaged_buffers, buffer_keys
+from .adamerging import (AdaMergingResult, adamerge, entropy, entropy_objective, learned_keys, merged_state,
+                         ties_task_vectors, without_frozen)
 from .averaging import SLERP_COLINEAR_THRESHOLD, slerp, weight_average
 from .dare import dare
 from .fisher import fisher_merging
@@ -22,11 +24,27 @@ from .gradient_matching import (DELTA, gradient_matching, gradient_mismatch, obj
                                 relative_change, relative_damping, removal_amplification, remove_plain,
                                 remove_uncertainty_weighted)
 from .regmean import regmean
+from .surgery import SurgeryResult, apply_surgery, frozen_features, init_adapter, train_surgery
 from .registry import LAMBDA_GRID, REGISTRY, MergeMethod
 from .task_arithmetic import TaskVector, task_arithmetic, task_vectors
 from .ties import ties_merging, ties_trim_and_elect
+from . import twin_merging  # Twin-Merging (METHODS.md §3): a module, used as merging.twin_merging.*
 
 __all__ = [
+    # learned merges (not in REGISTRY: they are not closed-form)
+    "AdaMergingResult",
+    "adamerge",
+    "entropy",
+    "entropy_objective",
+    "learned_keys",
+    "merged_state",
+    "ties_task_vectors",
+    "without_frozen",
+    "SurgeryResult",
+    "apply_surgery",
+    "frozen_features",
+    "init_adapter",
+    "train_surgery",
     "BUFFER_SUFFIXES",
     "LAMBDA_GRID",
     "MERGE_METHODS",
