@@ -249,11 +249,11 @@ def test_a_custom_run_writes_to_its_own_folder_and_only_the_default_run_to_figur
 
     default = BaselinesConfig(data_dir="../shared/data", models_dir="../shared/models")  # locations don't count
     assert output_folder("01_merging_baselines", default) == REPO_ROOT / "figures" / "01_merging_baselines"
-    custom = BaselinesConfig(text_tasks=("sst2", "/home/me/data/my.task.csv"), seed=3)
+    custom = BaselinesConfig(text_tasks=("sst2", "../my_data/my.task.csv"), seed=3)
     path = output_folder("01_merging_baselines", custom)
     assert path.parent == REPO_ROOT / "runs" / "01_merging_baselines"
     assert path.name.startswith("text_tasks=sst2+my.task.csv_seed=3-")
-    other = output_folder("01_merging_baselines", BaselinesConfig(text_tasks=("sst2", "/elsewhere/my.task.csv"), seed=3))
+    other = output_folder("01_merging_baselines", BaselinesConfig(text_tasks=("sst2", "../elsewhere/my.task.csv"), seed=3))
     assert other != path  # same short description, different parameters: the hash keeps them apart
     assert output_folder("01_merging_baselines", BaselinesConfig(output_dir="figures/01_merging_baselines", seed=3)) \
         == REPO_ROOT / "figures" / "01_merging_baselines"  # asked for explicitly

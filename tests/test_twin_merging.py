@@ -277,7 +277,7 @@ def test_low_rank_path_refuses_layers_it_cannot_apply():
     torch.manual_seed(0)
     model = Attention()
     shared, _, exclusive = twin(model)
-    with pytest.raises(NotImplementedError, match="in_proj_weight"):
+    with pytest.raises(tw.UnsupportedLayer, match="in_proj_weight"):
         tw.low_rank_forward(model, shared, exclusive, mixed_weights(2), {"x": torch.randn(2, 3, 4)})
     without_in_proj = [{**part, "mha.in_proj_weight": tw.LowRank(torch.zeros(12, 0), torch.zeros(0, 4)),
                         "mha.in_proj_bias": torch.zeros(12)} for part in exclusive]

@@ -69,6 +69,12 @@ from torch import Tensor, nn
 from ..functional import eval_mode, example_at_own_length, functional_forward, model_inputs
 from ._common import StateDict, _check_models, _check_numbers, _float_keys, _in_order, _passthrough, _work
 
+
+class UnsupportedLayer(TypeError):
+    """The low-rank path cannot apply a model's exclusive part exactly (a layer kind or setting it
+    does not handle): use ``per_input_forward`` or ``grouped_forward`` for that model."""
+
+
 RANK_RATIO = 0.1
 
 
@@ -371,13 +377,13 @@ class _Corrections:
 
     def embedding(self, m: nn.Embedding, p: str, ids: Tensor, y: Tensor) -> Tensor:
         if m.max_norm is not None:
-            raise NotImplementedError(f"{p}: nn.Embedding with max_norm renormalises rows; not supported.")
+            raise UnsupportedLayer(f"{p}: nn.Embedding with max_norm renormalises rows; not supported.")
         us, vh, cols = self.s.factors[p + "weight"]
         return y + self.scaled(F.embedding(ids, us), cols) @ vh  # rows of U·S gathered, then Vᵀ
 
     def conv2d(self, m: nn.Conv2d, p: str, x: Tensor, y: Tensor) -> Tensor:
         if m.groups != 1 or m.padding_mode != "zeros":
-            raise NotImplementedError(f"{p}: only nn.Conv2d with groups=1 and zero padding is supported.")
+            raise UnsupportedLayer(f"{p}: only nn.Conv2d with groups=1 and zero padding is supported.")
         if p + "weight" in self.s.factors:
             us, vh, cols = self.s.factors[p + "weight"]
             z = F.conv2d(x, vh.view(len(cols), *m.weight.shape[1:]), None, m.stride, m.padding, m.dilation)
@@ -394,7 +400,7 @@ class _Corrections:
 
     def batch_norm(self, m: nn.modules.batchnorm._BatchNorm, p: str, x: Tensor, y: Tensor) -> Tensor:
         if m.training or m.running_mean is None:
-            raise NotImplementedError(f"{p}: BatchNorm is supported in eval mode with running statistics only.")
+            raise UnsupportedLayer(f"{p}: BatchNorm is supported in eval mode with running statistics only.")
 
         def per_input(name: str, default: Tensor) -> Tensor:  # shared + Σ w_t Δ_t, [B, C]
             base = self.shared.get(p + name, default)
@@ -421,7 +427,7 @@ class _Corrections:
                 pending -= own
                 layers.append((name, p, module, getattr(self, kind)))
         if pending:
-            raise NotImplementedError(f"the low-rank path cannot apply the exclusive parts of {sorted(pending)[:5]}: "
+            raise UnsupportedLayer(f"the low-rank path cannot apply the exclusive parts of {sorted(pending)[:5]}: "
                                       "they belong to no nn.Linear, nn.Embedding, nn.Conv2d, nn.LayerNorm or "
                                       "BatchNorm layer. Use per_input_forward or grouped_forward for this model.")
         fired = set()
