@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .. import merging
+from .config import settings_for
 from .baselines import EXPERTS, PAPER_VIT_B32, PRETRAINED, BaselinesConfig, closed_form_merges, evaluate_methods, prepare_track
 
 THETA0_RANGE = (40.0, 70.0)
@@ -91,15 +92,12 @@ class CalibrationConfig:
 
     def baselines_config(self, design: "Design") -> BaselinesConfig:
         """Notebook 01's config for one design: the same code trains, merges and selects."""
-        # Same-named settings mean the same in both configs, except the design axes and where outputs go.
         axes = {"tracks", "text_heads", "vision_heads", "text_max_steps", "vision_max_steps", "output_dir"}
-        shared = {f.name: getattr(self, f.name) for f in fields(BaselinesConfig)
-                  if hasattr(self, f.name) and f.name not in axes}
-        shared.update(tracks=(design.track,), **{f"{design.track}_heads": design.heads,
-                                                  f"{design.track}_max_steps": design.max_steps})
+        design_fields = {"tracks": (design.track,), f"{design.track}_heads": design.heads,
+                         f"{design.track}_max_steps": design.max_steps}
         if design.track == "vision":
-            shared["vision_backbone"] = design.backbone
-        return BaselinesConfig(**shared)
+            design_fields["vision_backbone"] = design.backbone
+        return settings_for(BaselinesConfig, self, exclude=axes, **design_fields)
 
 
 @dataclass(frozen=True)

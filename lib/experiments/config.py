@@ -22,7 +22,7 @@ import random
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Collection, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -119,6 +119,16 @@ def runtime(seed: int, threads: int | None = 2) -> None:
 
 # Parameters that say where things are or how a run looks, not what it computes.
 _LOCATION_PARAMETERS = ("data_dir", "models_dir", "output_dir", "progress")
+
+
+def settings_for(target: type[C], source, exclude: Collection[str] = (), **overrides) -> C:
+    """A ``target`` config holding ``source``'s value for every field the two share by name
+    (except ``exclude``), then ``overrides``. Notebooks 00, 02 and 05 build notebook 01's
+    config this way: same-named settings mean the same thing in both, so the experts that
+    notebook 01 trained and cached are found again."""
+    shared = {f.name: getattr(source, f.name) for f in dataclasses.fields(target)
+              if hasattr(source, f.name) and f.name not in exclude}
+    return target(**{**shared, **overrides})
 
 
 def output_folder(notebook: str, config) -> Path:
