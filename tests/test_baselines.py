@@ -30,10 +30,12 @@ def test_notebook_parameters_are_exactly_the_config_fields_with_equal_defaults()
     assert from_notebook == B.BaselinesConfig()
 
 
-def test_default_lambda_grid_is_methods_md_grid():
-    grid = B.BaselinesConfig().lambda_grid
-    assert grid[0] == 0.0 and grid[-1] == 1.0 and len(grid) == 21
-    assert np.allclose(np.diff(grid), 0.05)
+def test_default_lambda_grid_is_methods_md_grid_searched_coarse_to_fine():
+    config = B.BaselinesConfig()
+    grid = config.lambda_grid
+    assert grid[0] == 0.0 and grid[-1] == 1.0 and np.allclose(np.diff(grid), 0.1)
+    # one halving of the 0.1 step reaches METHODS.md §1's resolution, 0.05
+    assert config.lambda_refinements == 1 and np.isclose(0.1 / 2 ** config.lambda_refinements, 0.05)
 
 
 def test_paper_scale_and_unknown_tracks_are_clear_errors():

@@ -103,6 +103,28 @@ def test_optimum_on_the_edge_extends_the_grid_within_bounds():
     assert names.best == "a" and names.extended == [] and names.note == ""  # non-numeric: never extended
 
 
+def test_coarse_to_fine_refinement_reaches_the_fine_grid_optimum_with_fewer_evaluations():
+    calls = []
+
+    def peak_at_035(v, data):
+        calls.append(v)
+        return -(v - 0.35) ** 2 + (0.001 if v == 0.35 else 0.0)
+
+    fine = [round(0.05 * i, 2) for i in range(21)]
+    coarse = fine[::2]
+    refined = select("lambda", coarse, peak_at_035, _Track(), bounds=(0, None), refinements=1)
+    assert refined.best == select("lambda", fine, peak_at_035, _Track()).best == 0.35
+    calls.clear()
+    select("lambda", coarse, peak_at_035, _Track(), bounds=(0, None), refinements=1)
+    assert len(calls) == 13 and refined.extended == [] and refined.note == ""
+    # without refinement the coarse grid cannot reach 0.35
+    assert select("lambda", coarse, peak_at_035, _Track()).best in (0.3, 0.4)
+    # at a bound the refinement stays inside it, and the edge is still reported
+    at_zero = select("lambda", coarse, lambda v, data: -v, _Track(), bounds=(0, None), refinements=2)
+    assert at_zero.best == 0.0 and at_zero.at_bound and min(v for v, _ in at_zero.scores) == 0.0
+    assert sorted(v for v, _ in at_zero.scores)[:3] == [0.0, 0.025, 0.05]
+
+
 def test_ties_pick_the_smallest_value():
     flat_top = select("lambda", (0.4, 0.1, 0.2, 0.3), lambda v, data: float(0.2 <= v <= 0.3), _Track())
     assert flat_top.best == 0.2 and flat_top.extended == []

@@ -70,6 +70,7 @@ class CalibrationConfig:
     patience: int = 2
     max_validation: int = 500
     lambda_grid: tuple[float, ...] = merging.LAMBDA_GRID
+    lambda_refinements: int = 0     # the full grid, as the committed calibration ran
     selection_examples: int = 100
     progress: bool = True
 

@@ -9,6 +9,12 @@ mistake. When the best value lies on the edge of a numeric grid, the grid is ext
 own step (within ``bounds``); if the optimum is still on the edge, or the edge is a bound,
 ``note`` says so, and notebooks print it in their findings (an optimum on the edge of a grid
 is a finding, not a result).
+
+``refinements`` searches coarse-to-fine: after the grid (and any extension), each refinement
+halves the step and scores the two neighbours of the best value at that step. A coarse grid
+with one refinement reaches the fine grid's resolution around the optimum at about 60% of its
+evaluations, and picks the same value whenever the validation curve has a single peak at the
+coarse resolution (in notebook 01's committed run it picked the same λ for all 8 merges).
 """
 from __future__ import annotations
 
@@ -97,9 +103,11 @@ def select(
     *,
     bounds: tuple[float | None, float | None] = (None, None),
     max_extensions: int = 4,
+    refinements: int = 0,
 ) -> Selection:
     """The grid value with the highest validation ``score`` (the smallest such value on ties).
 
+    ``refinements``: coarse-to-fine halvings of the step around the best value (module docstring).
     ``bounds`` limit how far a numeric grid may be extended (e.g. ``(0, None)`` for a scale that
     cannot be negative; a step past a bound stops at the bound); a non-numeric grid is never extended.
     """
@@ -128,6 +136,13 @@ def select(
             break
         evaluate(new)
         extended.append(new)
+    if numeric and len(grid) > 1:
+        step = min(b - a for a, b in zip(sorted(grid), sorted(grid)[1:]))
+        for _ in range(refinements):
+            step /= 2
+            best = max(sorted(scores), key=lambda v: (scores[v], -v))
+            for neighbour in (best - step, best + step):
+                evaluate(_clamp(neighbour, bounds))
     ordered = sorted(scores) if numeric else list(grid)
     best = max(ordered, key=lambda v: scores[v])  # first maximum in ascending order
     edge, at_bound = None, False
