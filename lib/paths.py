@@ -41,3 +41,17 @@ def download_dir() -> Path:
 def cache_dir() -> Path:
     """Where expensive results (experts, statistics) are cached."""
     return Path(os.environ.get("MERGE_CACHE_DIR", REPO_ROOT / ".cache"))
+
+
+def models_mirror(models_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local model folder: ``models_dir``, else $MODELS_DIR, else the ``models`` folder beside
+    $DATA_DIR (as the Makefile derives it); None when none is set (download instead)."""
+    value = models_dir or os.environ.get("MODELS_DIR")
+    if not value and os.environ.get("DATA_DIR"):
+        value = str(Path(os.environ["DATA_DIR"]).expanduser() / ".." / "models")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / value  # notebooks run from notebooks/; paths are relative to the repo root
+    return path

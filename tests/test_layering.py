@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ALGORITHM_FILES = sorted(
-    [*REPO.glob("lib/merging/*.py"), *REPO.glob("lib/data/*.py")]
+    [*REPO.glob("lib/merging/*.py"), *REPO.glob("lib/data/*.py"), *REPO.glob("lib/paper/*.py")]
     + [REPO / "lib" / f for f in ("statistics.py", "fs_merge.py", "permutation.py", "archs.py", "models.py",
                                   "functional.py", "metrics.py")]
 )

@@ -23,7 +23,7 @@ import torch
 
 from .. import data as datasets
 from ..models import load_cifar_resnet, load_text_encoder, minilm_path
-from ..paths import REPO_ROOT, download_dir
+from ..paths import REPO_ROOT, download_dir, models_mirror
 
 HEAD_KINDS = ("probe", "few_shot", "joint", "zero_shot")
 CIFAR_RESNETS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
@@ -235,20 +235,6 @@ class TextTrack(Track):
 # ----------------------------------------------------------------------------- vision
 def _image_collate(split: PreparedSplit, idx: np.ndarray) -> dict[str, torch.Tensor]:
     return {"pixel_values": datasets.prepare_images(split.inputs[idx], size=32, channels=3)}
-
-
-def models_mirror(models_dir: str | os.PathLike | None = None) -> Path | None:
-    """The local model folder: ``models_dir``, else $MODELS_DIR, else the ``models`` folder beside
-    $DATA_DIR (as the Makefile derives it); None when none is set (download instead)."""
-    value = models_dir or os.environ.get("MODELS_DIR")
-    if not value and os.environ.get("DATA_DIR"):
-        value = str(Path(os.environ["DATA_DIR"]).expanduser() / ".." / "models")
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / value  # notebooks run from notebooks/; paths are relative to the repo root
-    return path
 
 
 def cifar_resnet_checkpoint(backbone: str = "resnet20", models_dir: str | None = None) -> Path:
