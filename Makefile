@@ -6,6 +6,7 @@
 # make bench-grads [DATA_DIR=...]     time per-example squared gradients: loop, vmap, hooks, and the machine's bound
 # make bench-adamerging              an AdaMerging step against a plain forward+backward (time, peak memory)
 # make bench-twin                    Twin-Merging inference: static, low-rank, grouped, per-input
+# make bench-streaming               streaming merges from safetensors files vs one read (time, peak memory)
 # make lab                           open the notebooks in JupyterLab
 #
 # Without DATA_DIR, data is downloaded from the public sources into data/downloads/.
@@ -23,10 +24,10 @@ export PYTHONUNBUFFERED := 1
 # Notebooks whose default run has been verified end to end and whose outputs are committed:
 # `make reproduce` regenerates these. Every notebook is also its own target (make 04_gradient_matching).
 NOTEBOOKS := 01_merging_baselines 03_fs_merge 04_gradient_matching
-ALL_NOTEBOOKS := $(NOTEBOOKS) 00_benchmark_calibration
+ALL_NOTEBOOKS := $(NOTEBOOKS) 00_benchmark_calibration 02_adamerging 05_twin_merging
 PAPERMILL_ARGS ?=
 
-.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin lab clean-cache $(ALL_NOTEBOOKS)
+.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming lab clean-cache $(ALL_NOTEBOOKS)
 
 venv: $(VENV)/.installed
 
@@ -69,6 +70,10 @@ bench-adamerging: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 
 bench-twin: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_twin_merging.py
+
+# Closed-form merges streamed key by key from safetensors files (8 ViT-B/32-sized experts).
+bench-streaming: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/bench_streaming_merges.py --record
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

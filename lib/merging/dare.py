@@ -12,7 +12,9 @@ Deviations / conventions:
 - The rescale is exactly 1/(1 − p), as in the paper. MergeKit instead rescales each tensor
   so that it keeps its L1 norm, which is not unbiased per entry.
 - Each (seed, task, tensor) draws its mask from its own generator (a hash of the three), so
-  a tensor's mask does not depend on which other keys are passed or in which order.
+  a tensor's mask does not depend on which other keys are passed or in which order; the
+  streaming merge (``lib.merging.streaming``), which sees one key at a time, draws the same
+  masks through ``dare_tensor``.
 - Buffers (BatchNorm running statistics) are copied unchanged from each fine-tuned model:
   never dropped or rescaled. The merge that follows averages them.
 """
@@ -59,11 +61,26 @@ def dare(
         sparse = _passthrough(ft)
         sparse.update({k: ft[k].clone() for k in buffer_names})
         for k in _without(_float_keys(pretrained), buffer_names):
-            theta0 = _work(pretrained[k])
-            generator = torch.Generator(device=theta0.device).manual_seed(_key_seed(seed, t, k))
-            keep = torch.rand(theta0.shape, generator=generator, device=theta0.device) >= drop_rate
-            tau = _work(ft[k]) - theta0
-            tau.masked_fill_(~keep, 0).div_(1.0 - drop_rate)
-            sparse[k] = tau.add_(theta0).to(ft[k].dtype)
+            sparse[k] = dare_tensor(pretrained[k], ft[k], drop_rate, seed, t, k)
         out.append(_in_order(sparse, ft))
     return out
+
+
+@torch.no_grad()
+def dare_tensor(theta0: torch.Tensor, finetuned: torch.Tensor, drop_rate: float, seed: int, task: int,
+                key: str) -> torch.Tensor:
+    """One tensor of task ``task``'s sparsified model: θ0 + m ⊙ τ / (1 − p), in the input dtype.
+
+    The mask comes from the generator of (seed, task, key) alone, so the streaming merge,
+    which sees one key at a time, draws exactly the masks ``dare`` draws. The mask is kept
+    as floats (1 kept, 0 dropped) and multiplied in: ``masked_fill`` costs about as much as
+    drawing the random numbers. The dropped entries' ±0 is made +0 before θ0 is added, so
+    the result equals the masked form bit for bit (θ0 = −0 included).
+    """
+    work = _work(theta0)
+    generator = torch.Generator(device=work.device).manual_seed(_key_seed(seed, task, key))
+    keep = torch.rand(work.shape, generator=generator, device=work.device)
+    torch.ge(keep, drop_rate, out=keep)  # 1.0 where kept, 0.0 where dropped
+    tau = _work(finetuned) - work
+    tau.mul_(keep).div_(1.0 - drop_rate).add_(0.0)
+    return tau.add_(work).to(finetuned.dtype)

@@ -1,0 +1,253 @@
+"""Time and peak memory of each streaming merge, against reading its inputs once.
+
+Writes synthetic experts of a chosen size as safetensors files (θ0, the experts, a Fisher
+and the linear layers' Gram matrices per expert) into a temporary folder, then measures, each
+in a fresh Python process so that no run inherits another's memory:
+
+- reading every input file once, key by key (``lib.merging.streaming.read_inputs``): the
+  baseline. A merge must read its inputs, so a ratio near 1 means it costs about that, and
+  the ratio is less machine-dependent than the seconds. A method's baseline is the read of
+  the files it uses (weight averaging, Fisher and RegMean do not read θ0; Fisher also reads
+  the Fishers, RegMean the Grams).
+- each streaming merge, written to a safetensors file (``merge_to_file``: the write of one
+  model is included; its own row shows what it costs).
+
+Files are read just after being written, and every measurement is the best of ``--repeats``,
+so they come from the page cache: the cheapest a read gets, which makes the ratios the
+highest they get (from a disk, reads cost more and the same compute weighs less).
+
+Peak memory is the growth of the worker's resident set during the call (VmHWM reset through
+/proc/self/clear_refs, ``lib.experiments.cost.measure``, as every benchmark here), shown in MiB
+and as a multiple of one model's size.
+
+    python benchmarks/bench_streaming_merges.py                 # 8 ViT-B/32-sized experts (make bench-streaming)
+    python benchmarks/bench_streaming_merges.py --size small    # a quick run; also checks every merge
+                                                                # against the in-memory method, bit for bit
+    python benchmarks/bench_streaming_merges.py --size vit-l-14 --no-stats   # 8 ViT-L/14 experts, ~11 GB of files
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from lib.experiments.cost import measure  # noqa: E402
+from lib.merging.streaming import merge_to_file, read_inputs  # noqa: E402
+
+# Width, blocks, patch size and output width of CLIP's image towers (open_clip's key names).
+SIZES = {"vit-b-32": (768, 12, 32, 512), "vit-b-16": (768, 12, 16, 512), "vit-l-14": (1024, 24, 14, 768),
+         "small": (128, 2, 32, 64)}
+GRAM_ROWS = 256
+READS_THETA0 = ("task_arithmetic", "ties", "dare_ta", "dare_ties")  # averaging, Fisher and RegMean ignore θ0
+
+# The merges timed, at the registry's defaults with λ = 0.3 where one is tuned.
+METHODS = {
+    "weight_average": {},
+    "task_arithmetic": {"scale": 0.3},
+    "ties": {"scale": 0.3},
+    "dare_ta": {"scale": 0.3},
+    "dare_ties": {"scale": 0.3},
+    "fisher": {},
+    "regmean": {},
+}
+
+
+# ------------------------------------------------------------------------ synthetic files
+
+
+def vit_shapes(width: int, blocks: int, patch: int, out_dim: int, image: int = 224) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a CLIP ViT image tower (open_clip names)."""
+    shapes = {"conv1.weight": (width, 3, patch, patch), "class_embedding": (width,),
+              "positional_embedding": ((image // patch) ** 2 + 1, width),
+              "ln_pre.weight": (width,), "ln_pre.bias": (width,)}
+    for i in range(blocks):
+        p = f"transformer.resblocks.{i}."
+        shapes |= {p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
+                   p + "attn.in_proj_weight": (3 * width, width), p + "attn.in_proj_bias": (3 * width,),
+                   p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
+                   p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
+                   p + "mlp.c_fc.weight": (4 * width, width), p + "mlp.c_fc.bias": (4 * width,),
+                   p + "mlp.c_proj.weight": (width, 4 * width), p + "mlp.c_proj.bias": (width,)}
+    shapes |= {"ln_post.weight": (width,), "ln_post.bias": (width,), "proj": (width, out_dim)}
+    return shapes
+
+
+def linear_weights(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The (out, in) weights of the blocks' linear maps: those RegMean merges with Grams."""
+    return [k for k in shapes if k.startswith("transformer.") and k.endswith(("_weight", ".weight"))
+            and len(shapes[k]) == 2]
+
+
+def write_inputs(folder: Path, size: str, tasks: int, stats: bool, seed: int = 0) -> dict:
+    """θ0, ``tasks`` experts and (with ``stats``) a Fisher and Grams per expert, one file each;
+    one model in memory at a time. Returns the paths."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = vit_shapes(*SIZES[size])
+    theta0 = {k: 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    paths = {"pretrained": folder / "theta0.safetensors", "finetuned": [], "fisher": [], "gram": []}
+    save_file(theta0, paths["pretrained"])
+    for t in range(tasks):
+        expert = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in theta0.items()}
+        paths["finetuned"].append(folder / f"expert{t}.safetensors")
+        save_file(expert, paths["finetuned"][-1])
+        del expert
+        if stats:
+            fisher = {k: torch.rand(s, generator=g) for k, s in shapes.items()}
+            paths["fisher"].append(folder / f"fisher{t}.safetensors")
+            save_file(fisher, paths["fisher"][-1])
+            del fisher
+            grams = {}
+            for k in linear_weights(shapes):
+                x = torch.randn(GRAM_ROWS, shapes[k][1], generator=g)
+                grams[k] = x.T @ x
+            paths["gram"].append(folder / f"gram{t}.safetensors")
+            save_file(grams, paths["gram"][-1])
+            del grams
+    paths["gram_counts"] = [{k: GRAM_ROWS for k in linear_weights(shapes)}] * tasks if stats else []
+    return {k: [str(p) for p in v] if k in ("finetuned", "fisher", "gram") else (str(v) if k == "pretrained" else v)
+            for k, v in paths.items()}
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def worker(spec: dict) -> dict:
+    """Run one measurement in this (fresh) process: a read of ``spec["read"]``, a write of one
+    model, or a merge."""
+    torch.set_num_threads(spec["threads"])
+    paths = spec["paths"]
+    if "read" in spec:
+        fn = lambda: read_inputs(spec["read"])  # noqa: E731
+    elif spec.get("write"):
+        from lib.merging.streaming import SafetensorsReader, write_safetensors
+
+        with SafetensorsReader(paths["pretrained"]) as reader:  # read before the clock starts
+            model = {k: reader.read(k) for k in reader.keys}
+        layout = {k: v.to("meta") for k, v in model.items()}
+        fn = lambda: write_safetensors(spec["out"], model.items(), layout)  # noqa: E731
+    else:
+        method = spec["method"]
+        stats = {"fisher": paths["fisher"]} if method == "fisher" else (
+            {"gram": paths["gram"], "gram_counts": paths["gram_counts"]} if method == "regmean" else None)
+        fn = lambda: merge_to_file(method, paths["pretrained"], paths["finetuned"], spec["out"], stats,  # noqa: E731
+                                   **METHODS[method])
+    runs = [measure(fn) for _ in range(spec["repeats"])]
+    return {"seconds": min(s for s, _ in runs), "peak_mib": min(m for _, m in runs)}
+
+
+def run_worker(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode:
+        raise RuntimeError(f"worker {spec.get('method') or 'read'} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_exact(paths: dict, folder: Path, methods: Sequence[str]) -> None:
+    """Every streamed merge equals the in-memory registry method bit for bit (small sizes)."""
+    from safetensors.torch import load_file
+
+    from lib.merging import REGISTRY
+
+    theta0, experts = load_file(paths["pretrained"]), [load_file(p) for p in paths["finetuned"]]
+    stats = {"fisher": [load_file(p) for p in paths["fisher"]], "gram": [load_file(p) for p in paths["gram"]],
+             "gram_counts": paths["gram_counts"]}
+    for method in methods:
+        expected = REGISTRY[method](theta0, experts, stats, **METHODS[method])
+        got = load_file(folder / f"merged_{method}.safetensors")
+        same = set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+        print(f"  {method:16s} streamed == in memory, bit for bit: {same}")
+        if not same:
+            raise SystemExit(f"{method}: the streamed merge differs from the in-memory one")
+
+
+def main(argv: Sequence[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="vit-b-32", help="the experts' architecture")
+    parser.add_argument("--tasks", type=int, default=8, help="number of experts")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--no-stats", action="store_true", help="skip Fisher and RegMean (no statistics files)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per measurement, the fastest reported (default: 3 for --size small, else 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (one gives stable timings on a shared machine)")
+    parser.add_argument("--dir", help="folder for the files (default: a temporary folder, removed afterwards)")
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                        help="compare every streamed merge with the in-memory method (default: only --size small)")
+    parser.add_argument("--record", action="store_true", help="write the table to figures/bench_streaming_merges/")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return None
+    methods = [m for m in args.methods if not (args.no_stats and m in ("fisher", "regmean"))]
+    repeats = args.repeats or (3 if args.size == "small" else 1)
+    check = args.size == "small" if args.check is None else args.check
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        folder = Path(tmp)
+        started = time.perf_counter()
+        paths = write_inputs(folder, args.size, args.tasks, stats=not args.no_stats)
+        model_bytes = os.path.getsize(paths["pretrained"])
+        n_params = sum(math.prod(s) for s in vit_shapes(*SIZES[args.size]).values())
+        print(f"{args.tasks} experts of {args.size} size ({n_params / 1e6:.1f}M parameters, "
+              f"{model_bytes / 2**20:.0f} MiB each), written in {time.perf_counter() - started:.0f} s; "
+              f"{args.threads} thread(s); files read from the page cache")
+        base = {"paths": paths, "threads": args.threads, "repeats": repeats}
+        read_inputs([paths["pretrained"], *paths["finetuned"], *paths["fisher"], *paths["gram"]])  # into the page cache
+        reads = {}  # seconds to read each group of files once
+        for group, files in (("models", [paths["pretrained"], *paths["finetuned"]]), ("experts", paths["finetuned"]),
+                             ("fisher", paths["fisher"]), ("gram", paths["gram"])):
+            if files:
+                reads[group] = run_worker({**base, "read": files})
+        rows = [{"method": "read θ0 and the experts once (baseline)", "seconds": reads["models"]["seconds"],
+                 "× read": 1.0, "peak MiB": reads["models"]["peak_mib"]}]
+        write = run_worker({**base, "write": True, "out": str(folder / "written.safetensors")})
+        rows.append({"method": "write one model (part of every merge below)", "seconds": write["seconds"],
+                     "× read": write["seconds"] / reads["models"]["seconds"], "peak MiB": write["peak_mib"]})
+        for method in methods:
+            result = run_worker({**base, "method": method, "out": str(folder / f"merged_{method}.safetensors")})
+            baseline = reads["models" if method in READS_THETA0 else "experts"]["seconds"]
+            baseline += reads["fisher"]["seconds"] if method == "fisher" else 0.0
+            baseline += reads["gram"]["seconds"] if method == "regmean" else 0.0
+            rows.append({"method": method + (" (reads the Fishers too)" if method == "fisher" else
+                                             " (reads the Grams too)" if method == "regmean" else ""),
+                         "seconds": result["seconds"], "× read": result["seconds"] / baseline,
+                         "peak MiB": result["peak_mib"]})
+        for row in rows:
+            row["peak × model"] = row["peak MiB"] * 2**20 / model_bytes
+        if check:
+            check_exact(paths, folder, methods)
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    if args.record:
+        from lib.experiments.report import Run
+
+        what = f"{args.tasks} synthetic {args.size}-sized experts ({n_params / 1e6:.1f}M parameters each)"
+        run = Run("bench_streaming_merges", {k: v for k, v in vars(args).items() if k != "worker"},
+                  source="benchmarks/bench_streaming_merges.py")
+        run.table(table.set_index("method").round(3), "streaming_merge_cost",
+                  f"Streaming merges of {what} from safetensors files, {args.threads} thread(s); × read = seconds / "
+                  "seconds to read the method's input files once (page cache); peak = growth of the resident set.")
+        run.finish()
+    return table
+
+
+if __name__ == "__main__":
+    main()
