@@ -23,8 +23,8 @@ export PYTHONUNBUFFERED := 1
 
 # Notebooks whose default run has been verified end to end and whose outputs are committed:
 # `make reproduce` regenerates these. Every notebook is also its own target (make 04_gradient_matching).
-NOTEBOOKS := 01_merging_baselines 03_fs_merge 04_gradient_matching
-ALL_NOTEBOOKS := $(NOTEBOOKS) 00_benchmark_calibration 02_adamerging 05_twin_merging
+NOTEBOOKS := 00_benchmark_calibration 01_merging_baselines 03_fs_merge 04_gradient_matching
+ALL_NOTEBOOKS := $(NOTEBOOKS) 02_adamerging 05_twin_merging
 PAPERMILL_ARGS ?=
 
 .PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming lab clean-cache $(ALL_NOTEBOOKS)

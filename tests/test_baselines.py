@@ -38,6 +38,18 @@ def test_default_lambda_grid_is_methods_md_grid_searched_coarse_to_fine():
     assert config.lambda_refinements == 1 and np.isclose(0.1 / 2 ** config.lambda_refinements, 0.05)
 
 
+def test_benchmark_v1_restores_the_first_design_and_keeps_the_callers_settings():
+    v1 = B.BaselinesConfig(benchmark="v1")
+    assert {name: getattr(v1, name) for name in B.BENCHMARK_V1} == B.BENCHMARK_V1
+    assert v1.text_tasks == B.BaselinesConfig().text_tasks  # what v1 does not name stays
+    mine = B.BaselinesConfig(benchmark="v1", vision_tasks=("usps",), text_heads="few_shot")
+    assert mine.vision_tasks == ("usps",) and mine.text_heads == "few_shot" and mine.vision_heads == "probe"
+    # the v1 design differs from today's defaults, or the parameter would change nothing
+    assert any(getattr(B.BaselinesConfig(), k) != v for k, v in B.BENCHMARK_V1.items())
+    with pytest.raises(ValueError, match="v1"):
+        B.BaselinesConfig(benchmark="v3")
+
+
 def test_paper_scale_and_unknown_tracks_are_clear_errors():
     with pytest.raises(ValueError, match="paper"):
         B.BaselinesConfig(scale="paper")

@@ -43,7 +43,7 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _status_kib(field: str) -> float:
+def status_kib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -51,12 +51,12 @@ def _status_kib(field: str) -> float:
     raise KeyError(field)
 
 
-def _reset_peak() -> float | None:
+def reset_peak() -> float | None:
     """Reset VmHWM to the current resident set; return that (KiB), or None if unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        return _status_kib("VmRSS")
+        return status_kib("VmRSS")
     except (OSError, KeyError):
         return None
 
@@ -64,11 +64,11 @@ def _reset_peak() -> float | None:
 def measured_call(fn: Callable[[], T]) -> tuple[T, float, float]:
     """``(fn(), seconds, peak MiB above the starting resident set)``."""
     release_freed_memory()
-    start_kib = _reset_peak()
+    start_kib = reset_peak()
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
-    peak_mib = float("nan") if start_kib is None else (_status_kib("VmHWM") - start_kib) / 1024
+    peak_mib = float("nan") if start_kib is None else (status_kib("VmHWM") - start_kib) / 1024
     return result, seconds, peak_mib
 
 
