@@ -67,8 +67,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -80,6 +78,7 @@ import torch.nn as nn
 import yaml
 
 from ..metrics import accuracy, f1_per_class, matthews
+from .hub import download_to_folder
 from ..paths import REPO_ROOT, data_mirror, download_dir, models_mirror
 
 TASKS_FILE = REPO_ROOT / "data" / "glue_tasks.yaml"
@@ -372,22 +371,9 @@ def _checked_labels(spec: GlueTaskSpec, raw: np.ndarray, where: str) -> np.ndarr
 
 def _download(spec: GlueTaskSpec, folder: Path) -> None:
     """``datasets.load_dataset`` from the hub, saved to ``folder`` (atomically) for later runs."""
-    import datasets
-
-    cache = folder.parent.parent / "hub_cache"
-    try:
-        copy = datasets.load_dataset(HUB_DATASET, spec.config, cache_dir=str(cache))
-    except Exception as err:  # offline, or the repository moved: say where the files can go instead
-        raise RuntimeError(f"Could not download {HUB_DATASET} ({spec.config}) ({type(err).__name__}: {err}). "
-                           f"Offline, put it in <mirror>/{MIRROR_FOLDER}/huggingface/{spec.name} (save_to_disk or "
-                           "its parquet files) and set DATA_DIR to <mirror>.") from err
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        copy.save_to_disk(str(partial))
-        os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    download_to_folder(HUB_DATASET, spec.config, folder,
+                       f"Offline, put it in <mirror>/{MIRROR_FOLDER}/huggingface/{spec.name} (save_to_disk or its "
+                       "parquet files) and set DATA_DIR to <mirror>.")
 
 
 def mirror_layout() -> str:

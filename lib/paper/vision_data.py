@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,6 +55,7 @@ import torch
 import yaml
 
 from ..data.splits import stratified_split
+from .hub import download_to_folder
 from ..paths import REPO_ROOT, data_mirror, download_dir
 
 TASKS_FILE = REPO_ROOT / "data" / "clip_tasks.yaml"
@@ -520,22 +519,9 @@ def _open_hub_folder(folder: Path) -> dict:
 
 def _download_hub_copy(settings: dict, folder: Path) -> None:
     """``datasets.load_dataset`` from the hub, saved to ``folder`` (atomically) for later runs."""
-    import datasets
-
-    cache = folder.parent.parent / "hub_cache"
-    try:
-        copy = datasets.load_dataset(settings["repo"], settings.get("config"), cache_dir=str(cache))
-    except Exception as err:  # offline, or the repository moved: say where the files can go instead
-        raise RuntimeError(f"Could not download {settings['repo']} ({type(err).__name__}: {err}). Offline, save "
-                           f"the dataset with DatasetDict.save_to_disk into <mirror>/{MIRROR_FOLDER}/huggingface/"
-                           f"{folder.name} and set DATA_DIR to <mirror>.") from err
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        copy.save_to_disk(str(partial))
-        os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    download_to_folder(settings["repo"], settings.get("config"), folder,
+                       f"Offline, save the dataset with DatasetDict.save_to_disk into <mirror>/{MIRROR_FOLDER}/"
+                       f"huggingface/{folder.name} and set DATA_DIR to <mirror>.")
 
 
 def mirror_layout() -> str:
