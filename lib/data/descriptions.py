@@ -26,7 +26,8 @@ def class_descriptions(task: str, classes: list[str], path: str | Path | None = 
         catalogue = yaml.safe_load(f) or {}
     if task not in catalogue:
         raise KeyError(f"{path} has no descriptions for task {task!r}. Add an entry '{task}:' with, for each "
-                       f"class ({', '.join(classes)}), a list of sentences; or use head_kind 'probe' or 'few_shot'.")
+                       f"class ({', '.join(classes)}), a list of sentences; or choose heads that need none "
+                       "(notebook parameter text_heads = 'few_shot' or 'probe').")
     candidates = catalogue[task]
     if not isinstance(candidates, dict) or not candidates:
         raise ValueError(f"{path}, task {task!r}: expected named candidate sets, each mapping class -> sentences.")
