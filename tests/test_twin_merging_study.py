@@ -63,7 +63,7 @@ def test_shared_fields_are_notebook_01s_names_and_defaults_and_build_its_config(
             "vision_lr", "multitask_steps_per_task", "lambda_grid", "ties_density", "dare_drop_rate",
             "selection_examples", "seed"} <= shared
     assert all(getattr(ours, name) == getattr(theirs, name) for name in shared)
-    custom = T.TwinMergingConfig(vision_max_steps=7, lambda_grid=(0.0, 1.0), output_dir="/tmp/x").baselines_config()
+    custom = T.TwinMergingConfig(vision_max_steps=7, lambda_grid=(0.0, 1.0), output_dir="runs/elsewhere").baselines_config()
     assert custom.vision_max_steps == 7 and custom.lambda_grid == (0.0, 1.0) and custom.output_dir == ""
     assert T.TwinMergingConfig().task_counts(8) == [2, 4, 6, 8] and T.TwinMergingConfig().task_counts(7) == [2, 4, 6, 7]
     assert T.TwinMergingConfig().seen_for_unseen(list("abcd")) == (["a", "b"], ["c", "d"])

@@ -106,21 +106,28 @@ def regmean(
                 shrunk /= _row_count(counts, t, k)
             lhs.add_(shrunk)
             rhs.add_(shrunk @ sd[k].to(torch.float64).T)
-        if ridge > 0:
-            epsilon = ridge * lhs.diagonal().mean().item()
-            average = sum(sd[k].to(torch.float64) for sd in state_dicts) / len(state_dicts)
-            lhs.diagonal().add_(epsilon)
-            rhs.add_(average.T, alpha=epsilon)
-        try:
-            solution = torch.linalg.solve(lhs, rhs)
-        except torch.linalg.LinAlgError as err:
-            raise ValueError(
-                f"RegMean: the summed Gram of {k!r} is singular ({err}). Pass ridge > 0 (e.g. 1e-6) so "
-                "directions no task excites go to the average, use alpha < 1 or more examples per "
-                "task, or leave this key out of grams so it is averaged."
-            ) from None
-        out[k] = solution.T.to(ref[k].dtype).contiguous()
+        average = sum(sd[k].to(torch.float64) for sd in state_dicts) / len(state_dicts) if ridge > 0 else None
+        out[k] = ridge_solve(lhs, rhs, average, ridge, k).T.to(ref[k].dtype).contiguous()
     return out
+
+
+def ridge_solve(lhs: torch.Tensor, rhs: torch.Tensor, average: torch.Tensor | None, ridge: float,
+                key: str) -> torch.Tensor:
+    """W*ᵀ = (Σt G̃t + εI)⁻¹ (Σt G̃t Wtᵀ + ε W̄ᵀ), ε = ridge · mean(diag Σt G̃t), from the summed
+    ``lhs`` and ``rhs`` (float64, modified in place) and the experts' average W̄ (unused when
+    ridge = 0). The one solve of ``regmean`` and of the streaming merge."""
+    if ridge > 0:
+        epsilon = ridge * lhs.diagonal().mean().item()
+        lhs.diagonal().add_(epsilon)
+        rhs.add_(average.T, alpha=epsilon)
+    try:
+        return torch.linalg.solve(lhs, rhs)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(
+            f"RegMean: the summed Gram of {key!r} is singular ({err}). Pass ridge > 0 (e.g. 1e-6) so "
+            "directions no task excites go to the average, use alpha < 1 or more examples per "
+            "task, or leave this key out of grams so it is averaged."
+        ) from None
 
 
 def _row_count(counts: Sequence[Mapping[str, int]], task: int, key: str) -> int:

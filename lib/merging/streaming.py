@@ -99,6 +99,7 @@ from ._common import (_all_finite, _check_finite, _check_nonempty, _check_number
                       _has_statistic, _normalized, _without, _work, _work_dtype, buffer_keys)
 from .dare import dare_tensor
 from .registry import REGISTRY
+from .regmean import ridge_solve
 from .ties import (KthLargest, _keep_count, _selection_sizes, _trivial_threshold, sample_bracket,
                    ties_merge_tensor)
 
@@ -422,18 +423,7 @@ def _regmean(finetuned: Iterable[torch.Tensor], grams: Iterable[torch.Tensor], c
             average = average + w64
         n += 1
         del gram, shrunk, w64, w, g
-    if ridge > 0:
-        epsilon = ridge * lhs.diagonal().mean().item()
-        average = average / n
-        lhs.diagonal().add_(epsilon)
-        rhs.add_(average.T, alpha=epsilon)
-    try:
-        solution = torch.linalg.solve(lhs, rhs)
-    except torch.linalg.LinAlgError as err:
-        raise ValueError(
-            f"RegMean: the summed Gram of {key!r} is singular ({err}). Pass ridge > 0 (e.g. 1e-6) so directions "
-            "no task excites go to the average, use alpha < 1 or more examples per task, or leave this key out "
-            "of grams so it is averaged.") from None
+    solution = ridge_solve(lhs, rhs, average / n if ridge > 0 else None, ridge, key)
     return solution.T.to(out_dtype).contiguous()
 
 
