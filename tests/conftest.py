@@ -76,6 +76,15 @@ def _private_cache(tmp_path_factory):
         os.environ["MERGE_CACHE_DIR"] = old
 
 
+@pytest.fixture
+def private_downloads(tmp_path, monkeypatch):
+    """No data or model mirror, and downloads (and parquet caches) into a temporary folder rather
+    than the repository's data/downloads: for tests of the download paths."""
+    monkeypatch.setenv("MERGE_DOWNLOAD_DIR", str(tmp_path / "downloads"))
+    for variable in ("DATA_DIR", "MODELS_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one thread is far faster than several fighting over shared cores

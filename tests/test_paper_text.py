@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from lib.paper import glue as G
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# one thread; no mirror and a private download folder (nothing written into data/downloads)
+pytestmark = pytest.mark.usefixtures("one_thread", "private_downloads")
 
 KNOWN = {  # task -> (number of outputs, text columns), as GLUE defines them
     "cola": (2, ("sentence",)), "sst2": (2, ("sentence",)), "mrpc": (2, ("sentence1", "sentence2")),
@@ -32,14 +33,6 @@ KNOWN = {  # task -> (number of outputs, text columns), as GLUE defines them
 }
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..3 and its mask token
 WORDS = "the a cat dog sat on mat is not good bad movie who what where sky blue".split()
-
-
-@pytest.fixture(autouse=True)
-def _private_downloads(tmp_path, monkeypatch):
-    """Nothing is written into the repository's data/downloads (parquet caches go there)."""
-    monkeypatch.setenv("MERGE_DOWNLOAD_DIR", str(tmp_path / "downloads"))
-    for variable in ("DATA_DIR", "MODELS_DIR"):
-        monkeypatch.delenv(variable, raising=False)
 
 
 # ============================================================================ tiny tokenizer and model

@@ -26,7 +26,8 @@ from lib.heads import head_module
 from lib.paper import clip as C
 from lib.paper import vision_data as V
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# one thread; no mirror and a private download folder (nothing written into data/downloads)
+pytestmark = pytest.mark.usefixtures("one_thread", "private_downloads")
 
 # open_clip's model-config format: a 2-layer, 32-wide ViT on 32x32 images (patches of 8) and a
 # 2-layer, 32-wide text transformer; QuickGELU, as OpenAI's weights use.
@@ -40,14 +41,6 @@ KNOWN_CLASSES = {"sun397": 397, "stanford_cars": 196, "resisc45": 45, "eurosat":
                  "mnist": 10, "dtd": 47}
 KNOWN_TEMPLATES = {"sun397": 2, "stanford_cars": 8, "resisc45": 18, "eurosat": 3, "svhn": 1, "gtsrb": 3, "mnist": 1,
                    "dtd": 8}  # METHODS.md §8 (FusionBench's counts)
-
-
-@pytest.fixture(autouse=True)
-def _private_downloads(tmp_path, monkeypatch):
-    """Nothing is written into the repository's data/downloads (parquet caches go there)."""
-    monkeypatch.setenv("MERGE_DOWNLOAD_DIR", str(tmp_path / "downloads"))
-    for variable in ("DATA_DIR", "MODELS_DIR"):
-        monkeypatch.delenv(variable, raising=False)
 
 
 @pytest.fixture(scope="module")
