@@ -61,12 +61,9 @@ class MergeMethod:
         if unknown:
             raise ValueError(f"{self.name}: unknown statistics {sorted(unknown)}; known: {STATISTICS}.")
 
-    def __call__(self, pretrained: StateDict, finetuned: Sequence[StateDict],
-                 stats: Mapping[str, Any] | None = None, **hyper) -> dict[str, torch.Tensor]:
-        stats = {} if stats is None else stats
-        missing = [s for s in self.needs if s not in stats]
-        if missing:
-            raise ValueError(f"{self.name} needs the statistics {missing} in stats (it has {sorted(stats)}).")
+    def with_defaults(self, hyper: dict) -> dict:
+        """``hyper`` completed with the fixed defaults, after checking that it names only this
+        method's hyper-parameters (and ``buffers``) and gives every tuned one."""
         unknown = sorted(set(hyper) - set(self.tuned) - set(self.fixed) - {"buffers"})
         if unknown:
             raise ValueError(f"{self.name} takes no hyper-parameter {unknown}; it takes "
@@ -75,7 +72,15 @@ class MergeMethod:
         if untuned:
             raise ValueError(f"{self.name}: pass {untuned} (tuned on validation data over "
                              f"{ {h: self.tuned[h] for h in untuned} }).")
-        hyper = {**self.fixed, **hyper}
+        return {**self.fixed, **hyper}
+
+    def __call__(self, pretrained: StateDict, finetuned: Sequence[StateDict],
+                 stats: Mapping[str, Any] | None = None, **hyper) -> dict[str, torch.Tensor]:
+        stats = {} if stats is None else stats
+        missing = [s for s in self.needs if s not in stats]
+        if missing:
+            raise ValueError(f"{self.name} needs the statistics {missing} in stats (it has {sorted(stats)}).")
+        hyper = self.with_defaults(hyper)
         _check_numbers(self.name, **hyper)  # NaN would make every entry NaN; the merge checks the tensors
         return self.merge(pretrained, finetuned, stats, **hyper)
 

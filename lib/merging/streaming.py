@@ -682,15 +682,7 @@ def _hyper(method: str, hyper: dict) -> dict:
     entry = REGISTRY[method]
     # Switches for tests: _sample=False (no sampled bracket), _capacity=n (values kept per pass).
     private = {k: hyper.pop(k) for k in list(hyper) if k in ("_sample", "_capacity")}
-    unknown = sorted(set(hyper) - set(entry.tuned) - set(entry.fixed) - {"buffers"})
-    if unknown:
-        raise ValueError(f"{method} takes no hyper-parameter {unknown}; it takes "
-                         f"{sorted(entry.tuned) + sorted(entry.fixed)} and buffers.")
-    untuned = [h for h in entry.tuned if h not in hyper]
-    if untuned:
-        raise ValueError(f"{method}: pass {untuned} (tuned on validation data over "
-                         f"{ {h: entry.tuned[h] for h in untuned} }).")
-    hyper = {**entry.fixed, **hyper}
+    hyper = entry.with_defaults(hyper)
     _check_numbers(method, **{k: v for k, v in hyper.items() if k != "buffers"})
     if "drop_rate" in hyper and not 0.0 <= hyper["drop_rate"] < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {hyper['drop_rate']}.")
