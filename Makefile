@@ -1,6 +1,7 @@
 # make test                          run the test suite (builds .venv on first use)
 # make reproduce DATA_DIR=../shared/data [MODELS_DIR=../shared/models]
 #                                    regenerate every committed table and figure
+# make reproduce SCALE=paper          the notebooks that take scale="paper" (GPU and internet; README "Paper scale")
 # make readme                        refill README.md's quoted tables and figures/run_times.md from figures/
 # make bench                         time each closed-form merge (wall time, peak memory)
 # make bench-grads [DATA_DIR=...]     time per-example squared gradients: loop, vmap, hooks, and the machine's bound
@@ -26,6 +27,15 @@ export PYTHONUNBUFFERED := 1
 NOTEBOOKS := 00_benchmark_calibration 01_merging_baselines 03_fs_merge 04_gradient_matching
 ALL_NOTEBOOKS := $(NOTEBOOKS) 02_adamerging 05_twin_merging
 PAPERMILL_ARGS ?=
+SCALE ?= small
+# notebooks that take scale="paper" so far
+PAPER_NOTEBOOKS := 01_merging_baselines
+# where the executed notebook goes: beside the committed figures, or (paper scale) under runs/
+EXECUTED_DIR = $(if $(filter paper,$(SCALE)),runs/$@/paper-scale,figures/$@)
+ifeq ($(SCALE),paper)
+NOTEBOOKS := $(PAPER_NOTEBOOKS)
+PAPERMILL_ARGS += -p scale paper
+endif
 
 .PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming lab clean-cache $(ALL_NOTEBOOKS)
 
@@ -50,8 +60,8 @@ reproduce: $(NOTEBOOKS)
 	$(MAKE) readme
 
 $(ALL_NOTEBOOKS): $(if $(filter $(PY),$(VENV)/bin/python),venv)
-	@mkdir -p figures/$@
-	cd notebooks && $(abspath $(PY)) -m papermill $@.ipynb ../figures/$@/$@.executed.ipynb \
+	@mkdir -p $(EXECUTED_DIR)
+	cd notebooks && $(abspath $(PY)) -m papermill $@.ipynb ../$(EXECUTED_DIR)/$@.executed.ipynb \
 	    -p data_dir "$(DATA_DIR)" -p models_dir "$(MODELS_DIR)" $(PAPERMILL_ARGS)
 
 # Refill README.md's quoted tables (<!-- BEGIN figures/... --> blocks) from figures/.

@@ -617,9 +617,35 @@ def _has_gram(module: nn.Module) -> bool:
 
 
 def _gram_width(module: nn.Module) -> int:
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
     if isinstance(module, nn.Conv2d):
         return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
     return module.in_features
+
+
+def _attention_inputs(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """The rows that ``nn.MultiheadAttention`` feeds its two linear maps, which it applies as
+    functions (so no hook on ``out_proj`` ever fires): the input x of ``in_proj_weight`` and the
+    concatenated heads' outputs that ``out_proj.weight`` maps. Self-attention only (CLIP's)."""
+    query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")][len(args):])[:3]
+    if not (key is query and value is query) or not module._qkv_same_embed_dim:
+        raise NotImplementedError("RegMean Grams of nn.MultiheadAttention: self-attention with one in_proj only.")
+    if kwargs.get("key_padding_mask") is not None:
+        raise NotImplementedError("RegMean Grams of nn.MultiheadAttention: key_padding_mask is not supported.")
+    x = query.detach().float() if module.batch_first else query.detach().float().transpose(0, 1)  # [N, L, E]
+    n, length, width = x.shape
+    heads = module.num_heads
+    q, k, v = F.linear(x, module.in_proj_weight.float(), None if module.in_proj_bias is None else
+                       module.in_proj_bias.float()).chunk(3, dim=-1)
+    q, k, v = (t.reshape(n, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.dtype == torch.bool:
+        mask = ~mask  # nn.MultiheadAttention: True = may not attend; scaled_dot_product_attention: True = may
+    if kwargs.get("is_causal") and mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(x.device))
+    return x.reshape(-1, width), attended.transpose(1, 2).reshape(-1, width)
 
 
 def gram_matrices(
@@ -639,6 +665,9 @@ def gram_matrices(
 
     Keys are the layers' weight names (e.g. ``encoder.layer.0.attention.self.query.weight``),
     as ``lib.merging.regmean`` expects; ``linear_names`` restricts to those weights.
+    ``nn.MultiheadAttention`` (open_clip's CLIP) applies its two maps as functions; their Grams
+    are computed from the module's input: ``in_proj_weight`` over x, ``out_proj.weight`` over
+    the heads' outputs, recomputed (self-attention; no padding masks there).
 
     G is the SUM over every counted row, not the mean: for token inputs ``[B, L, d]`` each
     position is a row, and positions where the batch's ``attention_mask`` is 0 are left
@@ -648,7 +677,11 @@ def gram_matrices(
     the same: pass them to ``lib.merging.regmean(..., counts=counts)``, whose default
     ``gram_normalization="mean"`` does that division.
     """
-    linears = {f"{mn}.weight" if mn else "weight": m for mn, m in model.named_modules() if _has_gram(m)}
+    attentions = {mn: m for mn, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    linears = {f"{mn}.weight" if mn else "weight": m for mn, m in model.named_modules() if _has_gram(m)
+               and not any(mn == f"{a}.out_proj" for a in attentions)}
+    for name, module in attentions.items():
+        linears[f"{name}.in_proj_weight"] = linears[f"{name}.out_proj.weight"] = module
     if linear_names is not None:
         chosen = set(linear_names)
         if chosen - set(linears):
@@ -656,6 +689,7 @@ def gram_matrices(
         linears = {n: m for n, m in linears.items() if n in chosen}
     device = model_device(model)
     grams = {n: torch.zeros(_gram_width(m), _gram_width(m), device=device) for n, m in linears.items()}
+    attentions = {a: m for a, m in attentions.items() if {f"{a}.in_proj_weight", f"{a}.out_proj.weight"} & set(linears)}
     counts = {n: 0 for n in linears}
     mask: list[Tensor | None] = [None]  # the current batch's padding mask, read by the hooks
 
@@ -677,11 +711,22 @@ def gram_matrices(
 
         return accumulate
 
+    def attention_hook(name):
+        def accumulate(module, args, kwargs):
+            for key, rows in zip(("in_proj_weight", "out_proj.weight"), _attention_inputs(module, args, kwargs)):
+                if f"{name}.{key}" in grams:  # linear_names may keep one of the two
+                    grams[f"{name}.{key}"] += rows.T @ rows
+                    counts[f"{name}.{key}"] += rows.shape[0]
+
+        return accumulate
+
     handles = []
     bar = tqdm(total=max_examples, desc="Gram matrices", unit="ex", disable=disable)
     try:
         with eval_mode(model), torch.no_grad():
-            handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+            handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()
+                       if not isinstance(m, nn.MultiheadAttention)]
+            handles += [m.register_forward_pre_hook(attention_hook(n), with_kwargs=True) for n, m in attentions.items()]
             for batch in _batches_upto(batches, max_examples):
                 batch = to_device(batch, device)
                 mask[0] = batch.get("attention_mask")

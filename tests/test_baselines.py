@@ -50,9 +50,7 @@ def test_benchmark_v1_restores_the_first_design_and_keeps_the_callers_settings()
         B.BaselinesConfig(benchmark="v3")
 
 
-def test_paper_scale_and_unknown_tracks_are_clear_errors():
-    with pytest.raises(ValueError, match="paper"):
-        B.BaselinesConfig(scale="paper")
+def test_unknown_tracks_are_clear_errors():
     with pytest.raises(ValueError, match="'text', 'vision'"):
         B.BaselinesConfig(tracks=("txt",))
 
@@ -139,7 +137,7 @@ def _result(name: str, accuracies: dict[str, float], n: int = 1000, tasks=("a", 
     expert = table[table.method == B.EXPERTS].set_index("task")["accuracy"]
     table["normalized"] = 100 * table.accuracy / table.task.map(expert)
     merges = {row: B.MergeResult({}, {}, None) for row in accuracies if row not in (B.PRETRAINED, B.EXPERTS, B.MULTITASK)}
-    return B.TrackResult(name, seed, SimpleNamespace(track=SimpleNamespace(tasks=list(tasks))), merges, table, outcomes)
+    return B.TrackResult(name, seed, SimpleNamespace(track=SimpleNamespace(tasks=list(tasks), scale="small")), merges, table, outcomes)
 
 
 BASE = {B.PRETRAINED: 60, B.EXPERTS: 90, B.MULTITASK: 85}

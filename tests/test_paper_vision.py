@@ -19,24 +19,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import save_file
 
 from lib.heads import head_module
 from lib.paper import clip as C
 from lib.paper import vision_data as V
 
+from paper_fakes import TINY
+from paper_fakes import colour as _colour
+from paper_fakes import hf_vision as _hf_vision
+from paper_fakes import hub_copy as _hub_copy
+from paper_fakes import label_of as _label_of
+from paper_fakes import save_image as _save_image
+from paper_fakes import write_idx as _write_idx
+from paper_fakes import write_published_folder as _write_published_folder
+
 # one thread; no mirror and a private download folder (nothing written into data/downloads)
 pytestmark = pytest.mark.usefixtures("one_thread", "private_downloads")
 
-# open_clip's model-config format: a 2-layer, 32-wide ViT on 32x32 images (patches of 8) and a
-# 2-layer, 32-wide text transformer; QuickGELU, as OpenAI's weights use.
-TINY = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
 KNOWN_CLASSES = {"sun397": 397, "stanford_cars": 196, "resisc45": 45, "eurosat": 10, "svhn": 10, "gtsrb": 43,
                  "mnist": 10, "dtd": 47}
 KNOWN_TEMPLATES = {"sun397": 2, "stanford_cars": 8, "resisc45": 18, "eurosat": 3, "svhn": 1, "gtsrb": 3, "mnist": 1,
@@ -115,23 +115,6 @@ def test_image_encoder_with_its_head_computes_clip_logits(tiny):
 
 
 # ============================================================================ transformers -> open_clip
-def _hf_vision(with_projection: bool, hidden_act: str = "quick_gelu", seed: int = 1):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
-
-    vision = TINY["vision_cfg"]
-    config = CLIPVisionConfig(hidden_size=vision["width"], intermediate_size=int(vision["width"] * vision["mlp_ratio"]),
-                              num_hidden_layers=vision["layers"], num_attention_heads=vision["width"] // vision["head_width"],
-                              image_size=vision["image_size"], patch_size=vision["patch_size"],
-                              projection_dim=TINY["embed_dim"], hidden_act=hidden_act)
-    torch.manual_seed(seed)
-    model = (CLIPVisionModelWithProjection if with_projection else CLIPVisionModel)(config).eval()
-    with torch.no_grad():  # transformers initialises LayerNorms to (1, 0): make them count
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 @pytest.mark.parametrize("prefix", ["vision_model.", ""], ids=["transformers-4 keys", "transformers-5 keys"])
 def test_conversion_preserves_image_features(tiny, prefix):
     hf = _hf_vision(with_projection=True)
@@ -157,25 +140,6 @@ def test_a_model_without_projection_takes_the_given_one(tiny):
         C.hf_vision_to_open_clip(hf.state_dict())
     with pytest.raises(KeyError, match="text_model.extra"):  # an unknown key is refused, not dropped
         C.hf_vision_to_open_clip({**hf.state_dict(), "text_model.extra": torch.zeros(1)}, projection=projection)
-
-
-def _write_published_folder(folder, hf, files: str) -> None:
-    """A folder as the hub holds a published expert: config.json plus weights whose keys carry
-    transformers 4's ``vision_model.`` prefix."""
-    folder.mkdir(parents=True)
-    hf.config.to_json_file(str(folder / "config.json"))
-    state = {"vision_model." + k.removeprefix("vision_model."): v.contiguous() for k, v in hf.state_dict().items()}
-    if files == "safetensors":
-        save_file(state, folder / "model.safetensors")
-    elif files == "sharded":
-        keys = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-        for name, part in shards.items():
-            save_file({k: state[k] for k in part}, folder / name)
-        index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    else:
-        torch.save(state, folder / "pytorch_model.bin")
 
 
 @pytest.mark.parametrize("files", ["safetensors", "sharded", "bin"])
@@ -225,22 +189,6 @@ def test_load_clip_reads_open_clip_weights_from_the_model_folder(tiny, tmp_path)
 
 
 # ============================================================================ datasets
-def _colour(label: int) -> tuple[int, int, int]:
-    """A colour that encodes a label (0..396), readable back from the pixels."""
-    return (label % 256, (label * 7) % 256, label // 2)
-
-
-def _label_of(image: Image.Image, labels=range(397)) -> int:
-    """The label whose colour is nearest ``image``'s mean colour."""
-    mean = np.asarray(image.convert("RGB"), dtype=float).reshape(-1, 3).mean(0)
-    return min(labels, key=lambda y: np.abs(mean - _colour(y)).sum())
-
-
-def _save_image(path, label: int, size=(12, 10), fmt=None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, _colour(label)).save(path, format=fmt)
-
-
 def _assert_pixels_carry_labels(records: V.ImageRecords, labels=range(397)) -> None:
     assert len(records) > 0
     assert [_label_of(records.image(i), labels) for i in range(len(records))] == records.labels.tolist()
@@ -273,13 +221,6 @@ def test_clip_transform_resizes_crops_and_normalizes_like_clip(tmp_path):
     mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
     expected = (torch.tensor(_colour(100), dtype=torch.float) / 255 - mean) / std
     torch.testing.assert_close(pixels[0].mean(dim=(1, 2)), expected, atol=0.02, rtol=0)
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    """MNIST's idx format: magic (0x08 = uint8, then the number of dimensions), sizes, data."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
 def test_mnist_from_torchvisions_idx_files(tmp_path):
@@ -318,19 +259,6 @@ def test_sun397_uses_its_partition_files(tmp_path):
     assert sorted(set(task.test.labels.tolist())) == chosen
     for split in (task.train, task.validation, task.test):
         _assert_pixels_carry_labels(split)
-
-
-def _hub_copy(class_names, per_class: dict[str, int]):
-    """A DatasetDict like the hub copies: an Image column and a ClassLabel column."""
-    import datasets
-
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))})
-    splits = {}
-    for split, n in per_class.items():
-        labels = [y for y in range(len(class_names)) for _ in range(n)]
-        images = [Image.new("RGB", (8, 8), _colour(5 * y)) for y in labels]
-        splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
-    return datasets.DatasetDict(splits)
 
 
 def test_resisc45_from_a_saved_hub_copy(tmp_path):

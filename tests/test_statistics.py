@@ -374,3 +374,38 @@ class _ConvOnly(nn.Module):
 
     def forward(self, pixel_values):
         return self.conv(pixel_values).mean((2, 3))
+
+
+class _SelfAttention(nn.Module):
+    """One nn.MultiheadAttention, as open_clip's CLIP uses it (self-attention, optional causal mask)."""
+
+    def __init__(self, batch_first: bool, causal: bool):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.causal = causal
+
+    def forward(self, x):
+        length = x.shape[1] if self.attn.batch_first else x.shape[0]
+        mask = torch.full((length, length), float("-inf")).triu(1) if self.causal else None
+        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gram_matrices_of_multihead_attention_cover_both_of_its_maps(batch_first, causal):
+    """nn.MultiheadAttention applies in_proj and out_proj as functions (no hook fires on
+    out_proj); their Grams must still be over exactly what each map is applied to."""
+    torch.manual_seed(0)
+    model = _SelfAttention(batch_first, causal).eval()
+    x = torch.randn(3, 5, 8) if batch_first else torch.randn(5, 3, 8)
+    grams, counts = S.gram_matrices(model, [{"x": x}], return_counts=True, disable=True)
+    assert set(grams) == {"attn.in_proj_weight", "attn.out_proj.weight"}
+    rows = x.reshape(-1, 8)
+    torch.testing.assert_close(grams["attn.in_proj_weight"], rows.T @ rows, rtol=1e-4, atol=1e-4)
+    # out_proj's inputs, read back from the module's own output: out = a Wᵀ + b, W invertible
+    with torch.no_grad():
+        out = model(x).reshape(-1, 8)
+        weight, bias = model.attn.out_proj.weight, model.attn.out_proj.bias
+        attended = torch.linalg.solve(weight, (out - bias).T).T
+    torch.testing.assert_close(grams["attn.out_proj.weight"], attended.T @ attended, rtol=1e-3, atol=1e-3)
+    assert counts == {"attn.in_proj_weight": 15, "attn.out_proj.weight": 15}

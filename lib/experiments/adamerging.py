@@ -142,8 +142,10 @@ PAPER_LABEL = "paper, CLIP ViT-B/32"
 
 # ----------------------------------------------------------------------------- the configuration
 # Notebook 01's fields that notebook 02 does not use (it runs neither DARE nor gradient matching
-# nor the seed spread); every other field of BaselinesConfig is a field here too (a test checks).
-NOT_SHARED = ("spread_seeds", "dare_drop_rate", "dare_seed", "gradient_matching_scale")
+# nor the seed spread, nor the paper scale yet); every other field of BaselinesConfig is a field
+# here too (a test checks).
+NOT_SHARED = ("spread_seeds", "dare_drop_rate", "dare_seed", "gradient_matching_scale", "paper_vision_arch",
+              "device", "autocast")
 
 
 @dataclass

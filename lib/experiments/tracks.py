@@ -117,6 +117,9 @@ class Track:
             raise ValueError(f"head_shots = {self.head_shots}: pass a positive number of examples per class.")
 
     has_text_tower: bool = field(default=False, init=False, repr=False)
+    scale: str = field(default="small", init=False, repr=False)  # "paper": the papers' models and tasks
+    # a track whose encoder has BatchNorm also scores every merge with its statistics re-estimated
+    has_batchnorm: bool = field(default=False, init=False, repr=False)
 
     def split(self, task: str, split: str) -> PreparedSplit:
         key = (task, split)
@@ -159,7 +162,9 @@ class Track:
                 split = self.split(task, which)
                 digest.update(f"{which}:{len(split)}|".encode())
                 digest.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
-                if isinstance(split.inputs, np.ndarray):
+                if hasattr(split.inputs, "digest"):  # images kept on disk (paper scale): their identity
+                    digest.update(split.inputs.digest().encode())
+                elif isinstance(split.inputs, np.ndarray):
                     digest.update(np.ascontiguousarray(split.inputs).tobytes())
                 else:  # token-id lists
                     for row in split.inputs:
@@ -291,4 +296,5 @@ class VisionTrack(Track):
         return encoder
 
     frozen_parameters: tuple[str, ...] = ()
+    has_batchnorm: bool = field(default=True, init=False, repr=False)
     fisher_method: str = "vmap"  # convolutions and BatchNorm: vmap over functional_call

@@ -108,9 +108,16 @@ class Expert:
 def encode(encoder: nn.Module, split: PreparedSplit, batch_size: int = 256) -> torch.Tensor:
     """Encoder features for every example of a split, in the split's order."""
     encoder.eval()
+    # Paper-scale encoders name the device they run on and their autocast dtype
+    # (lib.experiments.paper_tracks); small-scale ones run on the CPU in float32.
+    device = getattr(encoder, "run_device", torch.device("cpu"))
+    dtype = getattr(encoder, "autocast_dtype", None)
+    encoder.to(device)
     out = torch.empty(len(split), encoder.feature_dim)
     for batch in split.batches(batch_size, with_index=True):
-        out[batch["index"]] = encoder(**model_inputs(batch)).float()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            features = encoder(**{k: v.to(device) for k, v in model_inputs(batch).items()})
+        out[batch["index"]] = features.float().cpu()
     return out
 
 
@@ -220,6 +227,8 @@ def zero_shot_heads(track: Track, temperature: float = MINILM_TEMPERATURE,
 
 def initial_heads(track: Track) -> dict[str, dict[str, torch.Tensor]]:
     """The heads experts start from, of the track's ``head_kind`` (frozen unless "joint")."""
+    if hasattr(track, "zero_shot_heads"):  # a track with its own text tower's heads (CLIP, paper scale)
+        return track.zero_shot_heads()
     if track.head_kind == "probe":
         return probe_heads(track)
     if track.head_kind == "few_shot":

@@ -152,6 +152,9 @@ class _FileImages:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def identity(self) -> bytes:
+        return "\n".join(self.paths).encode()
+
     def __getitem__(self, i: int):
         from PIL import Image
 
@@ -168,6 +171,9 @@ class _ArrayImages:
     def __len__(self) -> int:
         return len(self.array)
 
+    def identity(self) -> bytes:
+        return np.ascontiguousarray(self.array).tobytes()
+
     def __getitem__(self, i: int):
         from PIL import Image
 
@@ -182,6 +188,10 @@ class _HubImages:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def identity(self) -> bytes:
+        # datasets' own content fingerprint of the split (set when it is built, loaded or saved)
+        return str(getattr(self.dataset, "_fingerprint", len(self.dataset))).encode()
 
     def __getitem__(self, i: int):
         return self.dataset[int(i)][IMAGE_COLUMN].convert("RGB")
@@ -206,9 +216,29 @@ class ImageRecords:
         indices = np.asarray(indices, dtype=np.int64)
         return ImageRecords(self.images, self.rows[indices], self.labels[indices])
 
-    def pixels(self, indices, transform: Callable) -> torch.Tensor:
-        """The images at ``indices`` through ``transform`` (e.g. :func:`clip_transform`), stacked."""
-        return torch.stack([transform(self.image(i)) for i in np.asarray(indices, dtype=np.int64)])
+    __getitem__ = take  # records[indices], as a PreparedSplit subsets its inputs
+
+    def digest(self) -> str:
+        """A hash of what these records are (the image source, the rows, the labels) without
+        decoding a single image: what cache keys of a paper-scale task hold."""
+        import hashlib
+
+        digest = hashlib.sha256(self.images.identity())
+        digest.update(np.ascontiguousarray(self.rows, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
+    def pixels(self, indices, transform: Callable, workers: int = 1) -> torch.Tensor:
+        """The images at ``indices`` through ``transform`` (e.g. :func:`clip_transform`), stacked.
+        ``workers`` > 1 decodes in that many threads (PIL releases the GIL while it decodes and
+        resizes): on a GPU machine decoding, not the model, otherwise bounds evaluation."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if workers <= 1:
+            return torch.stack([transform(self.image(i)) for i in indices])
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.stack(list(pool.map(lambda i: transform(self.image(i)), indices)))
 
 
 def _records(images, labels) -> ImageRecords:

@@ -1,0 +1,139 @@
+"""Notebook 01 at paper scale (issue 12): CLIP's image tower, zero-shot heads from its text tower,
+the published experts, the papers' vision tasks, run by the same code as the small scale.
+
+Everything is a fake in the real formats (``paper_fakes``): a tiny open_clip CLIP where open_clip's
+hub repository would be, published experts as transformers folders, MNIST's idx files and a
+EuroSAT hub copy. The loaders are the real ones; nothing touches the network.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lib.experiments import baselines as B
+from lib.experiments.evaluation import evaluate
+from lib.experiments.paper_tracks import ClipVisionTrack, autocast_dtype, run_device
+from lib.experiments.training import FinetuneConfig, initial_heads
+from lib.paper import vision_data as V
+
+from paper_fakes import write_hub_copy, write_mnist, write_tiny_clip_hub
+
+pytestmark = pytest.mark.usefixtures("one_thread", "private_downloads")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_merging_baselines.ipynb"
+TASKS = ["mnist", "eurosat"]
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper")
+    write_tiny_clip_hub(root / "models", TASKS)
+    write_mnist(root / "data", n_train=60, n_test=20)
+    write_hub_copy(root / "data", "eurosat", {"train": 6, "test": 2})
+    return root
+
+
+def test_paper_scale_takes_the_papers_setup_for_what_the_caller_left_unchanged():
+    paper = B.BaselinesConfig(scale="paper")
+    assert paper.tracks == ("vision",) and paper.vision_tasks == V.PAPER_VISION_TASKS
+    assert paper.vision_heads == "zero_shot" and paper.max_test is None and paper.spread_seeds == ()
+    mine = B.BaselinesConfig(scale="paper", vision_tasks=("mnist",), max_test=64, paper_vision_arch="ViT-L-14")
+    assert mine.vision_tasks == ("mnist",) and mine.max_test == 64
+    track = mine.track("vision")
+    assert isinstance(track, ClipVisionTrack) and track.arch == "ViT-L-14" and track.max_test == 64
+    with pytest.raises(ValueError, match="vision track only.*GLUE.*tracks=\\['vision'\\]"):
+        B.BaselinesConfig(scale="paper", tracks=("text",))
+    with pytest.raises(ValueError, match="'small'.*'paper'"):
+        B.BaselinesConfig(scale="large")
+
+
+def test_devices_and_autocast_are_chosen_and_checked():
+    assert run_device("cpu") == torch.device("cpu")
+    assert autocast_dtype("auto", torch.device("cpu")) is None  # float32 on the CPU
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("fp16", torch.device("cuda")) is torch.float16
+    with pytest.raises(ValueError, match="autocast = 'fp8'"):
+        ClipVisionTrack(TASKS, autocast="fp8")
+    with pytest.raises(ValueError, match="zero-shot heads"):
+        ClipVisionTrack(TASKS, head_kind="few_shot")
+
+
+def test_the_clip_track_gives_zero_shot_heads_published_experts_and_lazy_splits(fakes):
+    track = ClipVisionTrack(TASKS, data_dir=str(fakes / "data"), models_dir=str(fakes / "models"), device="cpu",
+                            max_validation=None)
+    heads = initial_heads(track)
+    assert set(heads) == set(TASKS) and heads["mnist"]["weight"].shape == (10, 16)
+    assert float(heads["mnist"]["normalize"]) == 1.0  # CLIP normalizes image features
+    setup = B.prepare_track(track, FinetuneConfig(), FinetuneConfig())
+    assert setup.multitask is None  # published experts: no multi-task model to train
+    assert setup.experts["mnist"].info["source"] == "tanganke/clip-vit-base-patch32_mnist"
+    # every weight a published expert fine-tuned is merged; its projection is θ0's (a
+    # CLIPVisionModel has none), so it is not
+    floats = {k for k, v in setup.pretrained.items() if v.is_floating_point()}
+    assert set(setup.mergeable) == floats - {"visual.proj"}
+    test = track.split("mnist", "test")
+    assert len(test) == 20 and test.batch([0, 1])["pixel_values"].shape == (2, 3, 32, 32)
+    before = track.fingerprint("mnist")
+    assert before == ClipVisionTrack(TASKS, data_dir=str(fakes / "data"), models_dir=str(fakes / "models"),
+                                     max_validation=None).fingerprint("mnist")
+    assert before != ClipVisionTrack(TASKS, data_dir=str(fakes / "data"), models_dir=str(fakes / "models"),
+                                     max_validation=None, seed=1).fingerprint("mnist")  # another validation split
+    encoder = track.pretrained_encoder()
+    results = evaluate(track, encoder, setup.experts["mnist"].encoder, setup.heads, tasks=["mnist"])
+    assert 0 <= results["mnist"]["accuracy"] <= 100 and len(results["mnist"]["correct"]) == 20
+
+
+def test_threaded_decoding_gives_the_same_batches(fakes):
+    """Images are decoded in threads on a GPU machine; the batch must not depend on it."""
+    records = V.load_paper_vision_task("mnist", data_dir=fakes / "data").test
+    transform = V.clip_transform(32)
+    order = [5, 0, 19, 3, 3]
+    torch.testing.assert_close(records.pixels(order, transform, workers=4), records.pixels(order, transform), rtol=0, atol=0)
+
+
+def test_notebook_01_runs_at_paper_scale_on_the_fakes(fakes, tmp_path):
+    """The notebook's own cells at scale="paper": every closed-form merge of the table, its λ
+    chosen on validation, evaluated on the full fake test sets, with findings and a run record."""
+    import papermill
+
+    out = tmp_path / "run01"
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(tmp_path / "executed.ipynb"), cwd=str(NOTEBOOK.parent), progress_bar=False,
+        parameters={"scale": "paper", "data_dir": str(fakes / "data"), "models_dir": str(fakes / "models"),
+                    "output_dir": str(out), "vision_tasks": '["mnist", "eurosat"]', "device": "cpu",
+                    "max_validation": 16, "lambda_grid": "[0.0, 0.5, 1.0]", "lambda_refinements": 0,
+                    "fisher_examples": 8, "regmean_examples": 16, "selection_examples": 8, "progress": False})
+    table = pd.read_csv(out / "vision_baselines_long.csv")
+    assert set(table.batchnorm) == {"stored"}  # no BatchNorm in a ViT: nothing re-estimated
+    assert {"Task Arithmetic", "TIES", "Fisher", "RegMean"} <= set(table.method)
+    assert "Multi-task" not in set(table.method)
+    assert table[table.task == "mnist"].groupby("method").size().max() == 1
+    findings = (out / "findings.md").read_text()
+    assert "Trivial baseline" in findings
+    assert not (out / "vision_seed_spread.csv").exists()  # published experts: no seed spread
+
+
+def test_findings_set_a_paper_scale_run_beside_the_published_numbers():
+    from types import SimpleNamespace
+
+    from test_baselines import _result
+
+    rows = {B.PRETRAINED: 48.0, B.EXPERTS: 90.0, "Task Arithmetic": 70.0, "TIES": 72.0}
+    result = _result("vision", rows, tasks=V.PAPER_VISION_TASKS)
+    result.setup = SimpleNamespace(track=SimpleNamespace(tasks=list(V.PAPER_VISION_TASKS), scale="paper",
+                                                         arch="ViT-B-32"))
+    text = B.findings({"vision": result})
+    assert "Paper scale" in text and "Small-scale" not in text
+    assert re.search(r"Task Arithmetic 7\d\.\d ± 0\.\d \(published 69\.1\)", text)
+    assert re.search(r"TIES 7\d\.\d ± 0\.\d \(published 72\.4\)", text)
+    result.setup.track.arch = "ViT-L-14"  # published numbers are ViT-B/32's: no comparison
+    assert "not comparable (ViT-L-14 on 8 tasks" in B.findings({"vision": result})
