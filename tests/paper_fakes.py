@@ -148,3 +148,14 @@ def write_hub_copy(data: Path, task: str, per_class: dict[str, int]) -> None:
     names = V.task_spec(task).sources["huggingface"].get("class_names")
     names = names if isinstance(names, list) else V.task_spec(task).classes
     hub_copy(names, per_class).save_to_disk(str(data / "vision_paper" / "huggingface" / task))
+
+
+VISION_TASKS = ["mnist", "eurosat"]
+
+
+def write_vision_paper_fakes(root: Path) -> Path:
+    """θ0, experts for VISION_TASKS and their data under ``root``/models and ``root``/data."""
+    write_tiny_clip_hub(root / "models", VISION_TASKS)
+    write_mnist(root / "data", n_train=60, n_test=20)
+    write_hub_copy(root / "data", "eurosat", {"train": 6, "test": 2})
+    return root

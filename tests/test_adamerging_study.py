@@ -55,9 +55,9 @@ def test_shared_fields_are_notebook_01s_with_its_defaults_so_its_cache_is_reused
     assert base.output_dir == ""  # where notebook 02 writes is not notebook 01's business
 
 
-def test_paper_scale_and_bad_settings_are_clear_errors():
-    with pytest.raises(ValueError, match="issue 12"):
-        A.AdaMergingConfig(scale="paper")
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="'small'.*'paper'"):
+        A.AdaMergingConfig(scale="large")
     with pytest.raises(ValueError, match="paper_budget_track"):
         A.AdaMergingConfig(tracks=("text",), paper_budget_track="vision")
     with pytest.raises(ValueError, match="data_fractions"):

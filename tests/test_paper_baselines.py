@@ -25,21 +25,17 @@ from lib.experiments.paper_tracks import ClipVisionTrack, autocast_dtype, run_de
 from lib.experiments.training import FinetuneConfig, initial_heads
 from lib.paper import vision_data as V
 
-from paper_fakes import write_hub_copy, write_mnist, write_tiny_clip_hub
+from paper_fakes import VISION_TASKS, write_vision_paper_fakes
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_downloads")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_merging_baselines.ipynb"
-TASKS = ["mnist", "eurosat"]
+TASKS = VISION_TASKS
 
 
 @pytest.fixture(scope="module")
 def fakes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("paper")
-    write_tiny_clip_hub(root / "models", TASKS)
-    write_mnist(root / "data", n_train=60, n_test=20)
-    write_hub_copy(root / "data", "eurosat", {"train": 6, "test": 2})
-    return root
+    return write_vision_paper_fakes(tmp_path_factory.mktemp("paper"))
 
 
 def test_paper_scale_takes_the_papers_setup_for_what_the_caller_left_unchanged():

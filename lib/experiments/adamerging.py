@@ -88,7 +88,7 @@ from ..metrics import accuracy, official_metric
 from . import baselines as B
 from .baselines import EXPERTS, MULTITASK, PRETRAINED, BaselinesConfig, MergeResult, Setup
 from .cache import cached_tensors, content_hash
-from .config import settings_for
+from .config import settings_for, take_unchanged
 # cost.py's way of reading and resetting the peak resident set (its measured_call does the same
 # around one call; StepMeter below needs it between the steps of one call).
 from .cost import reset_peak, status_kib, measured_call, release_freed_memory
@@ -144,16 +144,20 @@ PAPER_LABEL = "paper, CLIP ViT-B/32"
 # Notebook 01's fields that notebook 02 does not use (it runs neither DARE nor gradient matching
 # nor the seed spread, nor the paper scale yet); every other field of BaselinesConfig is a field
 # here too (a test checks).
-NOT_SHARED = ("spread_seeds", "dare_drop_rate", "dare_seed", "gradient_matching_scale", "paper_vision_arch",
-              "device", "autocast")
+NOT_SHARED = ("spread_seeds", "dare_drop_rate", "dare_seed", "gradient_matching_scale")
+
+# The paper scale (scale="paper"): notebook 01's paper profile (CLIP on the 8 vision tasks,
+# published experts) and the authors' full budget of 500 steps, which makes the separate
+# paper-budget check redundant.
+PAPER_SCALE = {**B.PAPER_SCALE, "vision_adamerging_steps": PAPER_STEPS, "paper_budget_track": ""}
 
 
 @dataclass
 class AdaMergingConfig:
     """Every setting of notebook 02. The fields are its papermill parameters.
 
-    The fields down to ``selection_examples`` are notebook 01's (same names, same defaults, read
-    from ``BaselinesConfig``), so the experts and merges notebook 01 cached are reused."""
+    The fields down to ``autocast`` are notebook 01's (same names, same defaults, read from
+    ``BaselinesConfig``), so the experts and merges notebook 01 cached are reused."""
 
     scale: str = BaselinesConfig.scale
     benchmark: str = BaselinesConfig.benchmark
@@ -190,6 +194,9 @@ class AdaMergingConfig:
     regmean_gram: str = BaselinesConfig.regmean_gram
     regmean_ridge: float = BaselinesConfig.regmean_ridge
     selection_examples: int = BaselinesConfig.selection_examples
+    paper_vision_arch: str = BaselinesConfig.paper_vision_arch
+    device: str = BaselinesConfig.device
+    autocast: str = BaselinesConfig.autocast
     # AdaMerging (METHODS.md §2): the paper's settings except the number of steps (module docstring)
     text_adamerging_steps: int = 12
     vision_adamerging_steps: int = 100
@@ -209,9 +216,11 @@ class AdaMergingConfig:
     progress: bool = BaselinesConfig.progress
 
     def __post_init__(self):
-        if self.scale != "small":
-            raise ValueError(f"scale={self.scale!r}: notebook 02 runs the small-scale tracks only; the paper scale "
-                             "(CLIP ViT-B/32 on the 8 vision tasks) is issue 12, 'Paper scale', not built yet.")
+        if self.scale not in ("small", "paper"):
+            raise ValueError(f"scale={self.scale!r}: choose 'small' (the default) or 'paper'.")
+        if self.scale == "paper":
+            take_unchanged(self, PAPER_SCALE)
+            B.check_paper_tracks(self.tracks)
         for name in self.tracks:
             if name not in ("text", "vision"):
                 raise ValueError(f"tracks: unknown track {name!r}; choose from 'text', 'vision'.")
@@ -315,8 +324,8 @@ class LogitRecorder:
     entropy was measured on, without a second forward. The heads' parameters require no grad:
     the gradient reaches only the features, then the coefficients."""
 
-    def __init__(self, head_states: Mapping[str, dict]):
-        self.modules = {t: head_module(state) for t, state in head_states.items()}
+    def __init__(self, head_states: Mapping[str, dict], device: torch.device = torch.device("cpu")):
+        self.modules = {t: head_module(state).to(device) for t, state in head_states.items()}
         self.logits: dict[str, list[torch.Tensor]] = {}
         self.heads = {t: self._recording(t) for t in head_states}
 
@@ -425,6 +434,10 @@ def adapt(ctx: TrackContext, variant: Variant, data=None, report_labels: bool = 
                    stored["peak_mib"].numpy(), {t: len(p) for t, p in pools.items()}, state)
 
 
+def _on(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 def _mean_over_batches(values) -> float:
     """The mean of per-batch means (0-d tensors), as the loss weighs the step's batches."""
     return float(np.mean([float(v) for v in values]))
@@ -435,17 +448,23 @@ def _run_adamerging(ctx, variant, tasks, splits, pools, pre, taus, report_labels
     cross-entropy of the recorded logits, wall time and peak memory."""
     c = ctx.config
     stream = input_stream(pools, c.adamerging_batch_size, c.adamerging_batches_per_step, c.seed)
-    recorder = LogitRecorder({t: ctx.setup.heads[t] for t in tasks})
+    # Paper scale: everything the steps touch on the track's device (the CPU at small scale)
+    device = getattr(ctx.encoder, "run_device", torch.device("cpu"))
+    pre, taus = _on(pre, device), [_on(tau, device) for tau in taus]
+    encoder = ctx.encoder.to(device)
+    recorder = LogitRecorder({t: ctx.setup.heads[t] for t in tasks}, device)
     entropies, cross_entropies, seconds, peaks = [], [], [], []
 
     def batches(step):
-        return {t: [unlabeled(splits[t], idx) for idx in index_batches] for t, index_batches in stream(step).items()}
+        return {t: [_on(unlabeled(splits[t], idx), device) for idx in index_batches]
+                for t, index_batches in stream(step).items()}
 
     def report(step, params, coefficients):
         logits, drawn = recorder.take(), stream(step)
         entropies.append([_mean_over_batches(merging.entropy(z).mean() for z in logits[t]) for t in tasks])
         if report_labels:  # the only place labels are read: after the step's loss and gradient exist
-            cross_entropies.append([_mean_over_batches(F.cross_entropy(z, torch.as_tensor(splits[t].labels[idx]))
+            cross_entropies.append([_mean_over_batches(F.cross_entropy(z, torch.as_tensor(splits[t].labels[idx],
+                                                                                          device=z.device))
                                                        for z, idx in zip(logits[t], drawn[t])) for t in tasks])
         else:
             cross_entropies.append([math.nan] * len(tasks))
@@ -455,8 +474,11 @@ def _run_adamerging(ctx, variant, tasks, splits, pools, pre, taus, report_labels
 
     bar = (lambda r: tqdm(r, desc=f"{ctx.track.name}: {variant.name}", leave=False)) if c.progress else None
     meter = StepMeter()
-    result = merging.adamerge(ctx.encoder, pre, taus, recorder.heads, batches, steps=variant.steps, lr=variant.lr,
-                              init=c.adamerging_init, layerwise=variant.layerwise, callback=report, progress=bar)
+    with torch.autocast(device.type, dtype=getattr(encoder, "autocast_dtype", None),
+                        enabled=getattr(encoder, "autocast_dtype", None) is not None):
+        result = merging.adamerge(encoder, pre, taus, recorder.heads, batches, steps=variant.steps, lr=variant.lr,
+                                  init=c.adamerging_init, layerwise=variant.layerwise, callback=report, progress=bar)
+    encoder.cpu()
     return {"coefficients": result.coefficients, "entropy": torch.tensor(entropies),
             "cross_entropy": torch.tensor(cross_entropies), "seconds": torch.tensor(seconds),
             "peak_mib": torch.tensor(peaks)}
@@ -820,8 +842,8 @@ def paper_table(studies: Mapping[str, TrackStudy]) -> pd.DataFrame:
                         f"{PAPER_LABEL}: normalized": pd.Series(PAPER_VIT_B32) / PAPER_VIT_B32[EXPERTS] * 100})
     for name, study in studies.items():
         wide = main_table(study)
-        out[f"{name}, small scale: average %"] = wide["Average"]
-        out[f"{name}, small scale: normalized"] = wide["Normalized"]
+        out[f"{name}, {study.track.scale} scale: average %"] = wide["Average"]
+        out[f"{name}, {study.track.scale} scale: normalized"] = wide["Normalized"]
     return out.round(1)
 
 
@@ -1108,8 +1130,10 @@ def findings(studies: Mapping[str, TrackStudy], config: AdaMergingConfig) -> str
         for label, r in s.merges.items():
             if r.selection and r.selection.note:
                 notes.append(f"{name}, {label}: {r.selection.note}.")
-    preamble = ("*Small-scale numbers (MiniLM-L6 text track, CIFAR ResNet-20 vision track); not the papers' numbers "
-                "(CLIP ViT-B/32).* Differences: paired over the same test examples, ± one standard error; a verdict "
+    paper_scale = any(s.track.scale == "paper" for s in studies.values())
+    preamble = ("*Paper scale: CLIP with the published experts on the papers' tasks.* " if paper_scale else
+                "*Small-scale numbers (MiniLM-L6 text track, CIFAR ResNet-20 vision track); not the papers' numbers "
+                "(CLIP ViT-B/32).* ") + ("Differences: paired over the same test examples, ± one standard error; a verdict "
                 f"needs 2 SE. AdaMerging and Surgery adapt on the unlabeled test inputs (the paper's protocol) except "
                 f"where 'validation' is said. Budgets smaller than the paper's ({PAPER_STEPS} steps) are stated per "
                 "claim.")
@@ -1117,6 +1141,10 @@ def findings(studies: Mapping[str, TrackStudy], config: AdaMergingConfig) -> str
 
 
 # ----------------------------------------------------------------------------- figures
+def _scales(studies: Mapping[str, TrackStudy]) -> str:
+    return "/".join(sorted({s.track.scale for s in studies.values()})) or "small"
+
+
 def plot_main(studies: Mapping[str, TrackStudy]):
     """Normalized score of every main row per track, the paper's normalized score marked."""
     import matplotlib.pyplot as plt
@@ -1132,7 +1160,7 @@ def plot_main(studies: Mapping[str, TrackStudy]):
         ax.scatter(paper, range(len(rows)), marker="D", color="black", zorder=3, label=f"{PAPER_LABEL} (normalized)")
         ax.axvline(100, color="black", lw=0.8, ls="--")
         ax.set_xlabel("normalized score (% of the individual experts)")
-        ax.set_title(f"{name} track, small scale")
+        ax.set_title(f"{name} track, {s.track.scale} scale")
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
@@ -1172,7 +1200,7 @@ def plot_coefficients(studies: Mapping[str, TrackStudy]):
         heat = pd.DataFrame(a.coefficients.numpy(), index=[s.track.display_name(t) for t in a.tasks], columns=a.keys)
         sns.heatmap(heat, cmap="viridis", vmin=0, vmax=1, ax=ax, cbar_kws={"label": "λ"}, xticklabels=False)
         ax.set_xlabel(f"{len(a.keys)} parameter tensors, input to output (every λ starts at the same value)")
-        ax.set_title(f"{name}: learned layer-wise coefficients (small scale)")
+        ax.set_title(f"{name}: learned layer-wise coefficients ({s.track.scale} scale)")
     fig.tight_layout()
     return fig
 
@@ -1234,6 +1262,6 @@ def plot_unseen(studies: Mapping[str, TrackStudy]):
     ax.bar(labels, values, yerr=errors, capsize=4, color=["#4c72b0", "#c44e52"] * len(with_unseen))
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel("AdaMerging − Task Arithmetic (points, ± SE)")
-    ax.set_title("Seen vs unseen tasks (small scale)")
+    ax.set_title(f"Seen vs unseen tasks ({_scales(with_unseen)} scale)")
     fig.tight_layout()
     return fig

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ from .. import merging, statistics
 from ..models import Classifier
 from ..paper.vision_data import PAPER_VISION_TASKS
 from .cache import cached_tensors, content_hash
+from .config import take_unchanged
 from .evaluation import evaluate
 from .findings import Claim, Estimate, findings_markdown, held, mean_accuracy, over_seeds, paired_difference, verdict
 from .selection import Selection, select
@@ -61,6 +62,12 @@ BENCHMARK_V1 = {"text_heads": "probe", "vision_heads": "probe",
 # exists at paper scale so far (RoBERTa on GLUE has its building blocks in lib.paper.glue).
 PAPER_SCALE = {"tracks": ("vision",), "vision_tasks": PAPER_VISION_TASKS, "vision_heads": "zero_shot",
                "spread_seeds": (), "max_test": None}
+
+
+def check_paper_tracks(tracks) -> None:
+    if "text" in tracks:
+        raise ValueError("tracks: the paper scale has the vision track only so far (CLIP on the 8 vision tasks); "
+                         "RoBERTa on GLUE is not wired into the notebooks yet. Pass tracks=['vision'].")
 
 
 @dataclass
@@ -128,19 +135,10 @@ class BaselinesConfig:
             raise ValueError(f"benchmark={self.benchmark!r}: choose 'v2' (the calibrated default, notebook 00) "
                              "or 'v1' (the first design: probe heads, four vision tasks).")
         if self.benchmark == "v1":
-            self._take_unchanged(BENCHMARK_V1)
+            take_unchanged(self, BENCHMARK_V1)
         if self.scale == "paper":
-            self._take_unchanged(PAPER_SCALE)
-            if "text" in self.tracks:
-                raise ValueError("tracks: the paper scale has the vision track only so far (CLIP on the 8 vision "
-                                 "tasks); RoBERTa on GLUE is not wired into notebook 01 yet. Pass tracks=['vision'].")
-
-    def _take_unchanged(self, profile: dict) -> None:
-        """Set ``profile``'s values on the fields the caller left at their defaults."""
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, value in profile.items():
-            if getattr(self, name) == defaults[name]:
-                setattr(self, name, value)
+            take_unchanged(self, PAPER_SCALE)
+            check_paper_tracks(self.tracks)
 
     def track(self, name: str, seed: int | None = None) -> Track:
         seed = self.seed if seed is None else seed

@@ -131,6 +131,16 @@ def settings_for(target: type[C], source, exclude: Collection[str] = (), **overr
     return target(**{**shared, **overrides})
 
 
+def take_unchanged(config, profile: Mapping[str, Any]) -> None:
+    """Set ``profile``'s values on the fields of ``config`` left at their defaults (a profile such
+    as the paper scale or an earlier benchmark design; the settings a caller changed are kept).
+    Names ``config`` does not have are skipped, so notebooks can share one profile."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, value in profile.items():
+        if name in defaults and getattr(config, name) == defaults[name]:
+            setattr(config, name, value)
+
+
 def output_folder(notebook: str, config) -> Path:
     """Where a notebook run writes its tables and figures.
 

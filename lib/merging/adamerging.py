@@ -224,7 +224,8 @@ def adamerge(model: nn.Module, pretrained: StateDict, task_vectors: Sequence[Sta
     _check_numbers("adamerge", lr=lr, init=init)
     heads = dict(enumerate(heads)) if isinstance(heads, (list, tuple)) else dict(heads)
     keys = learned_keys(pretrained, task_vectors, buffers)
-    raw = initial_coefficients(len(task_vectors), len(keys) if layerwise else None, init).requires_grad_()
+    device = pretrained[keys[0]].device if keys else torch.device("cpu")  # the coefficients live with θ
+    raw = initial_coefficients(len(task_vectors), len(keys) if layerwise else None, init).to(device).requires_grad_()
     optimizer = torch.optim.Adam([raw], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     draw = batches if callable(batches) else (lambda step, it=iter(batches): next(it))
     history = []
@@ -244,4 +245,4 @@ def adamerge(model: nn.Module, pretrained: StateDict, task_vectors: Sequence[Sta
             del params, loss, per_task
             optimizer.step()
             history.append(record)
-    return AdaMergingResult(raw.detach().clamp(0.0, 1.0), keys, history)
+    return AdaMergingResult(raw.detach().clamp(0.0, 1.0).cpu(), keys, history)
