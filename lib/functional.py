@@ -26,6 +26,7 @@ import contextlib
 from typing import Iterable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -136,3 +137,39 @@ def additive_attention_mask(attention_mask: Tensor, dtype: torch.dtype = torch.f
     """
     keep = attention_mask[:, None, None, :].to(dtype)
     return (1.0 - keep) * torch.finfo(dtype).min
+
+
+# ----------------------------------------------------------------------------- nn.MultiheadAttention
+# open_clip's CLIP uses nn.MultiheadAttention, which applies its in_proj and out_proj as
+# functions (no hook on out_proj ever fires). Code that must see or change those two maps
+# (RegMean's Grams, Twin-Merging's per-input corrections) recomputes the attention from the
+# module's input with these two functions; a test checks them against the module's own output.
+def self_attention_input(module: nn.MultiheadAttention, args: tuple, kwargs: Mapping) -> tuple[Tensor, Tensor | None]:
+    """(x as [N, L, E], the mask as scaled_dot_product_attention reads it) of one call of
+    ``module`` (its forward hook's ``args`` and ``kwargs``). Self-attention without padding
+    masks only (CLIP's): anything else is an error, not a silent approximation."""
+    names = ("query", "key", "value")
+    query, key, value = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+    if not (key is query and value is query) or not module._qkv_same_embed_dim:
+        raise NotImplementedError("nn.MultiheadAttention: only self-attention with one in_proj is supported here.")
+    if kwargs.get("key_padding_mask") is not None:
+        raise NotImplementedError("nn.MultiheadAttention: key_padding_mask is not supported here.")
+    x = query if module.batch_first else query.transpose(0, 1)
+    length = x.shape[1]
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.dtype == torch.bool:
+        mask = ~mask  # nn.MultiheadAttention: True = may not attend; scaled_dot_product_attention: True = may
+    if kwargs.get("is_causal") and mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    return x, mask
+
+
+def attend(module: nn.MultiheadAttention, qkv: Tensor, mask: Tensor | None) -> Tensor:
+    """The heads' outputs, concatenated ([N, L, E]): what ``out_proj`` maps, from ``qkv`` =
+    in_proj(x) ([N, L, 3E])."""
+    n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = (t.reshape(n, length, module.num_heads, width // module.num_heads).transpose(1, 2)
+               for t in qkv.chunk(3, dim=-1))
+    mask = None if mask is None else mask.to(device=qkv.device, dtype=torch.bool if mask.dtype == torch.bool
+                                             else qkv.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, length, width)

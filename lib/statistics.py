@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from .functional import (
     LABEL_KEY,
+    attend,
     batch_size,
     detached_params,
     eval_mode,
@@ -58,6 +59,7 @@ from .functional import (
     model_device,
     model_inputs,
     param_names_of,
+    self_attention_input,
     slice_batch,
     to_device,
 )
@@ -625,27 +627,13 @@ def _gram_width(module: nn.Module) -> int:
 
 
 def _attention_inputs(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
-    """The rows that ``nn.MultiheadAttention`` feeds its two linear maps, which it applies as
-    functions (so no hook on ``out_proj`` ever fires): the input x of ``in_proj_weight`` and the
-    concatenated heads' outputs that ``out_proj.weight`` maps. Self-attention only (CLIP's)."""
-    query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")][len(args):])[:3]
-    if not (key is query and value is query) or not module._qkv_same_embed_dim:
-        raise NotImplementedError("RegMean Grams of nn.MultiheadAttention: self-attention with one in_proj only.")
-    if kwargs.get("key_padding_mask") is not None:
-        raise NotImplementedError("RegMean Grams of nn.MultiheadAttention: key_padding_mask is not supported.")
-    x = query.detach().float() if module.batch_first else query.detach().float().transpose(0, 1)  # [N, L, E]
-    n, length, width = x.shape
-    heads = module.num_heads
-    q, k, v = F.linear(x, module.in_proj_weight.float(), None if module.in_proj_bias is None else
-                       module.in_proj_bias.float()).chunk(3, dim=-1)
-    q, k, v = (t.reshape(n, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
-    mask = kwargs.get("attn_mask")
-    if mask is not None and mask.dtype == torch.bool:
-        mask = ~mask  # nn.MultiheadAttention: True = may not attend; scaled_dot_product_attention: True = may
-    if kwargs.get("is_causal") and mask is None:
-        mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(x.device))
-    return x.reshape(-1, width), attended.transpose(1, 2).reshape(-1, width)
+    """The rows that ``nn.MultiheadAttention`` feeds its two linear maps: the input x of
+    ``in_proj_weight`` and the concatenated heads' outputs that ``out_proj.weight`` maps."""
+    x, mask = self_attention_input(module, args, kwargs)
+    x = x.detach().float()
+    bias = None if module.in_proj_bias is None else module.in_proj_bias.float()
+    attended = attend(module, F.linear(x, module.in_proj_weight.float(), bias), mask)
+    return x.reshape(-1, x.shape[-1]), attended.reshape(-1, x.shape[-1])
 
 
 def gram_matrices(

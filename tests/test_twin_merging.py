@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
@@ -91,7 +92,51 @@ def image_batch(n: int = 3) -> dict:
     return {"pixel_values": torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))}
 
 
-MODELS = {"bert": (tiny_bert, text_batch), "mlp": (tiny_mlp, mlp_batch), "resnet": (tiny_resnet, image_batch)}
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer block as open_clip builds CLIP's (nn.MultiheadAttention batch first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return self.out(x + self.mha(h, h, h, need_weights=False)[0]).mean(1)
+
+
+def attention_block() -> nn.Module:
+    torch.manual_seed(0)
+    return AttentionBlock()
+
+
+class CausalAttention(nn.Module):
+    """nn.MultiheadAttention sequence first, with an additive causal mask (CLIP's text tower)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        length = x.shape[1]
+        mask = torch.full((length, length), float("-inf")).triu(1)
+        y = self.mha(*(x.transpose(0, 1),) * 3, attn_mask=mask, need_weights=False)[0].transpose(0, 1)
+        return self.out(y).mean(1)
+
+
+def causal_attention() -> nn.Module:
+    torch.manual_seed(0)
+    return CausalAttention()
+
+
+def sequence_batch(n: int = 4) -> dict:
+    return {"x": torch.randn(n, 5, 4, generator=torch.Generator().manual_seed(4))}
+
+
+MODELS = {"bert": (tiny_bert, text_batch), "mlp": (tiny_mlp, mlp_batch), "resnet": (tiny_resnet, image_batch),
+          "attention block": (attention_block, sequence_batch), "causal attention": (causal_attention, sequence_batch)}
 
 
 # ------------------------------------------------------------------------ compression and merge
@@ -273,16 +318,31 @@ class Attention(nn.Module):
         return self.mha(x, x, x)[0].mean(1)
 
 
+class ReadsWeights(nn.Module):
+    """A Linear whose weight the model reads without calling the layer, and a bare parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return F.linear(x, self.lin.weight) * self.scale
+
+
 def test_low_rank_path_refuses_layers_it_cannot_apply():
     torch.manual_seed(0)
-    model = Attention()
+    model = Attention()  # asks for the attention weights, which a recomputation would not give
     shared, _, exclusive = twin(model)
-    with pytest.raises(tw.UnsupportedLayer, match="in_proj_weight"):
+    with pytest.raises(tw.UnsupportedLayer, match="need_weights=False"):
         tw.low_rank_forward(model, shared, exclusive, mixed_weights(2), {"x": torch.randn(2, 3, 4)})
-    without_in_proj = [{**part, "mha.in_proj_weight": tw.LowRank(torch.zeros(12, 0), torch.zeros(0, 4)),
-                        "mha.in_proj_bias": torch.zeros(12)} for part in exclusive]
-    with pytest.raises(RuntimeError, match="not called"):  # out_proj's weight is read, its forward never runs
-        tw.low_rank_forward(model, shared, without_in_proj, mixed_weights(2), {"x": torch.randn(2, 3, 4)})
+    model = ReadsWeights()
+    shared, _, exclusive = twin(model)
+    with pytest.raises(tw.UnsupportedLayer, match="scale"):  # a bare parameter belongs to no supported layer
+        tw.low_rank_forward(model, shared, exclusive, mixed_weights(2), {"x": torch.randn(2, 4)})
+    without_scale = [{**part, "scale": torch.zeros(4)} for part in exclusive]
+    with pytest.raises(RuntimeError, match="not called"):  # lin's weight is read, its forward never runs
+        tw.low_rank_forward(model, shared, without_scale, mixed_weights(2), {"x": torch.randn(2, 4)})
 
 
 def test_inputs_are_not_modified():

@@ -215,9 +215,10 @@ def prepare_track(track: Track, config: FinetuneConfig, multitask_config: Finetu
 
 # ----------------------------------------------------------------------------- statistics
 def _classifier(track: Track, encoder_state: dict, head_state: dict) -> Classifier:
+    """Encoder + head on the device the track runs on (statistics follow the model's device)."""
     encoder = track.pretrained_encoder()
     encoder.load_state_dict(encoder_state)
-    return Classifier(encoder, head_module(head_state))
+    return Classifier(encoder, head_module(head_state)).to(getattr(encoder, "run_device", torch.device("cpu")))
 
 
 def _encoder_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

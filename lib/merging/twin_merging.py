@@ -47,11 +47,12 @@ Deviations and conventions:
 
 What the low-rank path supports (exactly, per input): ``nn.Linear``, ``nn.Embedding`` (a gather
 of the rows of U·S), ``nn.Conv2d`` with groups = 1 and zero padding, ``nn.LayerNorm`` (per-input
-affine γ_shared + Σ w_t Δγ_t, cheap) and BatchNorm in eval mode (per-input running statistics
-and affine, elementwise). That covers BERT encoders, MLPs and the CIFAR ResNets. Any other
-tensor with a non-zero exclusive part, or a supported layer whose weights the model uses
-without calling the layer (``nn.MultiheadAttention``'s ``out_proj``), is an error, never a
-silent static merge. Every layer must see the batch on its leading dimension (or 1, broadcast,
+affine γ_shared + Σ w_t Δγ_t, cheap), BatchNorm in eval mode (per-input running statistics
+and affine, elementwise) and ``nn.MultiheadAttention`` self-attention (recomputed with per-input
+in_proj and out_proj, as CLIP's open_clip towers use it). That covers BERT encoders, MLPs, the
+CIFAR ResNets and CLIP's ViTs. Any other tensor with a non-zero exclusive part, or a supported
+layer whose weights the model uses without calling the layer, is an error, never a silent
+static merge. Every layer must see the batch on its leading dimension (or 1, broadcast,
 as BERT's position embeddings do).
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import eval_mode, example_at_own_length, functional_forward, model_inputs
+from ..functional import attend, eval_mode, example_at_own_length, functional_forward, model_inputs, self_attention_input
 from ._common import StateDict, _check_models, _check_numbers, _float_keys, _in_order, _passthrough, _work
 
 
@@ -369,11 +370,26 @@ class _Corrections:
         return z * (_channels(w, z.dim()) if channels_first else _per_input(w, z.dim()))
 
     def linear(self, m: nn.Linear, p: str, x: Tensor, y: Tensor) -> Tensor:
-        if p + "weight" in self.s.factors:
-            us, vh, cols = self.s.factors[p + "weight"]
+        return self._linear_map(p + "weight", p + "bias", x, y)
+
+    def _linear_map(self, weight: str, bias: str, x: Tensor, y: Tensor) -> Tensor:
+        if weight in self.s.factors:
+            us, vh, cols = self.s.factors[weight]
             y = y + F.linear(self.scaled(F.linear(x, vh), cols), us)   # U(S(Vᵀh)) per task, weighted
-        db = self.delta(p + "bias")
+        db = self.delta(bias)
         return y if db is None else y + _per_input(db, y.dim())
+
+    def attention(self, m: nn.MultiheadAttention, p: str, args: tuple, kwargs: dict) -> tuple[Tensor, None]:
+        """Self-attention recomputed with per-input in_proj and out_proj (the module applies both
+        as functions, so no hook on them could): replaces the module's output."""
+        if kwargs.get("need_weights", True) or kwargs.get("average_attn_weights") is False:
+            raise UnsupportedLayer(f"{p}: nn.MultiheadAttention is supported when called with need_weights=False.")
+        x, mask = self_attention_input(m, args, kwargs)
+        qkv = self._linear_map(p + "in_proj_weight", p + "in_proj_bias", x, F.linear(x, m.in_proj_weight, m.in_proj_bias))
+        heads = attend(m, qkv, mask)
+        out = self._linear_map(p + "out_proj.weight", p + "out_proj.bias", heads,
+                               F.linear(heads, m.out_proj.weight, m.out_proj.bias))
+        return (out if m.batch_first else out.transpose(0, 1)), None
 
     def embedding(self, m: nn.Embedding, p: str, ids: Tensor, y: Tensor) -> Tensor:
         if m.max_norm is not None:
@@ -412,8 +428,8 @@ class _Corrections:
         gamma, beta = per_input("weight", ones), per_input("bias", zeros)
         return (x - mean) * torch.rsqrt(var + m.eps) * gamma + beta  # replaces the static output
 
-    HANDLERS = ((nn.Linear, "linear"), (nn.Embedding, "embedding"), (nn.Conv2d, "conv2d"),
-                (nn.LayerNorm, "layer_norm"), (nn.modules.batchnorm._BatchNorm, "batch_norm"))
+    HANDLERS = ((nn.MultiheadAttention, "attention"), (nn.Linear, "linear"), (nn.Embedding, "embedding"),
+                (nn.Conv2d, "conv2d"), (nn.LayerNorm, "layer_norm"), (nn.modules.batchnorm._BatchNorm, "batch_norm"))
 
     @contextlib.contextmanager
     def hooked(self, model: nn.Module) -> Iterator[None]:
@@ -421,8 +437,10 @@ class _Corrections:
         pending, layers = set(self.s.factors) | set(self.s.dense), []
         for name, module in model.named_modules():
             p = f"{name}." if name else ""
-            own = {p + n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]}
             kind = next((h for cls, h in self.HANDLERS if isinstance(module, cls)), None)
+            # attention handles its out_proj too (a Linear the module never calls)
+            tensors = [*module.named_parameters(recurse=kind == "attention"), *module.named_buffers(recurse=False)]
+            own = {p + n for n, _ in tensors}
             if own & pending and kind is not None:
                 pending -= own
                 layers.append((name, p, module, getattr(self, kind)))
@@ -435,10 +453,14 @@ class _Corrections:
         def hook_for(name: str, p: str, handler):
             def hook(module, args, kwargs, y):
                 x = args[0] if args else next(iter(kwargs.values()))
+                if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+                    x = x.transpose(0, 1)  # sequence first: the batch is its second dimension
                 if x.shape[0] not in (1, len(self.w)):
                     raise ValueError(f"{name}: input batch {x.shape[0]} but {len(self.w)} weight rows; "
                                      "every layer must see the batch on its leading dimension.")
                 fired.add(name)
+                if isinstance(module, nn.MultiheadAttention):
+                    return handler(module, p, args, kwargs)
                 return handler(module, p, x, y)
             return hook
 
