@@ -30,9 +30,11 @@ def perturbed(sd: dict, seed: int, scale: float = 0.05) -> dict:
 
 
 def twin(model: nn.Module, rank_ratio: float = 0.5):
-    """(shared, experts, exclusive) for T experts around ``model``'s weights; shared = Task Arithmetic."""
+    """(shared, experts, exclusive) for T experts around ``model``'s weights; shared = Task Arithmetic.
+    A CLIP tower's output projection stays θ0's in every expert (as in the published experts)."""
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    experts = [perturbed(theta0, seed) for seed in range(1, T + 1)]
+    experts = [{**perturbed(theta0, seed), **({"visual.proj": theta0["visual.proj"]} if "visual.proj" in theta0 else {})}
+               for seed in range(1, T + 1)]
     shared = M.task_arithmetic(theta0, experts, 0.3)
     return shared, experts, tw.compress(shared, experts, rank_ratio)
 
@@ -111,6 +113,21 @@ def attention_block() -> nn.Module:
     return AttentionBlock()
 
 
+def tiny_clip() -> nn.Module:
+    """CLIP's image tower as open_clip builds it (class and position embeddings, batch-first
+    nn.MultiheadAttention), tiny; its output projection shared by the experts, as published ones do."""
+    from lib.paper.clip import image_encoder, load_clip
+
+    torch.manual_seed(0)
+    config = {"embed_dim": 8, "quick_gelu": True, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16,
+              "layers": 1, "head_width": 8, "mlp_ratio": 2.0}, "text_cfg": {"width": 16, "heads": 2, "layers": 1}}
+    return image_encoder(load_clip(config=config).model)
+
+
+def clip_batch(n: int = 4) -> dict:
+    return {"pixel_values": torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(3))}
+
+
 class CausalAttention(nn.Module):
     """nn.MultiheadAttention sequence first, with an additive causal mask (CLIP's text tower)."""
 
@@ -136,7 +153,8 @@ def sequence_batch(n: int = 4) -> dict:
 
 
 MODELS = {"bert": (tiny_bert, text_batch), "mlp": (tiny_mlp, mlp_batch), "resnet": (tiny_resnet, image_batch),
-          "attention block": (attention_block, sequence_batch), "causal attention": (causal_attention, sequence_batch)}
+          "attention block": (attention_block, sequence_batch), "causal attention": (causal_attention, sequence_batch),
+          "clip": (tiny_clip, clip_batch)}
 
 
 # ------------------------------------------------------------------------ compression and merge

@@ -49,8 +49,9 @@ What the low-rank path supports (exactly, per input): ``nn.Linear``, ``nn.Embedd
 of the rows of U·S), ``nn.Conv2d`` with groups = 1 and zero padding, ``nn.LayerNorm`` (per-input
 affine γ_shared + Σ w_t Δγ_t, cheap), BatchNorm in eval mode (per-input running statistics
 and affine, elementwise) and ``nn.MultiheadAttention`` self-attention (recomputed with per-input
-in_proj and out_proj, as CLIP's open_clip towers use it). That covers BERT encoders, MLPs, the
-CIFAR ResNets and CLIP's ViTs. Any other tensor with a non-zero exclusive part, or a supported
+in_proj and out_proj, as CLIP's open_clip towers use it), and open_clip's ViT class and position
+embeddings (added per input to ``ln_pre``'s input; its output projection must be shared, as it is
+for the published experts). That covers BERT encoders, MLPs, the CIFAR ResNets and CLIP's ViTs. Any other tensor with a non-zero exclusive part, or a supported
 layer whose weights the model uses without calling the layer, is an error, never a silent
 static merge. Every layer must see the batch on its leading dimension (or 1, broadcast,
 as BERT's position embeddings do).
@@ -364,6 +365,14 @@ class _Corrections:
         d = self.s.dense.get(key)
         return None if d is None else (self.w @ d.flatten(1)).view(len(self.w), *d.shape[1:])
 
+    def delta_any(self, key: str) -> Tensor | None:
+        """Σt w_t·Δ_t per input [B, *shape] of a dense or a factored key (a factored one made dense:
+        for small tensors read directly, such as position embeddings)."""
+        if key not in self.s.factors:
+            return self.delta(key)
+        us, vh, cols = self.s.factors[key]
+        return (us * self.w[:, cols][:, None, :]) @ vh  # [B, m, R] @ [R, n]
+
     def scaled(self, z: Tensor, cols: Tensor, channels_first: bool = False) -> Tensor:
         """z with each of its R columns (last dim, or dim 1) scaled by its task's weight, per input."""
         w = self.w[:, cols]
@@ -428,15 +437,30 @@ class _Corrections:
         gamma, beta = per_input("weight", ones), per_input("bias", zeros)
         return (x - mean) * torch.rsqrt(var + m.eps) * gamma + beta  # replaces the static output
 
+    def vision_embeddings(self, m: nn.Module, p: str, x: Tensor) -> Tensor:
+        """open_clip's ViT adds its class and position embeddings (bare parameters, no layer)
+        just before ``ln_pre``: add their per-input parts to ``ln_pre``'s input."""
+        d_pos, d_cls = self.delta_any(p + "positional_embedding"), self.delta_any(p + "class_embedding")
+        if d_pos is not None:
+            x = x + d_pos.to(x.dtype)
+        if d_cls is not None:
+            x = torch.cat([x[:, :1] + d_cls[:, None].to(x.dtype), x[:, 1:]], dim=1)
+        return x
+
     HANDLERS = ((nn.MultiheadAttention, "attention"), (nn.Linear, "linear"), (nn.Embedding, "embedding"),
                 (nn.Conv2d, "conv2d"), (nn.LayerNorm, "layer_norm"), (nn.modules.batchnorm._BatchNorm, "batch_norm"))
 
     @contextlib.contextmanager
     def hooked(self, model: nn.Module) -> Iterator[None]:
         """Hook every module owning a key with an exclusive part; check afterwards that each ran."""
-        pending, layers = set(self.s.factors) | set(self.s.dense), []
+        pending, layers, embeddings = set(self.s.factors) | set(self.s.dense), [], []
         for name, module in model.named_modules():
             p = f"{name}." if name else ""
+            if _is_open_clip_vit(module):  # its class and position embeddings, via ln_pre's input
+                own = {p + "class_embedding", p + "positional_embedding"}
+                if own & pending:
+                    pending -= own
+                    embeddings.append((name, p, module))
             kind = next((h for cls, h in self.HANDLERS if isinstance(module, cls)), None)
             # attention handles its out_proj too (a Linear the module never calls)
             tensors = [*module.named_parameters(recurse=kind == "attention"), *module.named_buffers(recurse=False)]
@@ -464,7 +488,15 @@ class _Corrections:
                 return handler(module, p, x, y)
             return hook
 
+        def embeddings_hook(name: str, p: str, vit: nn.Module):
+            def hook(module, args):
+                fired.add(name)
+                return (self.vision_embeddings(vit, p, args[0]),)
+            return hook
+
         handles = [m.register_forward_hook(hook_for(name, p, h), with_kwargs=True) for name, p, m, h in layers]
+        handles += [vit.ln_pre.register_forward_pre_hook(embeddings_hook(name, p, vit)) for name, p, vit in embeddings]
+        layers += [(name,) for name, _, _ in embeddings]
         try:
             yield
         finally:
@@ -475,6 +507,13 @@ class _Corrections:
             raise RuntimeError(f"layers {missed[:5]} hold exclusive parts but were not called during the forward "
                                "(unused, or their weights are read directly, as nn.MultiheadAttention does with "
                                "out_proj): their exclusive parts were not applied.")
+
+
+def _is_open_clip_vit(module: nn.Module) -> bool:
+    """open_clip's ``VisionTransformer`` (CLIP's image tower), recognised by what the
+    embeddings handler relies on: class and position embeddings added just before ``ln_pre``."""
+    return (type(module).__name__ == "VisionTransformer" and type(module).__module__.startswith("open_clip")
+            and all(hasattr(module, a) for a in ("class_embedding", "positional_embedding", "ln_pre")))
 
 
 @torch.no_grad()
