@@ -29,7 +29,7 @@ ALL_NOTEBOOKS := $(NOTEBOOKS) 02_adamerging 05_twin_merging
 PAPERMILL_ARGS ?=
 SCALE ?= small
 # notebooks that take scale="paper" so far
-PAPER_NOTEBOOKS := 01_merging_baselines 02_adamerging
+PAPER_NOTEBOOKS := 01_merging_baselines 02_adamerging 05_twin_merging
 # where the executed notebook goes: beside the committed figures, or (paper scale) under runs/
 EXECUTED_DIR = $(if $(filter paper,$(SCALE)),runs/$@/paper-scale,figures/$@)
 ifeq ($(SCALE),paper)

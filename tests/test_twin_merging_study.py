@@ -69,9 +69,9 @@ def test_shared_fields_are_notebook_01s_names_and_defaults_and_build_its_config(
     assert T.TwinMergingConfig().seen_for_unseen(list("abcd")) == (["a", "b"], ["c", "d"])
 
 
-def test_paper_scale_and_bad_settings_are_clear_errors():
-    with pytest.raises(ValueError, match="Paper scale"):
-        T.TwinMergingConfig(scale="paper")
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="'small'.*'paper'"):
+        T.TwinMergingConfig(scale="large")
     with pytest.raises(ValueError, match="rank ratio"):
         T.TwinMergingConfig(rank_ratios=(0.1, 1.5))
     with pytest.raises(ValueError, match="router_held_out"):

@@ -80,11 +80,12 @@ above; the default run has not been timed end to end here.)
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,7 @@ from ..paths import REPO_ROOT
 from . import baselines as B
 from .baselines import BaselinesConfig, MergeResult, Setup
 from .cache import cached_tensors, content_hash
-from .config import parameters_of, settings_for
+from .config import parameters_of, settings_for, take_unchanged
 from .findings import (
     Claim,
     Estimate,
@@ -192,6 +193,9 @@ class TwinMergingConfig:
     dare_drop_rate: float = BaselinesConfig.dare_drop_rate
     dare_seed: int = BaselinesConfig.dare_seed
     selection_examples: int = BaselinesConfig.selection_examples
+    paper_vision_arch: str = BaselinesConfig.paper_vision_arch  # paper scale (scale="paper")
+    device: str = BaselinesConfig.device
+    autocast: str = BaselinesConfig.autocast
     # Twin-Merging
     rank_ratio: float = tw.RANK_RATIO              # r = 10% of min(m, n), the authors'
     rank_ratios: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # the rank sweep
@@ -209,9 +213,11 @@ class TwinMergingConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.scale != "small":
-            raise ValueError(f"scale={self.scale!r}: notebook 05 runs the small-scale tracks only; the paper scale "
-                             "(RoBERTa-base on 8 GLUE tasks, or CLIP ViT-B/32) is the 'Paper scale' issue, not built yet.")
+        if self.scale not in ("small", "paper"):
+            raise ValueError(f"scale={self.scale!r}: choose 'small' (the default) or 'paper'.")
+        if self.scale == "paper":  # notebook 01's paper profile: CLIP on the 8 vision tasks, published experts
+            take_unchanged(self, B.PAPER_SCALE)
+            B.check_paper_tracks(self.tracks)
         for name in self.tracks:
             if name not in ("text", "vision"):
                 raise ValueError(f"tracks: unknown track {name!r}; choose from 'text', 'vision'.")
@@ -439,11 +445,23 @@ def low_rank_predictions(encoder: nn.Module, base: dict, stacked: tw.Stacked, we
     by the exact low-rank path; ``weights`` [N, T] in the split's order."""
     predict = head_module(head)
     pred = np.empty(len(split), dtype=np.int64)
+    device = run_device_of(encoder)  # paper scale: the track's GPU; the CPU otherwise
+    encoder, base, stacked = encoder.to(device), _on(base, device), stacked.to(device)
     for batch in split.batches(batch_size, with_index=True):
         index = batch["index"]
-        features = tw.low_rank_forward(encoder, base, stacked, weights[index], model_inputs(batch))
-        pred[index.numpy()] = predict(features).argmax(1).numpy()
+        features = tw.low_rank_forward(encoder, base, stacked, weights[index].to(device),
+                                       _on(model_inputs(batch), device))
+        pred[index.numpy()] = predict(features.float().cpu()).argmax(1).numpy()
     return pred
+
+
+def run_device_of(encoder: nn.Module) -> torch.device:
+    """Where the track runs its encoder (``ClipVisionTrack`` sets it; the CPU otherwise)."""
+    return getattr(encoder, "run_device", torch.device("cpu"))
+
+
+def _on(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 class TwinEvaluator:
@@ -577,14 +595,17 @@ def _per_task_heads(features: torch.Tensor, tasks: Sequence[str], heads: dict) -
     pred = np.empty(len(tasks), dtype=np.int64)
     for task in dict.fromkeys(tasks):
         rows = np.flatnonzero(np.asarray(tasks) == task)
-        pred[rows] = head_module(heads[task])(features[torch.as_tensor(rows)]).argmax(1).numpy()
+        head = head_module(heads[task]).to(features.device)
+        pred[rows] = head(features[torch.as_tensor(rows, device=features.device)]).argmax(1).cpu().numpy()
     return pred
 
 
 def _timed(fn: Callable, *args) -> tuple[float, torch.Tensor]:
-    """(wall seconds, result) of ``fn(*args)``."""
+    """(wall seconds, result) of ``fn(*args)``; on a GPU, the work it queued is waited for."""
     start = time.perf_counter()
     out = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start, out
 
 
@@ -597,8 +618,12 @@ def serve_stream(track: Track, encoder: nn.Module, build: TwinBuild, heads: dict
     reads) and the router MLP; the table lists both, and the paths' times exclude them.
     """
     served = stream.iloc[: config.stream_examples]
-    shared, ratio, k = build.shared.state, config.rank_ratio, min(config.top_k, len(build.tasks))
-    exclusive, stacked, router = build.exclusive_at(ratio), build.stacked_at(ratio), build.routers[build.main_size].router
+    device = run_device_of(encoder)  # every path on the track's device; times synchronised there
+    shared, ratio, k = _on(build.shared.state, device), config.rank_ratio, min(config.top_k, len(build.tasks))
+    exclusive = [{key: tw.LowRank(*(t.to(device) for t in v)) if isinstance(v, tw.LowRank) else v.to(device)
+                  for key, v in part.items()} for part in build.exclusive_at(ratio)]
+    stacked, router = build.stacked_at(ratio).to(device), copy.deepcopy(build.routers[build.main_size].router).to(device)
+    encoder = encoder.to(device)
     paths: dict[str, Callable] = {
         LOW_RANK: lambda w, x: tw.low_rank_forward(encoder, shared, stacked, w, x),
         _top_k_name(LOW_RANK, k): lambda w, x: tw.low_rank_forward(encoder, shared, stacked, w, x),
@@ -616,14 +641,15 @@ def serve_stream(track: Track, encoder: nn.Module, build: TwinBuild, heads: dict
             encoder.eval()
             return functional_forward(encoder, shared, x)
 
-    warm = model_inputs(stream_batch(track, served.iloc[:2]))  # first calls load kernels: keep them out of the times
+    heads = {t: {key: v.to(device) for key, v in h.items()} for t, h in heads.items()}
+    warm = _on(model_inputs(stream_batch(track, served.iloc[:2])), device)  # first calls load kernels: not timed
     w_warm = tw.route(router, forward_static(warm))
     for fn in paths.values():
         fn(w_warm, warm)
     for start in range(0, len(served), config.stream_batch_size):
         rows = served.iloc[start:start + config.stream_batch_size]
         batch = stream_batch(track, rows)
-        x, tasks = model_inputs(batch), rows["task"].tolist()
+        x, tasks = _on(model_inputs(batch), device), rows["task"].tolist()
         t, features = _timed(forward_static, x)
         seconds[STATIC].append(t)
         predicted[STATIC].append(_per_task_heads(features, tasks, heads))
@@ -1045,8 +1071,9 @@ def findings(results: dict[str, TwinTrackResult], config: TwinMergingConfig | No
     notes.append("The shared expert is Task Arithmetic with λ chosen on validation (the authors fix 0.29); "
                  "1-D tensors and BatchNorm statistics are merged densely with the router's weights "
                  "(lib.merging.twin_merging).")
-    preamble = ("*Small-scale numbers (MiniLM-L6 text track, CIFAR ResNet-20 vision track); not the papers' numbers.* "
-                "Differences: paired over the same test examples, ± one standard error; a verdict needs 2 SE. "
+    preamble = (("*Paper scale: CLIP with the published experts on the papers' tasks.* " if _scale(results) == "paper"
+                 else "*Small-scale numbers (MiniLM-L6 text track, CIFAR ResNet-20 vision track); not the papers' "
+                 "numbers.* ") + "Differences: paired over the same test examples, ± one standard error; a verdict needs 2 SE. "
                 f"\"About the same\" means the difference ± 2 SE lies within ±{MARGIN:g} points. The main table uses "
                 "the full test sets; the sweeps one seeded subset of them; the speed claim the served prefix of the "
                 "mixed stream (times: mean ± SE over its batches).")
@@ -1075,6 +1102,12 @@ def _log_x(ax) -> None:
         ax.set_xscale("log")
 
 
+def _scale(results: dict[str, TwinTrackResult]) -> str:
+    """"small" or "paper" (a run is one or the other; tests' results without a setup are small)."""
+    scales = {r.setup.track.scale for r in results.values() if r.setup is not None}
+    return "/".join(sorted(scales)) or "small"
+
+
 def plot_normalized(results: dict[str, TwinTrackResult]):
     """Normalized score of every row of the main table, per track; Twin-Merging highlighted."""
     import matplotlib.pyplot as plt
@@ -1091,7 +1124,7 @@ def plot_normalized(results: dict[str, TwinTrackResult]):
         ax.axvline(100, color="black", lw=0.8, ls="--")
         ax.set_xlim(0, 115)
         ax.set_xlabel("normalized score (% of the experts)")
-        ax.set_title(f"{name} track ({t.task.nunique()} tasks), small scale")
+        ax.set_title(f"{name} track ({t.task.nunique()} tasks), {_scale(results)} scale")
     fig.tight_layout()
     return fig
 
@@ -1112,8 +1145,8 @@ def plot_ablation(results: dict[str, TwinTrackResult]):
             xu = np.arange(len(u))
             axes[1].bar(xu + i * width, u["normalized"], width, yerr=2 * u["normalized SE"], capsize=3, label=name)
             axes[1].set_xticks(xu + width * (len(results) - 1) / 2, [r.replace(" of", "\nof") for r in u.index], fontsize=8)
-    axes[0].set_title("ablation (sweep subset, small scale)")
-    axes[1].set_title("unseen tasks: built without them (small scale)")
+    axes[0].set_title(f"ablation (sweep subset, {_scale(results)} scale)")
+    axes[1].set_title(f"unseen tasks: built without them ({_scale(results)} scale)")
     for ax in axes:
         ax.axhline(100, color="black", lw=0.8, ls="--")
         ax.set_ylabel("normalized score ± 2 SE")
@@ -1143,7 +1176,7 @@ def plot_rank(results: dict[str, TwinTrackResult]):
         ax_s.set_xlabel("storage, shared model + exclusive parts (MiB)")
         for ax in (ax_r, ax_s):
             ax.set_ylabel("normalized score ± 2 SE")
-            ax.set_title(f"{name}: rank sweep (small scale)")
+            ax.set_title(f"{name}: rank sweep ({_scale(results)} scale)")
             ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -1160,7 +1193,7 @@ def plot_task_counts(results: dict[str, TwinTrackResult]):
         ax.set_xticks(sorted(t.tasks.unique()))
         ax.set_xlabel("number of tasks merged (the first k)")
         ax.set_ylabel("normalized score ± 2 SE")
-        ax.set_title(f"{name}: number of tasks (small scale)")
+        ax.set_title(f"{name}: number of tasks ({_scale(results)} scale)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -1179,7 +1212,7 @@ def plot_router(results: dict[str, TwinTrackResult]):
     for ax in axes:
         _log_x(ax)
         ax.set_xlabel("labeled validation examples per task (fewest over tasks)")
-        ax.set_title("router labeled-set size (small scale)")
+        ax.set_title(f"router labeled-set size ({_scale(results)} scale)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -1200,7 +1233,7 @@ def plot_stream(results: dict[str, TwinTrackResult]):
             ax.text(right * 1.15, y, label, va="center", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("ms per input ± 2 SE (log)")
-        ax.set_title(f"{name}: mixed stream, {int(t['inputs'].iloc[0])} inputs (small scale)")
+        ax.set_title(f"{name}: mixed stream, {int(t['inputs'].iloc[0])} inputs ({_scale(results)} scale)")
     fig.tight_layout()
     return fig
 

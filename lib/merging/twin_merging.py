@@ -327,6 +327,11 @@ class Stacked:
     dense: dict[str, Tensor]
     num_tasks: int
 
+    def to(self, device: torch.device | str) -> "Stacked":
+        """The same parts on ``device`` (a GPU serving the low-rank path)."""
+        return Stacked({k: tuple(t.to(device) for t in v) for k, v in self.factors.items()},
+                       {k: v.to(device) for k, v in self.dense.items()}, self.num_tasks)
+
 
 @torch.no_grad()
 def stack(exclusive: Sequence[Exclusive]) -> Stacked:
