@@ -7,6 +7,7 @@ EuroSAT hub copy. The loaders are the real ones; nothing touches the network.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -69,8 +70,7 @@ def test_the_clip_track_gives_zero_shot_heads_published_experts_and_lazy_splits(
     heads = initial_heads(track)
     assert set(heads) == set(TASKS) and heads["mnist"]["weight"].shape == (10, 16)
     assert float(heads["mnist"]["normalize"]) == 1.0  # CLIP normalizes image features
-    setup = B.prepare_track(track, FinetuneConfig(), FinetuneConfig())
-    assert setup.multitask is None  # published experts: no multi-task model to train
+    setup = B.prepare_track(track, FinetuneConfig(), None)  # notebook 01 trains no multi-task model here
     assert setup.experts["mnist"].info["source"] == "tanganke/clip-vit-base-patch32_mnist"
     # every weight a published expert fine-tuned is merged; its projection is θ0's (a
     # CLIPVisionModel has none), so it is not
@@ -133,3 +133,32 @@ def test_findings_set_a_paper_scale_run_beside_the_published_numbers():
     assert re.search(r"TIES 7\d\.\d ± 0\.\d \(published 72\.4\)", text)
     result.setup.track.arch = "ViT-L-14"  # published numbers are ViT-B/32's: no comparison
     assert "not comparable (ViT-L-14 on 8 tasks" in B.findings({"vision": result})
+
+
+def test_the_clip_recipe_warms_up_then_follows_half_a_cosine():
+    from lib.experiments.paper_tracks import CLIP_RECIPE
+    from lib.experiments.training import _lr_factor
+
+    recipe = dataclasses.replace(CLIP_RECIPE, max_steps=1500)  # 500 warm-up steps, then 1000 of cosine
+    factors = [_lr_factor(step, recipe) for step in range(1500)]
+    assert factors[0] == pytest.approx(1 / 500) and factors[499] == pytest.approx(1.0)
+    assert factors[999] == pytest.approx(0.5, abs=2e-3)  # half-way through the decay: cos(π/2)
+    assert factors[-1] == pytest.approx(0.0, abs=1e-4) and all(a >= b for a, b in zip(factors[499:], factors[500:]))
+    linear = dataclasses.replace(recipe, schedule="linear")
+    assert _lr_factor(999, linear) == pytest.approx(0.501)
+    # a setting added after experts were cached keys them only when it is not its default
+    assert "schedule" not in FinetuneConfig().key() and recipe.key()["schedule"] == "cosine"
+
+
+def test_experts_can_be_fine_tuned_here_with_the_recipe(fakes):
+    track = ClipVisionTrack(["mnist"], data_dir=str(fakes / "data"), models_dir=str(fakes / "models"), device="cpu",
+                            experts="finetune", max_validation=8)
+    config = B.BaselinesConfig(scale="paper", vision_tasks=("mnist",), vision_max_steps=3, eval_every=3,
+                               vision_batch_size=4)
+    experts_config, multitask_config = config.finetune_configs("vision", 1)
+    assert multitask_config is None and experts_config.schedule == "cosine" and experts_config.weight_decay == 0.1
+    setup = B.prepare_track(track, dataclasses.replace(experts_config, warmup_steps=1), None, progress=False)
+    expert = setup.experts["mnist"]
+    assert expert.info["steps"] == 3 and "source" not in expert.info
+    moved = [k for k in setup.pretrained if not torch.equal(setup.pretrained[k], expert.encoder[k])]
+    assert moved and all(torch.equal(expert.heads["mnist"][k], setup.heads["mnist"][k]) for k in setup.heads["mnist"])

@@ -195,6 +195,7 @@ class AdaMergingConfig:
     regmean_ridge: float = BaselinesConfig.regmean_ridge
     selection_examples: int = BaselinesConfig.selection_examples
     paper_vision_arch: str = BaselinesConfig.paper_vision_arch
+    paper_experts: str = BaselinesConfig.paper_experts
     device: str = BaselinesConfig.device
     autocast: str = BaselinesConfig.autocast
     # AdaMerging (METHODS.md §2): the paper's settings except the number of steps (module docstring)

@@ -15,6 +15,7 @@ reports each merge with them re-estimated on unlabeled training images.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .config import take_unchanged
 from .evaluation import evaluate
 from .findings import Claim, Estimate, findings_markdown, held, mean_accuracy, over_seeds, paired_difference, verdict
 from .selection import Selection, select
-from .paper_tracks import ClipVisionTrack
+from .paper_tracks import CLIP_RECIPE, ClipVisionTrack
 from .tracks import TextTrack, Track, VisionTrack
 from .training import Expert, FinetuneConfig, head_module, initial_heads, reestimate_batchnorm, train_experts, train_multitask
 
@@ -61,7 +62,9 @@ BENCHMARK_V1 = {"text_heads": "probe", "vision_heads": "probe",
 # these for the settings the caller left at their small-scale defaults. Only the vision track
 # exists at paper scale so far (RoBERTa on GLUE has its building blocks in lib.paper.glue).
 PAPER_SCALE = {"tracks": ("vision",), "vision_tasks": PAPER_VISION_TASKS, "vision_heads": "zero_shot",
-               "spread_seeds": (), "max_test": None}
+               "spread_seeds": (), "max_test": None, "vision_max_steps": CLIP_RECIPE.max_steps,
+               "vision_batch_size": CLIP_RECIPE.batch_size, "vision_lr": CLIP_RECIPE.lr,
+               "eval_every": CLIP_RECIPE.eval_every}
 
 
 def check_paper_tracks(tracks) -> None:
@@ -121,6 +124,7 @@ class BaselinesConfig:
     selection_examples: int = 100   # validation examples per task for choosing hyper-parameters
     # paper scale (scale="paper"): the CLIP image tower, and where inference runs
     paper_vision_arch: str = "ViT-B-32"  # or "ViT-B-16", "ViT-L-14"
+    paper_experts: str = "published"  # "published" (the hub's) or "finetune" (METHODS.md §8's recipe, here)
     device: str = "auto"            # "auto": CUDA when there is one (paper scale)
     autocast: str = "auto"          # paper-scale inference: "auto" (bf16 on CUDA), "bf16", "fp16" or "off"
     progress: bool = True
@@ -146,16 +150,23 @@ class BaselinesConfig:
                       max_test=self.max_test, head_kind=getattr(self, f"{name}_heads"), head_shots=self.head_shots)
         if self.scale == "paper":
             return ClipVisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None,
-                                   arch=self.paper_vision_arch, device=self.device, autocast=self.autocast, **common)
+                                   arch=self.paper_vision_arch, experts=self.paper_experts, device=self.device,
+                                   autocast=self.autocast, **common)
         if name == "text":
             return TextTrack(tasks=list(self.text_tasks), **common)
         return VisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None,
                            backbone=self.vision_backbone, **common)
 
-    def finetune_configs(self, name: str, num_tasks: int, seed: int | None = None) -> tuple[FinetuneConfig, FinetuneConfig]:
-        """(experts, multi-task model) training settings of a track."""
+    def finetune_configs(self, name: str, num_tasks: int, seed: int | None = None
+                         ) -> tuple[FinetuneConfig, FinetuneConfig | None]:
+        """(experts, multi-task model) training settings of a track. The paper scale trains no
+        multi-task model (the papers quote theirs)."""
         common = dict(batch_size=getattr(self, f"{name}_batch_size"), lr=getattr(self, f"{name}_lr"),
                       patience=self.patience, seed=self.seed if seed is None else seed)
+        if self.scale == "paper":  # the CLIP recipe (weight decay, warm-up, cosine, trained to the end)
+            recipe = dataclasses.replace(CLIP_RECIPE, max_steps=self.vision_max_steps, eval_every=self.eval_every,
+                                         batch_size=common["batch_size"], lr=common["lr"], seed=common["seed"])
+            return recipe, None
         experts = FinetuneConfig(max_steps=getattr(self, f"{name}_max_steps"), eval_every=self.eval_every, **common)
         multitask = FinetuneConfig(max_steps=self.multitask_steps_per_task * num_tasks,
                                    eval_every=2 * self.eval_every, **common)
@@ -200,8 +211,8 @@ def prepare_track(track: Track, config: FinetuneConfig, multitask_config: Finetu
     """θ0, heads, experts and (unless ``multitask_config`` is None) the multi-task model."""
     pretrained = {k: v.clone() for k, v in track.pretrained_encoder().state_dict().items()}
     start_heads = initial_heads(track)
-    if hasattr(track, "published_experts"):  # paper scale: the experts the field uses, no multi-task model
-        experts, multitask_config = track.published_experts(start_heads), None
+    if track.uses_published_experts:  # paper scale: the experts the field uses
+        experts = track.published_experts(start_heads)
     else:
         experts = train_experts(track, start_heads, config, progress)
     multitask = None if multitask_config is None else train_multitask(track, start_heads, multitask_config, progress)

@@ -12,8 +12,10 @@ What differs from the small vision track, and why:
   its frozen zero-shot head (class names × prompt templates of ``data/clip_tasks.yaml``), as in
   Ilharco et al. and every paper since; heads are never merged.
 - The experts are the published ones the field uses today (FusionBench's, ``tanganke/<model>_<task>``,
-  converted from transformers' ``CLIPVisionModel`` to open_clip keys). Fine-tuning them here with
-  the papers' recipe is not offered yet: ``experts="published"`` is the only choice.
+  converted from transformers' ``CLIPVisionModel`` to open_clip keys), or (``experts="finetune"``)
+  fine-tuned here with the papers' recipe, ``CLIP_RECIPE``: AdamW lr 1e-5, weight decay 0.1, batch
+  128, cosine schedule after 500 warm-up steps, head frozen, 2,000 steps (about what the task-vectors
+  code's per-dataset epochs come to at batch 128), on the track's device under its autocast.
 - Images stay on disk and are decoded per batch with CLIP's evaluation transform; the cache
   keys of a task hash the records' identity (file names, or the array, or the hub copy's
   fingerprint, plus rows and labels), not the decoded pixels.
@@ -36,10 +38,15 @@ import torch
 
 from .cache import cached_tensors
 from .tracks import PreparedSplit, Track
-from .training import Expert
+from .training import Expert, FinetuneConfig
 
-EXPERT_SOURCES = ("published",)
+EXPERT_SOURCES = ("published", "finetune")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+# METHODS.md §8: the CLIP fine-tuning recipe (experts="finetune"); max_steps is ours (module docstring).
+CLIP_RECIPE = FinetuneConfig(max_steps=2000, batch_size=128, lr=1e-5, weight_decay=0.1, warmup_steps=500,
+                             schedule="cosine", eval_every=250, patience=2000)
 
 
 def run_device(device: str = "auto") -> torch.device:
@@ -85,7 +92,8 @@ class ClipVisionTrack(Track):
             raise ValueError(f"head_kind = {self.head_kind!r}: the paper-scale vision track uses CLIP's zero-shot "
                              "heads (the papers' protocol); pass 'zero_shot'.")
         if self.experts not in EXPERT_SOURCES:
-            raise ValueError(f"experts = {self.experts!r}: only the published experts ('published') are wired so far.")
+            raise ValueError(f"experts = {self.experts!r}: choose 'published' (the hub's) or 'finetune' (the papers' "
+                             "recipe, here).")
         autocast_dtype(self.autocast, run_device(self.device))  # an unknown setting fails here, not mid-run
 
     frozen_parameters: tuple[str, ...] = ()
@@ -137,6 +145,10 @@ class ClipVisionTrack(Track):
             heads[task] = cached_tensors("heads/vision_paper", key, lambda task=task: task_zero_shot_head(self._bundle(), task),
                                          code=(task_zero_shot_head, zero_shot_head))
         return heads
+
+    @property
+    def uses_published_experts(self) -> bool:
+        return self.experts == "published"
 
     def published_experts(self, heads: dict) -> dict[str, Expert]:
         """The published fine-tuned expert of every task, each with its task's (frozen) head."""

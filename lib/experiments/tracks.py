@@ -118,6 +118,7 @@ class Track:
 
     has_text_tower: bool = field(default=False, init=False, repr=False)
     scale: str = field(default="small", init=False, repr=False)  # "paper": the papers' models and tasks
+    uses_published_experts = False  # True: the experts are read (paper scale), not trained
     # a track whose encoder has BatchNorm also scores every merge with its statistics re-estimated
     has_batchnorm: bool = field(default=False, init=False, repr=False)
 

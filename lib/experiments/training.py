@@ -83,6 +83,7 @@ class FinetuneConfig:
     patience: int = 2
     max_eval_examples: int = 256
     seed: int = 0
+    schedule: str = "linear"  # after the warm-up: "linear" decay to 0, or "cosine" (the CLIP papers')
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "eval_every", "warmup_steps", "max_eval_examples", "patience"):
@@ -92,6 +93,16 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.lr = {self.lr}: pass a positive, finite learning rate.")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"FinetuneConfig.weight_decay = {self.weight_decay}: pass a finite value >= 0.")
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"FinetuneConfig.schedule = {self.schedule!r}: choose 'linear' or 'cosine'.")
+
+    def key(self) -> dict:
+        """The settings as a cache key; a setting added later enters it only when it is not its
+        default, so the experts cached before it existed are found again."""
+        settings = asdict(self)
+        if settings["schedule"] == "linear":
+            del settings["schedule"]
+        return settings
 
 
 @dataclass
@@ -262,9 +273,11 @@ def _train_indices(split: PreparedSplit, batch_size: int, step: int, seed: int) 
 
 
 def _lr_factor(step: int, config: FinetuneConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then linear decay to 0 at ``max_steps``."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then decay to 0 at ``max_steps``: linear,
+    or half a cosine (``schedule="cosine"``, the CLIP fine-tuning recipe of METHODS.md §8)."""
     warmup = (step + 1) / config.warmup_steps
-    decay = (config.max_steps - step) / max(1, config.max_steps - config.warmup_steps)
+    remaining = (config.max_steps - step) / max(1, config.max_steps - config.warmup_steps)
+    decay = remaining if config.schedule == "linear" else 0.5 * (1 - math.cos(math.pi * min(1.0, remaining)))
     return max(0.0, min(warmup, decay))
 
 
@@ -274,7 +287,7 @@ def validation_score(encoder, heads, track, tasks, max_examples, seed) -> float:
     scores = []
     for task in tasks:
         split = track.split(task, "validation").subset(max_examples, seed)
-        logits = heads[task](encode(encoder, split))
+        logits = heads[task](encode(encoder, split).to(heads[task].weight.device)).cpu()
         scores.append((logits.argmax(1).numpy() == split.labels).mean())
     return float(np.mean(scores))
 
@@ -287,7 +300,7 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     model's encoder instead; ``train_head`` trains the heads too; ``shared_head`` uses one head
     (``heads[tasks[0]]``) for every task, as a model fine-tuned on several datasets of one task is.
     """
-    spec = {**track.identity(tasks), "tasks": list(tasks), "config": asdict(config), "kind": "finetune",
+    spec = {**track.identity(tasks), "tasks": list(tasks), "config": config.key(), "kind": "finetune",
             "code": code_hash(finetune, _train_indices, _lr_factor, validation_score, encode),
             "frozen": list(track.frozen_parameters),
             "heads": {t: content_hash(heads[t]) for t in tasks}}
@@ -315,19 +328,24 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
         trainable |= {n for n, _ in model.named_parameters() if n.startswith("heads.")}
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
+    # Paper scale: train on the track's device, forward under its autocast; what is kept (the
+    # best state, checkpoints) stays on the CPU.
+    device = getattr(model.encoder, "run_device", torch.device("cpu"))
+    dtype = getattr(model.encoder, "autocast_dtype", None)
+    model.to(device)
     params = [p for n, p in model.named_parameters() if n in trainable]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
     state = {"step": 0, "best_score": -1.0, "best_step": 0, "bad_evals": 0, "history": [], "seconds": 0.0}
-    best = {k: v.clone() for k, v in model.state_dict().items()}
+    best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if partial.exists():  # resume where an interrupted run stopped
         saved = load_file(str(partial))
         state = load_metadata(partial)["state"]
         model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
         for i, p in enumerate(params):
-            optimizer.state[p] = {"step": saved[f"opt.{i}.step"], "exp_avg": saved[f"opt.{i}.exp_avg"],
-                                  "exp_avg_sq": saved[f"opt.{i}.exp_avg_sq"]}
+            optimizer.state[p] = {"step": saved[f"opt.{i}.step"], "exp_avg": saved[f"opt.{i}.exp_avg"].to(device),
+                                  "exp_avg_sq": saved[f"opt.{i}.exp_avg_sq"].to(device)}
 
     label = f"{track.name}:{'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}"
     bar = tqdm(total=config.max_steps, initial=state["step"], desc=label, disable=not progress, leave=False)
@@ -337,9 +355,12 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
         task = tasks[step % len(tasks)]
         split = track.split(task, "train")
         batch = split.batch(_train_indices(split, config.batch_size, step // len(tasks), config.seed))
+        batch = {k: v.to(device) for k, v in batch.items()}
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks, reproducible on resume
         model.train()
-        loss = F.cross_entropy(head_of[task](model.encoder(**model_inputs(batch))), batch["labels"])
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = head_of[task](model.encoder(**model_inputs(batch)))
+        loss = F.cross_entropy(logits.float(), batch["labels"])
         if not torch.isfinite(loss):  # never train on (or cache) a diverged model
             raise FloatingPointError(
                 f"{label}: the training loss became {loss.item()} at step {step}. Lower lr (now {config.lr}) or "
@@ -357,7 +378,7 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
             state["history"].append([step, score])
             if score > state["best_score"]:
                 state.update(best_score=score, best_step=step, bad_evals=0)
-                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             else:
                 state["bad_evals"] += 1
             state.update(step=step, seconds=time.perf_counter() - started)
@@ -379,12 +400,12 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
 
 
 def _save_partial(path, model, best, params, optimizer, state, spec):
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.cpu() for k, v in model.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in best.items()})
     for i, p in enumerate(params):
         s = optimizer.state[p]
-        tensors.update({f"opt.{i}.step": torch.as_tensor(s["step"]).reshape(()).float(),
-                        f"opt.{i}.exp_avg": s["exp_avg"], f"opt.{i}.exp_avg_sq": s["exp_avg_sq"]})
+        tensors.update({f"opt.{i}.step": torch.as_tensor(s["step"]).reshape(()).float().cpu(),
+                        f"opt.{i}.exp_avg": s["exp_avg"].cpu(), f"opt.{i}.exp_avg_sq": s["exp_avg_sq"].cpu()})
     save_tensors_atomic(tensors, path, {"spec": spec, "state": state})
 
 

@@ -194,6 +194,7 @@ class TwinMergingConfig:
     dare_seed: int = BaselinesConfig.dare_seed
     selection_examples: int = BaselinesConfig.selection_examples
     paper_vision_arch: str = BaselinesConfig.paper_vision_arch  # paper scale (scale="paper")
+    paper_experts: str = BaselinesConfig.paper_experts
     device: str = BaselinesConfig.device
     autocast: str = BaselinesConfig.autocast
     # Twin-Merging
