@@ -44,7 +44,9 @@ EXPERT_SOURCES = ("published", "finetune")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
-# METHODS.md §8: the CLIP fine-tuning recipe (experts="finetune"); max_steps is ours (module docstring).
+# METHODS.md §8: the CLIP fine-tuning recipe (experts="finetune"); max_steps is ours (module
+# docstring); patience as long as the run: trained to the end, as the papers do, validation only
+# choosing the best checkpoint.
 CLIP_RECIPE = FinetuneConfig(max_steps=2000, batch_size=128, lr=1e-5, weight_decay=0.1, warmup_steps=500,
                              schedule="cosine", eval_every=250, patience=2000)
 
@@ -57,7 +59,7 @@ def run_device(device: str = "auto") -> torch.device:
 
 
 def autocast_dtype(autocast: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA for ``"auto"`` (the CLIP papers evaluate in half precision), none on CPU."""
+    """bf16 on CUDA for ``"auto"`` (about half the memory and time; "off" runs float32), none on CPU."""
     if autocast == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if autocast not in AUTOCAST:
