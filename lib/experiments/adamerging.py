@@ -74,7 +74,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,7 +88,6 @@ from ..metrics import accuracy, official_metric
 from . import baselines as B
 from .baselines import EXPERTS, MULTITASK, PRETRAINED, BaselinesConfig, MergeResult, Setup
 from .cache import cached_tensors, content_hash
-from .config import settings_for, take_unchanged
 # cost.py's way of reading and resetting the peak resident set (its measured_call does the same
 # around one call; StepMeter below needs it between the steps of one call).
 from .cost import reset_peak, status_kib, measured_call, release_freed_memory
@@ -142,8 +141,7 @@ PAPER_LABEL = "paper, CLIP ViT-B/32"
 
 # ----------------------------------------------------------------------------- the configuration
 # Notebook 01's fields that notebook 02 does not use (it runs neither DARE nor gradient matching
-# nor the seed spread, nor the paper scale yet); every other field of BaselinesConfig is a field
-# here too (a test checks).
+# nor the seed spread); every other field of BaselinesConfig is a field here too (a test checks).
 NOT_SHARED = ("spread_seeds", "dare_drop_rate", "dare_seed", "gradient_matching_scale")
 
 # The paper scale (scale="paper"): notebook 01's paper profile (CLIP on the 8 vision tasks,
@@ -153,51 +151,13 @@ PAPER_SCALE = {**B.PAPER_SCALE, "vision_adamerging_steps": PAPER_STEPS, "paper_b
 
 
 @dataclass
-class AdaMergingConfig:
-    """Every setting of notebook 02. The fields are its papermill parameters.
+class AdaMergingConfig(B.StatisticsSettings):
+    """Every setting of notebook 02. The fields are its papermill parameters: notebook 01's track,
+    expert and merge settings (``TrackSettings``, ``StatisticsSettings``: same names, same defaults,
+    so the experts and merges notebook 01 cached are reused), then AdaMerging's and Surgery's."""
 
-    The fields down to ``autocast`` are notebook 01's (same names, same defaults, read from
-    ``BaselinesConfig``), so the experts and merges notebook 01 cached are reused."""
+    paper_profile: ClassVar[dict] = PAPER_SCALE
 
-    scale: str = BaselinesConfig.scale
-    benchmark: str = BaselinesConfig.benchmark
-    tracks: tuple[str, ...] = BaselinesConfig.tracks
-    text_tasks: tuple[str, ...] = BaselinesConfig.text_tasks
-    vision_tasks: tuple[str, ...] = BaselinesConfig.vision_tasks
-    data_dir: str = BaselinesConfig.data_dir
-    models_dir: str = BaselinesConfig.models_dir
-    output_dir: str = ""            # "" = figures/02_adamerging
-    seed: int = BaselinesConfig.seed
-    max_validation: int = BaselinesConfig.max_validation
-    max_test: int = BaselinesConfig.max_test
-    text_heads: str = BaselinesConfig.text_heads
-    vision_heads: str = BaselinesConfig.vision_heads
-    head_shots: int = BaselinesConfig.head_shots
-    vision_backbone: str = BaselinesConfig.vision_backbone
-    text_max_steps: int = BaselinesConfig.text_max_steps
-    text_batch_size: int = BaselinesConfig.text_batch_size
-    text_lr: float = BaselinesConfig.text_lr
-    vision_max_steps: int = BaselinesConfig.vision_max_steps
-    vision_batch_size: int = BaselinesConfig.vision_batch_size
-    vision_lr: float = BaselinesConfig.vision_lr
-    eval_every: int = BaselinesConfig.eval_every
-    patience: int = BaselinesConfig.patience
-    multitask_steps_per_task: int = BaselinesConfig.multitask_steps_per_task
-    lambda_grid: tuple[float, ...] = BaselinesConfig.lambda_grid
-    lambda_refinements: int = BaselinesConfig.lambda_refinements
-    ties_density: float = BaselinesConfig.ties_density  # TIES, and AdaMerging++'s trimming
-    ties_disjoint: str = BaselinesConfig.ties_disjoint
-    fisher_examples: int = BaselinesConfig.fisher_examples
-    fisher_batch_size: int = BaselinesConfig.fisher_batch_size
-    regmean_examples: int = BaselinesConfig.regmean_examples
-    regmean_alpha: float = BaselinesConfig.regmean_alpha
-    regmean_gram: str = BaselinesConfig.regmean_gram
-    regmean_ridge: float = BaselinesConfig.regmean_ridge
-    selection_examples: int = BaselinesConfig.selection_examples
-    paper_vision_arch: str = BaselinesConfig.paper_vision_arch
-    paper_experts: str = BaselinesConfig.paper_experts
-    device: str = BaselinesConfig.device
-    autocast: str = BaselinesConfig.autocast
     # AdaMerging (METHODS.md §2): the paper's settings except the number of steps (module docstring)
     text_adamerging_steps: int = 12
     vision_adamerging_steps: int = 100
@@ -214,17 +174,10 @@ class AdaMergingConfig:
     surgery_steps: int = PAPER_STEPS
     surgery_rank: int = merging.surgery.RANK
     surgery_lr: float = 1e-3
-    progress: bool = BaselinesConfig.progress
+    progress: bool = True
 
     def __post_init__(self):
-        if self.scale not in ("small", "paper"):
-            raise ValueError(f"scale={self.scale!r}: choose 'small' (the default) or 'paper'.")
-        if self.scale == "paper":
-            take_unchanged(self, PAPER_SCALE)
-            B.check_paper_tracks(self.tracks)
-        for name in self.tracks:
-            if name not in ("text", "vision"):
-                raise ValueError(f"tracks: unknown track {name!r}; choose from 'text', 'vision'.")
+        super().__post_init__()
         if self.paper_budget_track not in ("", *self.tracks):
             raise ValueError(f"paper_budget_track={self.paper_budget_track!r}: name one of tracks {list(self.tracks)}, "
                              "or '' for none.")
@@ -236,10 +189,6 @@ class AdaMergingConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: pass a positive integer.")
         if self.unseen_tasks < 0:
             raise ValueError(f"unseen_tasks={self.unseen_tasks}: pass 0 (no unseen-task study) or more.")
-
-    def baselines_config(self) -> BaselinesConfig:
-        """Notebook 01's config with this one's shared settings: the same experts and merges."""
-        return settings_for(BaselinesConfig, self, exclude=("output_dir",))
 
     def steps_for(self, track: str) -> int:
         return getattr(self, f"{track}_adamerging_steps")

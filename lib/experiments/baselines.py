@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,7 @@ from .. import merging, statistics
 from ..models import Classifier
 from ..paper.vision_data import PAPER_VISION_TASKS
 from .cache import cached_tensors, content_hash
-from .config import take_unchanged
+from .config import settings_for, take_unchanged
 from .evaluation import evaluate
 from .findings import Claim, Estimate, findings_markdown, held, mean_accuracy, over_seeds, paired_difference, verdict
 from .selection import Selection, select
@@ -67,15 +68,15 @@ PAPER_SCALE = {"tracks": ("vision",), "vision_tasks": PAPER_VISION_TASKS, "visio
                "eval_every": CLIP_RECIPE.eval_every}
 
 
-def check_paper_tracks(tracks) -> None:
-    if "text" in tracks:
-        raise ValueError("tracks: the paper scale has the vision track only so far (CLIP on the 8 vision tasks); "
-                         "RoBERTa on GLUE is not wired into the notebooks yet. Pass tracks=['vision'].")
-
-
 @dataclass
-class BaselinesConfig:
-    """Every setting of notebook 01. The fields are its papermill parameters."""
+class TrackSettings:
+    """Notebook 01's settings of its tracks, experts and merges, shared by every notebook built on
+    them (02 AdaMerging, 05 Twin-Merging): the same names mean the same things, so a notebook's
+    ``baselines_config()`` (``settings_for``) finds the experts, merges and predictions notebook 01
+    cached. Each notebook's config adds its own fields after these; the fields are papermill
+    parameters. ``paper_profile``: what ``scale="paper"`` sets on the fields left at their defaults."""
+
+    paper_profile: ClassVar[dict] = PAPER_SCALE
 
     scale: str = "small"
     benchmark: str = "v2"           # "v1": the first design (BENCHMARK_V1), for comparison
@@ -84,9 +85,8 @@ class BaselinesConfig:
     vision_tasks: tuple[str, ...] = ("mnist", "fashion_mnist", "usps", "gtsrb", "eurosat", "kmnist", "mnist_m")
     data_dir: str = ""              # local mirror (e.g. ../shared/data); "" downloads
     models_dir: str = ""            # folder holding cifar_resnet/resnet20-12fca82f.th; "" downloads
-    output_dir: str = ""            # "" = figures/01_merging_baselines
+    output_dir: str = ""            # "" = figures/<notebook> for the defaults, else runs/<notebook>/<changes>
     seed: int = 0
-    spread_seeds: tuple[int, ...] = (1, 2)  # further seeds of the vision track, for the seed spread
     max_validation: int = 500       # examples per task kept for validation (early stopping, selection)
     max_test: int | None = 1000     # examples per task kept for test (seeded, class-stratified subset); None: all
     # each task's head (Track.head_kind): probe, few_shot, joint, or zero_shot (text only); the
@@ -112,22 +112,12 @@ class BaselinesConfig:
     lambda_refinements: int = 1
     ties_density: float = 0.2
     ties_disjoint: str = "mean"
-    dare_drop_rate: float = 0.7
-    dare_seed: int = 0
-    fisher_examples: int = 256
-    fisher_batch_size: int = 16
-    regmean_examples: int = 512
-    regmean_alpha: float = 0.9
-    regmean_gram: str = "mean"      # Gram = mean over rows (public code) or "sum"
-    regmean_ridge: float = 1e-6     # relative; dead ReLU channels make the summed Gram singular
-    gradient_matching_scale: float = 1.0
     selection_examples: int = 100   # validation examples per task for choosing hyper-parameters
-    # paper scale (scale="paper"): the CLIP image tower, and where inference runs
+    # paper scale (scale="paper"): the CLIP image tower, its experts, and where it runs
     paper_vision_arch: str = "ViT-B-32"  # or "ViT-B-16", "ViT-L-14"
     paper_experts: str = "published"  # "published" (the hub's) or "finetune" (METHODS.md §8's recipe, here)
     device: str = "auto"            # "auto": CUDA when there is one (paper scale)
     autocast: str = "auto"          # paper-scale inference: "auto" (bf16 on CUDA), "bf16", "fp16" or "off"
-    progress: bool = True
 
     def __post_init__(self):
         if self.scale not in ("small", "paper"):
@@ -141,8 +131,37 @@ class BaselinesConfig:
         if self.benchmark == "v1":
             take_unchanged(self, BENCHMARK_V1)
         if self.scale == "paper":
-            take_unchanged(self, PAPER_SCALE)
-            check_paper_tracks(self.tracks)
+            take_unchanged(self, self.paper_profile)
+            if "text" in self.tracks:
+                raise ValueError("tracks: the paper scale has the vision track only so far (CLIP on the 8 vision "
+                                 "tasks); RoBERTa on GLUE is not wired into the notebooks yet. Pass tracks=['vision'].")
+
+    def baselines_config(self) -> "BaselinesConfig":
+        """Notebook 01's config with these settings: the same experts, merges and selection."""
+        return settings_for(BaselinesConfig, self, exclude=("output_dir",))
+
+
+@dataclass
+class StatisticsSettings(TrackSettings):
+    """The settings of the merges that need statistics (Fisher, RegMean), for the notebooks that run them."""
+
+    fisher_examples: int = 256
+    fisher_batch_size: int = 16
+    regmean_examples: int = 512
+    regmean_alpha: float = 0.9
+    regmean_gram: str = "mean"      # Gram = mean over rows (public code) or "sum"
+    regmean_ridge: float = 1e-6     # relative; dead ReLU channels make the summed Gram singular
+
+
+@dataclass
+class BaselinesConfig(StatisticsSettings):
+    """Every setting of notebook 01. The fields are its papermill parameters."""
+
+    spread_seeds: tuple[int, ...] = (1, 2)  # further seeds of the vision track, for the seed spread
+    dare_drop_rate: float = 0.7
+    dare_seed: int = 0
+    gradient_matching_scale: float = 1.0
+    progress: bool = True
 
     def track(self, name: str, seed: int | None = None) -> Track:
         seed = self.seed if seed is None else seed

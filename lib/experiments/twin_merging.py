@@ -104,7 +104,7 @@ from ..paths import REPO_ROOT
 from . import baselines as B
 from .baselines import BaselinesConfig, MergeResult, Setup
 from .cache import cached_tensors, content_hash
-from .config import parameters_of, settings_for, take_unchanged
+from .config import parameters_of
 from .findings import (
     Claim,
     Estimate,
@@ -153,50 +153,13 @@ def _top_k_name(path: str, k: int) -> str:
 
 # ----------------------------------------------------------------------------- configuration
 @dataclass
-class TwinMergingConfig:
-    """Every setting of notebook 05. The fields are its papermill parameters.
+class TwinMergingConfig(B.TrackSettings):
+    """Every setting of notebook 05. The fields are its papermill parameters: notebook 01's track,
+    expert and merge settings (``TrackSettings``: same names, same defaults, so 05 finds 01's
+    cached experts and follows when 01's defaults change), DARE's, then Twin-Merging's."""
 
-    The track, training and merge fields are notebook 01's (same names, defaults read from
-    ``BaselinesConfig``), so 05 finds 01's cached experts and follows when 01's defaults change.
-    """
-
-    scale: str = "small"
-    benchmark: str = BaselinesConfig.benchmark
-    tracks: tuple[str, ...] = BaselinesConfig.tracks
-    text_tasks: tuple[str, ...] = BaselinesConfig.text_tasks
-    vision_tasks: tuple[str, ...] = BaselinesConfig.vision_tasks
-    data_dir: str = ""              # local mirror (e.g. ../shared/data); "" downloads
-    models_dir: str = ""            # folder holding cifar_resnet/; "" downloads
-    output_dir: str = ""            # "" = figures/05_twin_merging
-    seed: int = BaselinesConfig.seed
-    max_validation: int = BaselinesConfig.max_validation
-    max_test: int = BaselinesConfig.max_test
-    text_heads: str = BaselinesConfig.text_heads
-    vision_heads: str = BaselinesConfig.vision_heads
-    head_shots: int = BaselinesConfig.head_shots
-    vision_backbone: str = BaselinesConfig.vision_backbone
-    # experts and the multi-task model (notebook 01's; cached there)
-    text_max_steps: int = BaselinesConfig.text_max_steps
-    text_batch_size: int = BaselinesConfig.text_batch_size
-    text_lr: float = BaselinesConfig.text_lr
-    vision_max_steps: int = BaselinesConfig.vision_max_steps
-    vision_batch_size: int = BaselinesConfig.vision_batch_size
-    vision_lr: float = BaselinesConfig.vision_lr
-    eval_every: int = BaselinesConfig.eval_every
-    patience: int = BaselinesConfig.patience
-    multitask_steps_per_task: int = BaselinesConfig.multitask_steps_per_task
-    # closed-form merges, and the shared expert (Task Arithmetic; λ chosen on validation)
-    lambda_grid: tuple[float, ...] = BaselinesConfig.lambda_grid
-    lambda_refinements: int = BaselinesConfig.lambda_refinements
-    ties_density: float = BaselinesConfig.ties_density
-    ties_disjoint: str = BaselinesConfig.ties_disjoint
     dare_drop_rate: float = BaselinesConfig.dare_drop_rate
     dare_seed: int = BaselinesConfig.dare_seed
-    selection_examples: int = BaselinesConfig.selection_examples
-    paper_vision_arch: str = BaselinesConfig.paper_vision_arch  # paper scale (scale="paper")
-    paper_experts: str = BaselinesConfig.paper_experts
-    device: str = BaselinesConfig.device
-    autocast: str = BaselinesConfig.autocast
     # Twin-Merging
     rank_ratio: float = tw.RANK_RATIO              # r = 10% of min(m, n), the authors'
     rank_ratios: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # the rank sweep
@@ -214,14 +177,7 @@ class TwinMergingConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.scale not in ("small", "paper"):
-            raise ValueError(f"scale={self.scale!r}: choose 'small' (the default) or 'paper'.")
-        if self.scale == "paper":  # notebook 01's paper profile: CLIP on the 8 vision tasks, published experts
-            take_unchanged(self, B.PAPER_SCALE)
-            B.check_paper_tracks(self.tracks)
-        for name in self.tracks:
-            if name not in ("text", "vision"):
-                raise ValueError(f"tracks: unknown track {name!r}; choose from 'text', 'vision'.")
+        super().__post_init__()
         for ratio in (self.rank_ratio, *self.rank_ratios):
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"rank ratio {ratio}: pass a fraction in (0, 1].")
@@ -238,10 +194,6 @@ class TwinMergingConfig:
         if self.unseen_tasks < 0:
             raise ValueError(f"unseen_tasks = {self.unseen_tasks}: pass 0 (no unseen-task experiment) or more.")
         self.baselines_config()  # notebook 01's own checks of the shared settings (tracks, benchmark), now
-
-    def baselines_config(self) -> BaselinesConfig:
-        """Notebook 01's config with this one's shared settings: the same experts, merges and selection."""
-        return settings_for(BaselinesConfig, self, exclude=("output_dir",))
 
     def task_counts(self, num_tasks: int) -> list[int]:
         """Numbers of tasks merged: step, 2·step, … below T, then T."""
