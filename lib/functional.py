@@ -151,9 +151,11 @@ def self_attention_input(module: nn.MultiheadAttention, args: tuple, kwargs: Map
     names = ("query", "key", "value")
     query, key, value = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
     if not (key is query and value is query) or not module._qkv_same_embed_dim:
-        raise NotImplementedError("nn.MultiheadAttention: only self-attention with one in_proj is supported here.")
+        raise ValueError("nn.MultiheadAttention: only self-attention (query, key and value the same tensor, one "
+                         "in_proj) is supported here; cross-attention has no single input to take Grams or corrections of.")
     if kwargs.get("key_padding_mask") is not None:
-        raise NotImplementedError("nn.MultiheadAttention: key_padding_mask is not supported here.")
+        raise ValueError("nn.MultiheadAttention: calls with key_padding_mask are not supported here; pass the "
+                         "padding as attn_mask (CLIP's towers use neither).")
     x = query if module.batch_first else query.transpose(0, 1)
     length = x.shape[1]
     mask = kwargs.get("attn_mask")

@@ -409,3 +409,17 @@ def test_gram_matrices_of_multihead_attention_cover_both_of_its_maps(batch_first
         attended = torch.linalg.solve(weight, (out - bias).T).T
     torch.testing.assert_close(grams["attn.out_proj.weight"], attended.T @ attended, rtol=1e-3, atol=1e-3)
     assert counts == {"attn.in_proj_weight": 15, "attn.out_proj.weight": 15}
+
+
+def test_gram_matrices_refuse_attention_they_cannot_read():
+    """Cross-attention and padding masks are refused by name, never approximated."""
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x.flip(1), x.flip(1), need_weights=False)[0]
+
+    with pytest.raises(ValueError, match="only self-attention"):
+        S.gram_matrices(CrossAttention(), [{"x": torch.randn(2, 3, 8)}], disable=True)
