@@ -24,8 +24,8 @@ export PYTHONUNBUFFERED := 1
 
 # Notebooks whose default run has been verified end to end and whose outputs are committed:
 # `make reproduce` regenerates these. Every notebook is also its own target (make 04_gradient_matching).
-NOTEBOOKS := 00_benchmark_calibration 01_merging_baselines 03_fs_merge 04_gradient_matching 05_twin_merging
-ALL_NOTEBOOKS := $(NOTEBOOKS) 02_adamerging
+NOTEBOOKS := 00_benchmark_calibration 01_merging_baselines 02_adamerging 03_fs_merge 04_gradient_matching 05_twin_merging
+ALL_NOTEBOOKS := $(NOTEBOOKS)
 PAPERMILL_ARGS ?=
 SCALE ?= small
 # notebooks that take scale="paper" so far
