@@ -83,6 +83,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import merging
+from ..functional import to_device
 from ..heads import head_module
 from ..metrics import accuracy, official_metric
 from . import baselines as B
@@ -384,9 +385,6 @@ def adapt(ctx: TrackContext, variant: Variant, data=None, report_labels: bool = 
                    stored["peak_mib"].numpy(), {t: len(p) for t, p in pools.items()}, state)
 
 
-def _on(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in tensors.items()}
-
 
 def _mean_over_batches(values) -> float:
     """The mean of per-batch means (0-d tensors), as the loss weighs the step's batches."""
@@ -400,13 +398,13 @@ def _run_adamerging(ctx, variant, tasks, splits, pools, pre, taus, report_labels
     stream = input_stream(pools, c.adamerging_batch_size, c.adamerging_batches_per_step, c.seed)
     # Paper scale: everything the steps touch on the track's device (the CPU at small scale)
     device = getattr(ctx.encoder, "run_device", torch.device("cpu"))
-    pre, taus = _on(pre, device), [_on(tau, device) for tau in taus]
+    pre, taus = to_device(pre, device), [to_device(tau, device) for tau in taus]
     encoder = ctx.encoder.to(device)
     recorder = LogitRecorder({t: ctx.setup.heads[t] for t in tasks}, device)
     entropies, cross_entropies, seconds, peaks = [], [], [], []
 
     def batches(step):
-        return {t: [_on(unlabeled(splits[t], idx), device) for idx in index_batches]
+        return {t: [to_device(unlabeled(splits[t], idx), device) for idx in index_batches]
                 for t, index_batches in stream(step).items()}
 
     def report(step, params, coefficients):

@@ -85,7 +85,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..functional import functional_forward
+from ..functional import functional_forward, to_device
 from ..heads import head_module
 from ..merging import twin_merging as tw
 from ..metrics import official_metric
@@ -399,11 +399,11 @@ def low_rank_predictions(encoder: nn.Module, base: dict, stacked: tw.Stacked, we
     predict = head_module(head)
     pred = np.empty(len(split), dtype=np.int64)
     device = run_device_of(encoder)  # paper scale: the track's GPU; the CPU otherwise
-    encoder, base, stacked = encoder.to(device), _on(base, device), stacked.to(device)
+    encoder, base, stacked = encoder.to(device), to_device(base, device), stacked.to(device)
     for batch in split.batches(batch_size, with_index=True):
         index = batch["index"]
         features = tw.low_rank_forward(encoder, base, stacked, weights[index].to(device),
-                                       _on(model_inputs(batch), device))
+                                       to_device(model_inputs(batch), device))
         pred[index.numpy()] = predict(features.float().cpu()).argmax(1).numpy()
     return pred
 
@@ -412,9 +412,6 @@ def run_device_of(encoder: nn.Module) -> torch.device:
     """Where the track runs its encoder (``ClipVisionTrack`` sets it; the CPU otherwise)."""
     return getattr(encoder, "run_device", torch.device("cpu"))
 
-
-def _on(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in tensors.items()}
 
 
 class TwinEvaluator:
@@ -572,7 +569,7 @@ def serve_stream(track: Track, encoder: nn.Module, build: TwinBuild, heads: dict
     """
     served = stream.iloc[: config.stream_examples]
     device = run_device_of(encoder)  # every path on the track's device; times synchronised there
-    shared, ratio, k = _on(build.shared.state, device), config.rank_ratio, min(config.top_k, len(build.tasks))
+    shared, ratio, k = to_device(build.shared.state, device), config.rank_ratio, min(config.top_k, len(build.tasks))
     exclusive = [{key: tw.LowRank(*(t.to(device) for t in v)) if isinstance(v, tw.LowRank) else v.to(device)
                   for key, v in part.items()} for part in build.exclusive_at(ratio)]
     stacked, router = build.stacked_at(ratio).to(device), copy.deepcopy(build.routers[build.main_size].router).to(device)
@@ -595,14 +592,14 @@ def serve_stream(track: Track, encoder: nn.Module, build: TwinBuild, heads: dict
             return functional_forward(encoder, shared, x)
 
     heads = {t: {key: v.to(device) for key, v in h.items()} for t, h in heads.items()}
-    warm = _on(model_inputs(stream_batch(track, served.iloc[:2])), device)  # first calls load kernels: not timed
+    warm = to_device(model_inputs(stream_batch(track, served.iloc[:2])), device)  # first calls load kernels: not timed
     w_warm = tw.route(router, forward_static(warm))
     for fn in paths.values():
         fn(w_warm, warm)
     for start in range(0, len(served), config.stream_batch_size):
         rows = served.iloc[start:start + config.stream_batch_size]
         batch = stream_batch(track, rows)
-        x, tasks = _on(model_inputs(batch), device), rows["task"].tolist()
+        x, tasks = to_device(model_inputs(batch), device), rows["task"].tolist()
         t, features = _timed(forward_static, x)
         seconds[STATIC].append(t)
         predicted[STATIC].append(_per_task_heads(features, tasks, heads))
