@@ -96,7 +96,7 @@ from .findings import (Claim, Estimate, difference_of_estimates, findings_markdo
                        paired_difference, verdict)
 from .selection import ValidationOnly
 from .tracks import Track
-from .training import encode
+from .training import encode, run_device_of
 
 # ----------------------------------------------------------------------------- names and the paper
 TASK_WISE = "AdaMerging task-wise"
@@ -397,7 +397,7 @@ def _run_adamerging(ctx, variant, tasks, splits, pools, pre, taus, report_labels
     c = ctx.config
     stream = input_stream(pools, c.adamerging_batch_size, c.adamerging_batches_per_step, c.seed)
     # Paper scale: everything the steps touch on the track's device (the CPU at small scale)
-    device = getattr(ctx.encoder, "run_device", torch.device("cpu"))
+    device = run_device_of(ctx.encoder)
     pre, taus = to_device(pre, device), [to_device(tau, device) for tau in taus]
     encoder = ctx.encoder.to(device)
     recorder = LogitRecorder({t: ctx.setup.heads[t] for t in tasks}, device)

@@ -36,7 +36,8 @@ from .findings import Claim, Estimate, findings_markdown, held, mean_accuracy, o
 from .selection import Selection, select
 from .paper_tracks import CLIP_RECIPE, ClipVisionTrack
 from .tracks import TextTrack, Track, VisionTrack
-from .training import Expert, FinetuneConfig, head_module, initial_heads, reestimate_batchnorm, train_experts, train_multitask
+from .training import (Expert, FinetuneConfig, head_module, initial_heads, reestimate_batchnorm, run_device_of,
+                       train_experts, train_multitask)
 
 PRETRAINED = "Pretrained (θ0 + expert head)"
 EXPERTS = "Individual experts"
@@ -248,7 +249,7 @@ def _classifier(track: Track, encoder_state: dict, head_state: dict) -> Classifi
     """Encoder + head on the device the track runs on (statistics follow the model's device)."""
     encoder = track.pretrained_encoder()
     encoder.load_state_dict(encoder_state)
-    return Classifier(encoder, head_module(head_state)).to(getattr(encoder, "run_device", torch.device("cpu")))
+    return Classifier(encoder, head_module(head_state)).to(run_device_of(encoder))
 
 
 def _encoder_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

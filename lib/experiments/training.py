@@ -115,13 +115,19 @@ class Expert:
 
 
 # ----------------------------------------------------------------------------- features
+def run_device_of(encoder: nn.Module) -> torch.device:
+    """Where an encoder runs: the track's device for paper-scale encoders (``paper_tracks``
+    sets ``run_device``), the CPU for the small-scale ones."""
+    return getattr(encoder, "run_device", torch.device("cpu"))
+
+
 @torch.no_grad()
 def encode(encoder: nn.Module, split: PreparedSplit, batch_size: int = 256) -> torch.Tensor:
     """Encoder features for every example of a split, in the split's order."""
     encoder.eval()
     # Paper-scale encoders name the device they run on and their autocast dtype
     # (lib.experiments.paper_tracks); small-scale ones run on the CPU in float32.
-    device = getattr(encoder, "run_device", torch.device("cpu"))
+    device = run_device_of(encoder)
     dtype = getattr(encoder, "autocast_dtype", None)
     encoder.to(device)
     out = torch.empty(len(split), encoder.feature_dim)
@@ -330,7 +336,7 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
         p.requires_grad_(n in trainable)
     # Paper scale: train on the track's device, forward under its autocast; what is kept (the
     # best state, checkpoints) stays on the CPU.
-    device = getattr(model.encoder, "run_device", torch.device("cpu"))
+    device = run_device_of(model.encoder)
     dtype = getattr(model.encoder, "autocast_dtype", None)
     model.to(device)
     params = [p for n, p in model.named_parameters() if n in trainable]

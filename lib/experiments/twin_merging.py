@@ -115,7 +115,7 @@ from .findings import (
 )
 from .selection import ValidationOnly
 from .tracks import PreparedSplit, Track, model_inputs, stratified_indices
-from .training import encode
+from .training import encode, run_device_of
 
 # ----------------------------------------------------------------------------- names and references
 # The closed-form merges of the table (names in lib.merging.REGISTRY): the paper's baselines.
@@ -406,11 +406,6 @@ def low_rank_predictions(encoder: nn.Module, base: dict, stacked: tw.Stacked, we
                                        to_device(model_inputs(batch), device))
         pred[index.numpy()] = predict(features.float().cpu()).argmax(1).numpy()
     return pred
-
-
-def run_device_of(encoder: nn.Module) -> torch.device:
-    """Where the track runs its encoder (``ClipVisionTrack`` sets it; the CPU otherwise)."""
-    return getattr(encoder, "run_device", torch.device("cpu"))
 
 
 
