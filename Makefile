@@ -6,7 +6,7 @@
 # make bench                         time each closed-form merge (wall time, peak memory)
 # make bench-grads [DATA_DIR=...]     time per-example squared gradients: loop, vmap, hooks, and the machine's bound
 # make bench-adamerging              an AdaMerging step against a plain forward+backward (time, peak memory)
-# make bench-twin                    Twin-Merging inference: static, low-rank, grouped, per-input
+# make bench-twin                    Twin-Merging inference at 8/32/128 tokens: static, low-rank, grouped, per-input (+ top-k)
 # make bench-streaming               streaming merges from safetensors files vs one read (time, peak memory)
 # make lab                           open the notebooks in JupyterLab
 #
@@ -79,7 +79,7 @@ bench-adamerging: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_adamerging.py
 
 bench-twin: $(if $(filter $(PY),$(VENV)/bin/python),venv)
-	$(PY) benchmarks/bench_twin_merging.py
+	$(PY) benchmarks/bench_twin_merging.py --threads 1
 
 # Closed-form merges streamed key by key from safetensors files (8 ViT-B/32-sized experts).
 bench-streaming: $(if $(filter $(PY),$(VENV)/bin/python),venv)

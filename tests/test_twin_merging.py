@@ -301,6 +301,18 @@ def test_low_rank_path_equals_per_input_materialisation(name):
     assert (tw.low_rank_forward(model, shared, exclusive, 0 * weights, batch) - expected).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_top_k_weights_on_the_low_rank_path_equal_materialisation(name):
+    make_model, make_batch = MODELS[name]
+    model = make_model()
+    shared, _, exclusive = twin(model)
+    batch = make_batch()
+    top1 = tw.keep_top_k(mixed_weights(len(batch[next(iter(batch))])), 1)
+    expected = tw.per_input_forward(model, shared, exclusive, top1, batch)
+    torch.testing.assert_close(tw.low_rank_forward(model, shared, exclusive, top1, batch), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["bert", "mlp"])
 def test_grouped_inference_with_one_input_per_group_equals_per_input(name):
     make_model, make_batch = MODELS[name]
