@@ -15,6 +15,8 @@ its time, the process's peak resident set during the step (VmHWM, reset after ea
 resident set at its end: both must stay flat over the steps. Random weights: a MiniLM-L6-sized BERT (22.7M parameters; token embeddings frozen,
 as in the text track) and a CIFAR ResNet-20 (with BatchNorm buffers, averaged by the merge).
 
+Writes ``figures/bench_adamerging/`` (``--no-record``: print only).
+
     python benchmarks/bench_adamerging.py                       # both tracks, ~1-2 minutes on 2 cores
     python benchmarks/bench_adamerging.py --track text --tasks 8 --seq-len 64
 """
@@ -26,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import merging  # noqa: E402
 from lib.experiments.cost import measure, release_freed_memory  # noqa: E402
+from lib.experiments.report import Run  # noqa: E402
 from lib.merging.adamerging import entropy  # noqa: E402
 from lib.models import CifarResNet, load_text_encoder  # noqa: E402
 
@@ -140,7 +144,12 @@ def bench(track: str, args) -> dict:
           "the process's peak resident set during the step, and the resident set at its end)")
     for step, seconds, peak, rss in rows:
         print(f"{step:5d}{seconds:10.3f}{peak:10.1f}{rss:10.1f}")
-    return {"track": track, "plain_s": t_plain, "ada_s": t_ada, "ratio": t_ada / t_plain}
+    summary = {"track": track, "parameters (M)": n_params / 1e6, "plain forward+backward s": t_plain,
+               "AdaMerging step s": t_ada, "ratio (time)": t_ada / t_plain, "plain peak MiB": m_plain,
+               "AdaMerging peak MiB": m_ada}
+    per_step = [{"track": track, "step": step, "seconds": seconds, "peak MiB": peak, "RSS MiB": rss}
+                for step, seconds, peak, rss in rows]
+    return summary, per_step
 
 
 def main(argv=None):
@@ -152,15 +161,29 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per text input")
     parser.add_argument("--repeats", type=int, default=3, help="measured pairs per track, after one warm-up")
-    parser.add_argument("--steps", type=int, default=4, help="steps of the per-step memory run")
+    parser.add_argument("--steps", type=int, default=10, help="steps of the per-step memory run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); one gives "
                         "stable timings on a shared machine")
+    parser.add_argument("--no-record", action="store_true", help="print only; write nothing under figures/")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     tracks = ["text", "vision"] if args.track == "both" else [args.track]
-    return [bench(track, args) for track in tracks]
+    results = [bench(track, args) for track in tracks]
+    summary = pd.DataFrame([s for s, _ in results]).set_index("track")
+    per_step = pd.DataFrame([row for _, rows in results for row in rows]).set_index(["track", "step"])
+    if not args.no_record:
+        run = Run("bench_adamerging", vars(args), source="benchmarks/bench_adamerging.py")
+        run.table(summary.round(3), "step_cost",
+                  f"One layer-wise AdaMerging step against a plain forward+backward of the same model on the same "
+                  f"batches ({args.tasks} tasks × {args.batches_per_task} batches of {args.batch}; random weights); "
+                  f"medians of {args.repeats} alternating pairs; target ratio ≤ 1.5.")
+        run.table(per_step.round(3), "memory_per_step",
+                  f"One run of {args.steps} AdaMerging steps: the process's peak resident set during each step "
+                  "and the resident set at its end (both must stay flat).")
+        run.finish()
+    return summary, per_step
 
 
 if __name__ == "__main__":
