@@ -34,7 +34,8 @@ PAPER_NOTEBOOKS := 01_merging_baselines 02_adamerging 05_twin_merging
 EXECUTED_DIR = $(if $(filter paper,$(SCALE)),runs/$@/paper-scale,figures/$@)
 ifeq ($(SCALE),paper)
 NOTEBOOKS := $(PAPER_NOTEBOOKS)
-PAPERMILL_ARGS += -p scale paper
+# override: a PAPERMILL_ARGS given on the command line would otherwise replace this, not extend it
+override PAPERMILL_ARGS += -p scale paper
 endif
 
 .PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming lab clean-cache $(ALL_NOTEBOOKS)

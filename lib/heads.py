@@ -1,9 +1,15 @@
-"""Task heads: the linear classifiers that sit on a shared encoder, one per task.
+"""Task heads: the classifiers that sit on a shared encoder, one per task, never merged.
 
-A head's state is ``{"weight": [C, d], "bias": [C]}``, optionally with ``"normalize"`` (a
-0-d tensor, 1 = L2-normalize the features before the linear map, as CLIP's zero-shot heads
-do). Every kind of head in this project is such a state, so merging, statistics and
-evaluation treat them alike.
+A head is a state dict, and its keys say which module computes it (:func:`head_module`):
+
+- a **linear** head, ``{"weight": [C, d], "bias": [C]}``, optionally with ``"normalize"`` (a
+  0-d tensor, 1 = L2-normalize the features before the linear map, as CLIP's zero-shot heads
+  do): every small-scale head and CLIP's zero-shot heads;
+- a **two-layer** head, ``{"dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"}``:
+  RoBERTa's sequence-classification head (dense -> tanh -> out_proj), which the GLUE experts
+  train with their encoder (``lib.paper.glue``). One output (STS-B) is a regression.
+
+So training, statistics and evaluation build every head the same way, whatever its kind.
 
 Zero-shot head (METHODS.md §7, the CLIP recipe; Radford et al. 2021, Ilharco et al. 2023):
 
@@ -44,11 +50,56 @@ class TaskHead(nn.Linear):
         return super().forward(features)
 
 
-def head_module(state: dict[str, torch.Tensor]) -> TaskHead:
-    """A frozen module computing the head whose state is ``state``."""
-    unknown = set(state) - {"weight", "bias", "normalize"}
-    if unknown or not {"weight", "bias"} <= set(state):
-        raise ValueError(f"a head state has keys weight, bias (and optionally normalize); got {sorted(state)}.")
+class SequenceClassificationHead(nn.Module):
+    """RoBERTa's classification head on ``<s>`` features: dropout, dense, tanh, dropout,
+    out_proj (the order of transformers' ``RobertaClassificationHead``).
+
+    Dropout acts only in a training step: in train mode *and* with gradients on. The project's
+    fine-tuning loop scores validation under ``no_grad`` without leaving train mode, and a
+    validation score must not depend on dropout masks."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+        self.p = dropout
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The output layer's weight ([outputs, hidden]), where a linear head has its own: code
+        that asks a head for its device or its number of outputs reads it."""
+        return self.out_proj.weight
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        active = self.training and torch.is_grad_enabled()
+        x = torch.tanh(self.dense(F.dropout(features, self.p, active)))
+        return self.out_proj(F.dropout(x, self.p, active))
+
+
+LINEAR_KEYS = ("weight", "bias")  # and optionally "normalize"
+CLASSIFIER_KEYS = ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")
+
+
+def classification_head(state: dict[str, torch.Tensor], dropout: float = 0.1) -> SequenceClassificationHead:
+    """The two-layer head whose state is ``state`` (keys ``CLASSIFIER_KEYS``), in eval mode,
+    its parameters trainable."""
+    if set(state) != set(CLASSIFIER_KEYS):
+        raise ValueError(f"a RoBERTa classification head has keys {', '.join(CLASSIFIER_KEYS)}; got {sorted(state)}.")
+    num_labels, hidden = state["out_proj.weight"].shape
+    head = SequenceClassificationHead(hidden, num_labels, dropout)
+    head.load_state_dict(dict(state))
+    return head.eval()
+
+
+def head_module(state: dict[str, torch.Tensor]) -> nn.Module:
+    """A frozen module computing the head whose state is ``state``: a two-layer head for
+    ``CLASSIFIER_KEYS``, else a linear one (see the module docstring)."""
+    if set(state) == set(CLASSIFIER_KEYS):
+        return classification_head(state).requires_grad_(False)
+    unknown = set(state) - {*LINEAR_KEYS, "normalize"}
+    if unknown or not set(LINEAR_KEYS) <= set(state):
+        raise ValueError(f"a head state has keys weight, bias (and optionally normalize), or a two-layer head's "
+                         f"{', '.join(CLASSIFIER_KEYS)}; got {sorted(state)}.")
     out_features, in_features = state["weight"].shape
     head = TaskHead(in_features, out_features, normalize=bool(state.get("normalize", 0)))
     head.load_state_dict(dict(state))

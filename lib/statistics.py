@@ -72,12 +72,22 @@ LabelTerm = tuple[Tensor, "Tensor | None"]  # (labels [B], example weights [B] o
 # Per-example gradients
 # ----------------------------------------------------------------------------------------
 
+def negative_log_likelihood(outputs: Tensor, labels: Tensor) -> Tensor:
+    """−log p(label_b | x_b) of each example, [B], from a model's outputs [B, C]: the softmax's
+    over C ≥ 2 classes; for a single output (a regression, GLUE's STS-B) the Gaussian's of unit
+    variance centred on it, ½ (label − output)² up to a constant, whose gradient is that of the
+    mean squared error the regression trained with."""
+    if outputs.shape[-1] == 1:
+        return 0.5 * (labels.float() - outputs[..., 0].float()) ** 2
+    # gather, not [b, label]: indexing with a vmapped label would need its value.
+    return -torch.log_softmax(outputs.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+
+
 def _nll_of_one(model: nn.Module, params: dict[str, Tensor], example: dict[str, Tensor], label: Tensor) -> Tensor:
     """−log p(label | example) for ONE example (tensors without the batch dimension)."""
     inputs = {k: v.unsqueeze(0) for k, v in example.items()}
     logits = functional_forward(model, params, inputs)
-    # gather, not [0, label]: indexing with a vmapped label would need its value.
-    return -torch.log_softmax(logits.float(), dim=-1)[0].gather(0, label.reshape(1)).squeeze(0)
+    return negative_log_likelihood(logits, label.reshape(1))[0]
 
 
 _VMAP_HINT = (
@@ -402,13 +412,12 @@ def _sum_sq_grads_hooks(model, batch, names, label_terms, chunk_size):
             if any(n > 1 for m, n in uses.items() if isinstance(m, nn.Embedding)):
                 # The row-wise embedding rule squares each call on its own.
                 raise RuntimeError("an nn.Embedding called twice in one forward: use method='vmap'")
-            log_probs = torch.log_softmax(logits.float(), -1)
             terms = label_terms(logits.detach(), start, start + B)
             # An output outside the graph (computed under no_grad) gets no gradient at all.
             in_graph = [o for _, _, o in calls if o.requires_grad]
             for i, (labels, w) in enumerate(terms):
                 used.setdefault(i, []).append((labels, w))
-                loss = -log_probs.gather(1, labels[:, None]).sum()
+                loss = negative_log_likelihood(logits, labels).sum()
                 more = i + 1 < len(terms)  # keep the graph for the next term's backward pass
                 found = iter(torch.autograd.grad(loss, in_graph, allow_unused=True, retain_graph=more) if in_graph else [])
                 gs = [next(found) if o.requires_grad else None for _, _, o in calls]
@@ -517,6 +526,17 @@ def _label_terms(label_mode: str, logits: Tensor | None, labels: Tensor, generat
     """The (labels, weights) whose squared gradients make up the Fisher of one batch."""
     if label_mode == "true":
         return [(labels, None)]
+    if logits.shape[-1] == 1:  # a regression: the model's distribution is N(output, 1)
+        outputs = logits.detach().float()[:, 0]
+        if not bool(torch.isfinite(outputs).all()):
+            raise ValueError(f"the model's outputs are NaN or Inf for {int((~torch.isfinite(outputs)).sum())} of "
+                             f"{len(outputs)} examples, so no Fisher can be computed. Check the model's weights.")
+        if label_mode == "sample":  # drawn on CPU, as the class labels below
+            noise = torch.randn(len(outputs), generator=generator).to(outputs.device)
+            return [(outputs + noise, None)]
+        # "expected": E_y[(y − output)²] = 1, so the squared gradient at a residual of exactly 1
+        # is the Fisher, without sampling noise
+        return [(outputs - 1, None)]
     probs = torch.softmax(logits.detach().float(), dim=-1)
     if not bool(torch.isfinite(probs).all()):  # else multinomial fails with a message naming nothing
         raise ValueError(f"the model's outputs are NaN or Inf for {int((~torch.isfinite(probs)).any(-1).sum())} of "

@@ -1,6 +1,7 @@
 """Notebooks 02 and 05 at paper scale (issue 12): AdaMerging + Surgery and Twin-Merging on CLIP with
 the published experts, run by the same code as the small scale (Twin-Merging's exact low-rank path
-through CLIP's attention and embeddings), on a tiny CLIP and fake data in the real formats."""
+through CLIP's attention and embeddings), on a tiny CLIP and fake data in the real formats; and
+notebook 01's text track at paper scale, RoBERTa on GLUE, on a tiny RoBERTa and fake GLUE copies."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from lib.experiments import adamerging as A
 from lib.experiments import twin_merging as T
 from lib.paper import vision_data as V
 
-from paper_fakes import write_vision_paper_fakes
+from paper_fakes import GLUE_TASKS, write_glue_paper_fakes, write_vision_paper_fakes
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_downloads")
 
@@ -86,3 +87,24 @@ def test_notebook_05_runs_at_paper_scale_on_the_fakes(fakes, tmp_path):
     findings = (out / "findings.md").read_text()
     assert "Paper scale" in findings and "Trivial baseline" in findings
     assert (out / "stream_cost.csv").exists()
+
+
+# ----------------------------------------------------------------------------- 01: RoBERTa on GLUE
+def test_notebook_01_runs_the_glue_track_at_paper_scale_on_the_fakes(tmp_path_factory, tmp_path):
+    import papermill
+
+    fakes = write_glue_paper_fakes(tmp_path_factory.mktemp("glue"))
+    out = tmp_path / "run01_text"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "01_merging_baselines.ipynb"), str(tmp_path / "run01_text.executed.ipynb"), cwd=str(NOTEBOOKS),
+        progress_bar=False,
+        parameters={"scale": "paper", "tracks": '["text"]', "text_tasks": str(GLUE_TASKS).replace("'", '"'),
+                    "data_dir": str(fakes / "data"), "models_dir": str(fakes / "models"), "output_dir": str(out),
+                    "device": "cpu", "max_validation": 16, "lambda_grid": "[0.0, 0.5, 1.0]", "lambda_refinements": 0,
+                    "fisher_examples": 8, "regmean_examples": 16, "selection_examples": 8, "progress": False})
+    table = pd.read_csv(out / "text_baselines_long.csv")
+    assert set(table.task) == set(GLUE_TASKS) and {"Task Arithmetic", "TIES", "Fisher", "RegMean"} <= set(table.method)
+    assert (table[table.method == "Individual experts"].normalized == 100).all()  # official score / the expert's
+    assert table[table.task == "stsb"].accuracy.isna().all()  # a regression has no accuracy
+    findings = (out / "findings.md").read_text()
+    assert "Paper scale" in findings and "average GLUE score" in findings and "Trivial baseline" in findings

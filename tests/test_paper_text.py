@@ -3,7 +3,7 @@ on CPU with tiny fakes.
 
 The model is a tiny random RoBERTa of the real architecture (transformers' ``RobertaConfig`` with
 2 layers of width 16) and a word-level tokenizer over a few words with RoBERTa's special tokens
-and pair format, built offline. The datasets are a few dozen rows per split in the real on-disk
+and pair format, built offline (``paper_fakes``, shared with the GLUE track's tests). The datasets are a few dozen rows per split in the real on-disk
 formats: a ``DatasetDict`` saved with ``save_to_disk`` and a hub snapshot's parquet files, with
 GLUE's column names, label names and hidden (-1) test labels. Every text carries its split, row
 and label, so a test can check that texts and labels stay aligned. Nothing touches the network.
@@ -18,60 +18,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from lib.paper import glue as G
+
+from paper_fakes import (GLUE_KNOWN, SPECIALS, WORDS, fake_glue, glue_label, roberta_classifier, roberta_config,
+                         roberta_tokenizer, write_roberta_expert)
 
 # one thread; no mirror and a private download folder (nothing written into data/downloads)
 pytestmark = pytest.mark.usefixtures("one_thread", "private_downloads")
 
-KNOWN = {  # task -> (number of outputs, text columns), as GLUE defines them
-    "cola": (2, ("sentence",)), "sst2": (2, ("sentence",)), "mrpc": (2, ("sentence1", "sentence2")),
-    "stsb": (1, ("sentence1", "sentence2")), "qqp": (2, ("question1", "question2")),
-    "mnli": (3, ("premise", "hypothesis")), "qnli": (2, ("question", "sentence")),
-    "rte": (2, ("sentence1", "sentence2")),
-}
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..3 and its mask token
-WORDS = "the a cat dog sat on mat is not good bad movie who what where sky blue".split()
+KNOWN = GLUE_KNOWN
 
 
 # ============================================================================ tiny tokenizer and model
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A word-level tokenizer with RoBERTa's special tokens and pair format <s> a </s></s> b </s>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                                   cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    return roberta_tokenizer()
 
 
-def _config(num_labels: int = 2):
-    from transformers import RobertaConfig
-
-    config = RobertaConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=16, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=32, max_position_embeddings=40,
-                           type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=num_labels)
-    config._attn_implementation = "eager"
-    return config
-
-
-def _classifier(num_labels: int, seed: int = 1):
-    """A random RobertaForSequenceClassification whose every weight matters (transformers sets
-    biases to 0 and LayerNorms to (1, 0): perturb them)."""
-    from transformers import RobertaForSequenceClassification
-
-    torch.manual_seed(seed)
-    model = RobertaForSequenceClassification(_config(num_labels)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name or "LayerNorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+_config, _classifier = roberta_config, roberta_classifier
 
 
 def _sentences(n: int = 5) -> G.GlueSplit:
@@ -111,26 +76,7 @@ def test_a_task_file_with_inconsistent_labels_is_refused(tmp_path):
 
 
 # ============================================================================ data on disk
-def _label(task: str, row: int):
-    """The gold label of a fake training or validation row."""
-    return round((row % 11) * 0.5, 1) if task == "stsb" else row % KNOWN[task][0]
-
-
-def _fake_glue(task: str, sizes: dict[str, int], label_names=None):
-    """A DatasetDict like the hub's configuration: GLUE's columns, a ClassLabel (float32 for
-    STS-B), an idx column, and -1 labels on test splits. Each text reads field:split:row:label."""
-    import datasets
-
-    spec = G.glue_task_spec(task)
-    label = datasets.Value("float32") if task == "stsb" else datasets.ClassLabel(names=list(label_names or spec.labels))
-    features = datasets.Features({**{f: datasets.Value("string") for f in spec.fields}, "label": label,
-                                  "idx": datasets.Value("int32")})
-    splits = {}
-    for split, n in sizes.items():
-        labels = [-1] * n if split.startswith("test") else [_label(task, i) for i in range(n)]
-        columns = {f: [f"{f}:{split}:{i}:{y}" for i, y in enumerate(labels)] for f in spec.fields}
-        splits[split] = datasets.Dataset.from_dict({**columns, "label": labels, "idx": list(range(n))}, features=features)
-    return datasets.DatasetDict(splits)
+_label, _fake_glue = glue_label, fake_glue
 
 
 def _assert_aligned(task: str, split: G.GlueSplit, split_name: str, fields) -> None:
@@ -293,17 +239,7 @@ def test_pearson_and_spearman_match_hand_computed_values():
 
 
 # ============================================================================ models
-def _write_expert(folder, model, files: str) -> None:
-    """A folder as the hub holds a published expert: config.json and the weights, as
-    safetensors or (older files) a pytorch_model.bin with the position_ids buffer saved."""
-    folder.mkdir(parents=True)
-    model.config.to_json_file(str(folder / "config.json"))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if files == "safetensors":
-        save_file(state, folder / "model.safetensors")
-    else:
-        state["roberta.embeddings.position_ids"] = torch.arange(40).unsqueeze(0)
-        torch.save(state, folder / "pytorch_model.bin")
+_write_expert = write_roberta_expert
 
 
 @pytest.mark.parametrize("task, files", [("mrpc", "safetensors"), ("mnli", "bin"), ("stsb", "safetensors")])

@@ -28,13 +28,15 @@ from tqdm.auto import tqdm
 
 from .. import merging, statistics
 from ..models import Classifier
+from ..paper.glue import PAPER_TEXT_TASKS
 from ..paper.vision_data import PAPER_VISION_TASKS
 from .cache import cached_tensors, content_hash
 from .config import settings_for, take_unchanged
 from .evaluation import evaluate
-from .findings import Claim, Estimate, findings_markdown, held, mean_accuracy, over_seeds, paired_difference, verdict
+from .findings import (Claim, Estimate, findings_markdown, held, mean_accuracy, over_seeds, paired_bootstrap,
+                       paired_difference, verdict)
 from .selection import Selection, select
-from .paper_tracks import CLIP_RECIPE, ClipVisionTrack
+from .paper_tracks import CLIP_RECIPE, GLUE_MAX_TEST, GLUE_RECIPE, ClipVisionTrack, GlueTextTrack
 from .tracks import TextTrack, Track, VisionTrack
 from .training import (Expert, FinetuneConfig, head_module, initial_heads, reestimate_batchnorm, run_device_of,
                        train_experts, train_multitask)
@@ -49,6 +51,10 @@ METHODS = ("weight_average", "task_arithmetic", "ties", "dare_ta", "dare_ties", 
 # Published average accuracies, CLIP ViT-B/32 on 8 tasks (AdaMerging paper, METHODS.md §7).
 PAPER_VIT_B32 = {"Pretrained": 48.0, "Weight averaging": 65.8, "Fisher": 68.3, "Task Arithmetic": 69.1,
                  "RegMean": 71.8, "TIES": 72.4, "Individual experts": 90.5}
+# Published average normalized scores, RoBERTa-base on the 8 GLUE tasks (Twin-Merging paper, and the
+# authors' own re-run of its baselines; METHODS.md §7). Their test sets: the first 1,000 examples.
+PAPER_ROBERTA_GLUE = {"Weight averaging": 52.6, "Task Arithmetic": 67.8, "TIES": 64.7}
+PAPER_ROBERTA_GLUE_RERUN = {"Task Arithmetic": 58.3, "TIES": 47.4}
 
 
 # The first small-scale benchmark (before issue "Benchmark v2"): linear-probe heads on θ0's
@@ -60,13 +66,15 @@ BENCHMARK_V1 = {"text_heads": "probe", "vision_heads": "probe",
 
 
 # The paper scale (issue 12; METHODS.md §7): CLIP on the papers' eight vision tasks, with the
-# published experts and zero-shot heads (lib.experiments.paper_tracks). ``scale="paper"`` takes
-# these for the settings the caller left at their small-scale defaults. Only the vision track
-# exists at paper scale so far (RoBERTa on GLUE has its building blocks in lib.paper.glue).
+# published experts and zero-shot heads, and RoBERTa-base on the eight GLUE tasks with the
+# published experts and their own heads (lib.experiments.paper_tracks). ``scale="paper"`` takes
+# these for the settings the caller left at their small-scale defaults. The text track runs
+# when asked for (tracks=["text"] or ["vision", "text"]); notebook 01 only so far.
 PAPER_SCALE = {"tracks": ("vision",), "vision_tasks": PAPER_VISION_TASKS, "vision_heads": "zero_shot",
                "spread_seeds": (), "max_test": None, "vision_max_steps": CLIP_RECIPE.max_steps,
                "vision_batch_size": CLIP_RECIPE.batch_size, "vision_lr": CLIP_RECIPE.lr,
-               "eval_every": CLIP_RECIPE.eval_every}
+               "eval_every": CLIP_RECIPE.eval_every, "text_tasks": PAPER_TEXT_TASKS, "text_heads": "joint",
+               "text_batch_size": GLUE_RECIPE.batch_size, "text_lr": GLUE_RECIPE.lr}
 
 
 @dataclass
@@ -78,6 +86,7 @@ class TrackSettings:
     parameters. ``paper_profile``: what ``scale="paper"`` sets on the fields left at their defaults."""
 
     paper_profile: ClassVar[dict] = PAPER_SCALE
+    paper_tracks: ClassVar[tuple[str, ...]] = ("vision",)  # the tracks this notebook runs at paper scale
 
     scale: str = "small"
     benchmark: str = "v2"           # "v1": the first design (BENCHMARK_V1), for comparison
@@ -133,9 +142,11 @@ class TrackSettings:
             take_unchanged(self, BENCHMARK_V1)
         if self.scale == "paper":
             take_unchanged(self, self.paper_profile)
-            if "text" in self.tracks:
-                raise ValueError("tracks: the paper scale has the vision track only so far (CLIP on the 8 vision "
-                                 "tasks); RoBERTa on GLUE is not wired into the notebooks yet. Pass tracks=['vision'].")
+            unsupported = [t for t in self.tracks if t not in self.paper_tracks]
+            if unsupported:
+                raise ValueError(f"tracks: {type(self).__name__} runs the paper scale on the vision track only so far "
+                                 "(CLIP on the 8 vision tasks); RoBERTa on GLUE runs in notebook 01 "
+                                 "(BaselinesConfig). Pass tracks=['vision'].")
 
     def baselines_config(self) -> "BaselinesConfig":
         """Notebook 01's config with these settings: the same experts, merges and selection."""
@@ -158,6 +169,7 @@ class StatisticsSettings(TrackSettings):
 class BaselinesConfig(StatisticsSettings):
     """Every setting of notebook 01. The fields are its papermill parameters."""
 
+    paper_tracks: ClassVar[tuple[str, ...]] = ("vision", "text")
     spread_seeds: tuple[int, ...] = (1, 2)  # further seeds of the vision track, for the seed spread
     dare_drop_rate: float = 0.7
     dare_seed: int = 0
@@ -168,6 +180,11 @@ class BaselinesConfig(StatisticsSettings):
         seed = self.seed if seed is None else seed
         common = dict(data_dir=self.data_dir or None, seed=seed, max_validation=self.max_validation,
                       max_test=self.max_test, head_kind=getattr(self, f"{name}_heads"), head_shots=self.head_shots)
+        if self.scale == "paper" and name == "text":
+            # the GLUE test sets are Twin-Merging's (the first 1,000 examples) unless max_test caps them
+            return GlueTextTrack(tasks=list(self.text_tasks), models_dir=self.models_dir or None,
+                                 experts=self.paper_experts, device=self.device, autocast=self.autocast,
+                                 **{**common, "max_test": self.max_test or GLUE_MAX_TEST})
         if self.scale == "paper":
             return ClipVisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None,
                                    arch=self.paper_vision_arch, experts=self.paper_experts, device=self.device,
@@ -180,9 +197,12 @@ class BaselinesConfig(StatisticsSettings):
     def finetune_configs(self, name: str, num_tasks: int, seed: int | None = None
                          ) -> tuple[FinetuneConfig, FinetuneConfig | None]:
         """(experts, multi-task model) training settings of a track. The paper scale trains no
-        multi-task model (the papers quote theirs)."""
+        multi-task model (the papers quote theirs); its text experts get DARE's GLUE recipe, which
+        the track turns into each task's steps (``GlueTextTrack.expert_config``)."""
         common = dict(batch_size=getattr(self, f"{name}_batch_size"), lr=getattr(self, f"{name}_lr"),
                       patience=self.patience, seed=self.seed if seed is None else seed)
+        if self.scale == "paper" and name == "text":
+            return dataclasses.replace(GLUE_RECIPE, batch_size=common["batch_size"], lr=common["lr"]), None
         if self.scale == "paper":  # the CLIP recipe (weight decay, warm-up, cosine, trained to the end)
             recipe = dataclasses.replace(CLIP_RECIPE, max_steps=self.vision_max_steps, eval_every=self.eval_every,
                                          batch_size=common["batch_size"], lr=common["lr"], seed=common["seed"])
@@ -359,9 +379,10 @@ def _merge(method: str, pre: dict, fts: list, stats: dict, setup: Setup, **hyper
 
 
 def _validation_average(setup: Setup, encoder, state: dict, data, config: BaselinesConfig) -> float:
+    """Mean validation score over tasks: accuracy, or a GLUE task's official score (``score``)."""
     res = evaluate(data, encoder, setup.complete(state), setup.heads, split="validation",
                    max_examples=config.selection_examples)
-    return float(np.mean([r["accuracy"] for r in res.values()]))
+    return float(np.mean([r.get("score", r["accuracy"]) for r in res.values()]))
 
 
 def closed_form_merges(track: Track, setup: Setup, stats: dict, config: BaselinesConfig,
@@ -404,10 +425,33 @@ class TrackResult:
     setup: Setup
     merges: dict[str, MergeResult]
     table: pd.DataFrame                                  # long: method × task × batchnorm
-    outcomes: dict[tuple[str, str], dict[str, np.ndarray]]  # (row, batchnorm) -> task -> correct?
+    outcomes: dict[tuple[str, str], dict[str, np.ndarray]]  # (row, batchnorm) -> task -> correct? (GLUE: predictions)
 
     def correct(self, row: str, batchnorm: str = "stored") -> dict[str, np.ndarray]:
+        """Per task, the row's per-example outcomes: correct or not, or (a track scored by official
+        metrics, GLUE) the predictions themselves."""
         return self.outcomes[(row, batchnorm)]
+
+    def _bootstrap_score(self):
+        """A GLUE task's score (points) of predictions at some rows of its test examples."""
+        track = self.setup.track
+        task_of = {track.display_name(t): t for t in track.tasks}  # outcomes are keyed by display name
+        gold = {name: track.split(t, "test").labels for name, t in task_of.items()}
+        return lambda name, predicted, rows: track.score(task_of[name], predicted[rows], gold[name][rows])
+
+    def difference(self, a: str, b: str, a_batchnorm: str = "stored", b_batchnorm: str = "stored") -> Estimate:
+        """Average score of row ``a`` minus row ``b`` (points) with its SE, paired over the same test
+        examples: analytic for accuracy, a seeded paired bootstrap for GLUE's official scores."""
+        if getattr(self.setup.track, "task_score", "accuracy") == "accuracy":
+            return paired_difference(self.correct(a, a_batchnorm), self.correct(b, b_batchnorm))
+        return paired_bootstrap(self._bootstrap_score(), self.correct(a, a_batchnorm), self.correct(b, b_batchnorm),
+                                seed=self.seed)
+
+    def average(self, row: str) -> Estimate:
+        """Average score of ``row`` (points) with its SE over the test examples."""
+        if getattr(self.setup.track, "task_score", "accuracy") == "accuracy":
+            return mean_accuracy(self.correct(row))
+        return paired_bootstrap(self._bootstrap_score(), self.correct(row), seed=self.seed)
 
 
 def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult], reestimate_bn: bool = False,
@@ -421,9 +465,10 @@ def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult],
     def add(method, kind, results, bn="stored"):
         for task, r in results.items():
             task = track.display_name(task)  # a user's task by its name, not its path
-            outcomes.setdefault((method, bn), {})[task] = r["correct"]
+            # GLUE (official scores): the predictions, which a bootstrap resamples; else correct or not
+            outcomes.setdefault((method, bn), {})[task] = r["predicted"] if "score" in r else r["correct"]
             rows.append({"track": track.name, "method": method, "kind": kind, "task": task, "batchnorm": bn,
-                         **{k: v for k, v in r.items() if k != "correct"}})
+                         **{k: v for k, v in r.items() if k not in ("correct", "predicted")}})
 
     add(PRETRAINED, "reference", evaluate(track, encoder, setup.pretrained, setup.heads, split=split))
     for task in track.tasks:
@@ -439,9 +484,21 @@ def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult],
                                          seed=track.seed)
             add(name, "merge", evaluate(track, encoder, state, setup.heads, split=split), bn="re-estimated")
     table = pd.DataFrame(rows)
-    expert = table[table.method == EXPERTS].set_index("task")["accuracy"]
-    table["normalized"] = 100 * table["accuracy"] / table["task"].map(expert)
+    value = score_column(table)
+    expert = table[table.method == EXPERTS].set_index("task")[value]
+    table["normalized"] = 100 * table[value] / table["task"].map(expert)
     return table, outcomes
+
+
+def score_label(table: pd.DataFrame) -> str:
+    """How a table's per-task numbers read in a caption."""
+    return "official GLUE score ×100" if score_column(table) == "score" else "accuracy %"
+
+
+def score_column(table: pd.DataFrame) -> str:
+    """What a table's averages and normalized scores are of: accuracy, or (a GLUE table, which
+    has the column ``score``) each task's official score, as the GLUE papers report."""
+    return "score" if "score" in table.columns else "accuracy"
 
 
 def run_track(name: str, config: BaselinesConfig, seed: int | None = None, progress: bool = True,
@@ -469,9 +526,10 @@ def row_labels(table: pd.DataFrame) -> pd.Series:
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Wide table: methods × tasks (accuracy), plus average accuracy and normalised score."""
+    """Wide table: methods × tasks (accuracy; GLUE: official score), plus their average and the
+    normalised score."""
     key = row_labels(table)
-    wide = table.assign(row=key).pivot_table(index="row", columns="task", values="accuracy", sort=False)
+    wide = table.assign(row=key).pivot_table(index="row", columns="task", values=score_column(table), sort=False)
     wide["Average"] = wide.mean(axis=1)
     wide["Normalized"] = table.assign(row=key).groupby("row", sort=False)["normalized"].mean()
     return wide.round(1)
@@ -507,7 +565,7 @@ def hyperparameter_table(results: dict[str, TrackResult]) -> pd.DataFrame:
 
 def selection_curves(results: dict[str, TrackResult]) -> pd.DataFrame:
     """Validation score of every grid value tried, per track and method (long)."""
-    rows = [{"track": name, "method": method, "parameter": r.selection.parameter, "value": v, "validation accuracy": s}
+    rows = [{"track": name, "method": method, "parameter": r.selection.parameter, "value": v, "validation score": s}
             for name, result in results.items() for method, r in result.merges.items() if r.selection
             for v, s in r.selection.scores]
     return pd.DataFrame(rows)
@@ -553,12 +611,11 @@ def seed_difference(seeds: pd.DataFrame, track: str, a: str, b: str) -> Estimate
 def comparison_table(result: TrackResult) -> pd.DataFrame:
     """Every row of the table against doing nothing (θ0 with the experts' heads): the paired
     difference in average accuracy over the same test examples, its SE and the verdict."""
-    base = result.correct(PRETRAINED)
     rows = []
-    for (row, bn), correct in result.outcomes.items():
+    for row, bn in result.outcomes:
         if row == PRETRAINED or row == EXPERTS:
             continue
-        d = paired_difference(correct, base)
+        d = result.difference(row, PRETRAINED, a_batchnorm=bn)
         label = row + (" (BN re-estimated)" if bn == "re-estimated" else "")
         rows.append({"track": result.name, "row": label, "minus θ0 (points)": round(d.value, 2),
                      "SE": round(d.se, 2), "verdict vs θ0": verdict(d)})
@@ -572,8 +629,11 @@ def _normalized(result: TrackResult, bn: str = "stored") -> pd.Series:
 
 def published_comparison(result: TrackResult) -> str:
     """Each row's average accuracy (± SE over the test examples) beside the AdaMerging paper's
-    (CLIP ViT-B/32 on its 8 tasks): only comparable when this run is that setup."""
+    (CLIP ViT-B/32 on its 8 tasks), or on GLUE each merge's normalized score beside Twin-Merging's
+    (RoBERTa-base on its 8 tasks): only comparable when this run is that setup."""
     track = result.setup.track
+    if getattr(track, "task_score", "accuracy") == "official":
+        return _published_glue_comparison(result)
     arch = getattr(track, "arch", None)  # the paper-scale vision track's CLIP model
     if arch != "ViT-B-32" or tuple(track.tasks) != PAPER_VISION_TASKS:
         return (f"not comparable ({arch or track.backbone_id()} on {len(track.tasks)} tasks; the published "
@@ -582,10 +642,32 @@ def published_comparison(result: TrackResult) -> str:
                  **{m: v for m, v in PAPER_VIT_B32.items() if m in result.merges}}
     parts = []
     for row, paper in published.items():
-        per_task = result.correct(row)
-        estimate = mean_accuracy(per_task)
+        estimate = result.average(row)
         parts.append(f"{row} {estimate.value:.1f} ± {estimate.se:.1f} (published {paper:.1f})")
     return "; ".join(parts)
+
+
+def _published_glue_comparison(result: TrackResult) -> str:
+    """Normalized scores (official score / the expert's, × 100, averaged over tasks) beside
+    Twin-Merging's. The SE is a bootstrap over test examples that holds the experts' scores fixed."""
+    track = result.setup.track
+    if tuple(track.tasks) != PAPER_TEXT_TASKS:
+        return (f"not comparable ({len(track.tasks)} GLUE tasks; the published numbers are RoBERTa-base on the 8 "
+                "tasks)")
+    table = result.table[(result.table.method == EXPERTS) & (result.table.batchnorm == "stored")]
+    expert = table.set_index("task")["score"]
+    score = result._bootstrap_score()
+    normalized = lambda task, predicted, rows: 100 * score(task, predicted, rows) / expert[task]  # noqa: E731
+    parts = []
+    for row, paper in PAPER_ROBERTA_GLUE.items():
+        if row not in result.merges:
+            continue
+        estimate = paired_bootstrap(normalized, result.correct(row), seed=result.seed)
+        rerun = PAPER_ROBERTA_GLUE_RERUN.get(row)
+        parts.append(f"{row} {estimate.value:.1f} ± {estimate.se:.1f} normalized (published {paper:.1f}"
+                     + (f"; the authors' re-run {rerun:.1f}" if rerun is not None else "") + ")")
+    note = "" if track.max_test == GLUE_MAX_TEST else f" (test sets capped at {track.max_test}, not Twin-Merging's 1,000)"
+    return "; ".join(parts) + note
 
 
 def findings(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None) -> str:
@@ -599,14 +681,19 @@ def findings(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None)
         norm = _normalized(result)
         merges = list(result.merges)
         best = max(merges, key=lambda m: norm[m])  # descriptive only: the verdict uses TA, fixed beforehand
-        d_ta = paired_difference(result.correct("Task Arithmetic"), result.correct(PRETRAINED))
+        d_ta = result.difference("Task Arithmetic", PRETRAINED)
+        glue = getattr(result.setup.track, "task_score", "accuracy") == "official"
+        unit = "average GLUE score (official metrics; SE by paired bootstrap)" if glue else "average accuracy"
+        published = (f"Published (RoBERTa-base, 8 GLUE tasks, Twin-Merging): Task Arithmetic "
+                     f"{PAPER_ROBERTA_GLUE['Task Arithmetic']:.1f}%, TIES {PAPER_ROBERTA_GLUE['TIES']:.1f}% normalized"
+                     if glue else f"Published (CLIP ViT-B/32, 8 tasks): θ0 {paper_zero:.0f}%, Task Arithmetic "
+                     f"{paper_ta:.0f}%, TIES {paper_ties:.0f}% normalized")
         claims.append(Claim(
             f"{name} track: merging recovers what θ0 lacks (Task Arithmetic, λ on validation, vs θ0)", held(d_ta),
-            f"Task Arithmetic − θ0 = {d_ta} points of average accuracy; normalized: θ0 with the experts' heads "
+            f"Task Arithmetic − θ0 = {d_ta} points of {unit}; normalized: θ0 with the experts' heads "
             f"{norm[PRETRAINED]:.1f}%, Task Arithmetic {norm['Task Arithmetic']:.1f}%, TIES {norm['TIES']:.1f}%, "
             f"highest merge on test {best} {norm[best]:.1f}%"
-            + (f", multi-task {norm[MULTITASK]:.1f}%" if MULTITASK in norm else "") + ". Published (CLIP "
-            f"ViT-B/32, 8 tasks): θ0 {paper_zero:.0f}%, Task Arithmetic {paper_ta:.0f}%, TIES {paper_ties:.0f}% normalized. "
+            + (f", multi-task {norm[MULTITASK]:.1f}%" if MULTITASK in norm else "") + f". {published}. "
             f"Headroom above the highest merge: {100 - norm[best]:.1f} points.",
             "θ0 with the experts' heads (doing nothing)"))
         # the paper's ordering, pair by pair, with uncertainties
@@ -614,7 +701,7 @@ def findings(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None)
         seeded = seeds is not None and len(seeds) and seeds[seeds.track == name].seed.nunique() > 1
         pairs, verdicts = [], []
         for lower, higher in zip(ordered, ordered[1:]):
-            d = paired_difference(result.correct(higher), result.correct(lower))
+            d = result.difference(higher, lower)
             verdicts.append(verdict(d))
             over = ""
             if seeded:  # the verdict must also survive a change of seed
@@ -628,7 +715,7 @@ def findings(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None)
             f"{name} track: the paper's ordering WA < Fisher < TA < RegMean < TIES", outcome,
             "; ".join(pairs) + ".", "θ0 (see the first claim) — each step is a paired difference on the same test examples"))
         if (result.table.batchnorm == "re-estimated").any():
-            changes = {m: paired_difference(result.correct(m, "re-estimated"), result.correct(m)) for m in merges}
+            changes = {m: result.difference(m, m, a_batchnorm="re-estimated") for m in merges}
             kinds = {verdict(d) for d in changes.values()}
             outcome = "held" if kinds == {"better"} else "did not hold" if kinds == {"worse"} else "mixed"
             claims.append(Claim(
@@ -640,7 +727,9 @@ def findings(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None)
             if r.selection and r.selection.note:
                 notes.append(f"{name}, {method}: {r.selection.note}.")
         if result.setup.track.scale == "paper":
-            notes.append(f"{name} track against the published average accuracies: {published_comparison(result)}.")
+            what = "normalized scores" if getattr(result.setup.track, "task_score", "accuracy") == "official" \
+                else "average accuracies"
+            notes.append(f"{name} track against the published {what}: {published_comparison(result)}.")
     if seeds is not None and len(seeds) and seeds.seed.nunique() > 1:
         for name in seeds.track.unique():
             n = seeds[seeds.track == name].seed.nunique()
@@ -716,9 +805,9 @@ def plot_selection(curves: pd.DataFrame):
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         for method, c in curves[curves.track == name].groupby("method", sort=False):
-            ax.plot(c["value"], c["validation accuracy"], marker=".", label=method)
+            ax.plot(c["value"], c["validation score"], marker=".", label=method)
         ax.set_xlabel("λ")
-        ax.set_ylabel("validation accuracy (avg over tasks)")
+        ax.set_ylabel("validation score, avg over tasks\n(accuracy; GLUE: official score)")
         ax.set_title(f"{name}: choosing λ on validation")
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -8,6 +8,10 @@ variance the two share. Everything is in percentage points.
     verdict(d)                                          # "better" / "worse" / "within noise"
     Claim("layer-wise beats task-wise", held(d), f"{d}", baseline="θ0").markdown()
 
+A score that is not a mean of per-example terms (Matthews correlation, F1, Pearson's r: GLUE's
+official metrics) has no such formula; :func:`paired_bootstrap` estimates its standard error by
+resampling the test examples, the same draw for both models (paired).
+
 Notebooks build their claims from these functions (each notebook's module has a
 ``findings(...)`` that returns the Markdown), so no verdict is typed into a cell.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -74,6 +78,44 @@ def paired_difference(a: Mapping[str, Sequence[bool]], b: Mapping[str, Sequence[
         variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0)
     t = len(diffs)
     return Estimate(100 * float(np.mean(diffs)), 100 * math.sqrt(sum(variances)) / t)
+
+
+def paired_bootstrap(score: Callable[[str, np.ndarray, np.ndarray], float], a: Mapping[str, Sequence],
+                     b: Mapping[str, Sequence] | None = None, resamples: int = 1000, seed: int = 0) -> Estimate:
+    """Task-averaged ``score`` of ``a`` minus that of ``b`` (points), with a paired bootstrap SE.
+
+    ``a[t]`` and ``b[t]`` are per-example outcomes (e.g. predictions) on the same examples of task
+    ``t``; ``score(t, outcomes, rows)`` is the task's score, in points, of the examples at
+    ``rows`` (indices into ``outcomes``; a draw repeats some). The value is the difference on
+    the examples as they are; its standard error is the standard deviation, over ``resamples``
+    seeded draws, of the same difference computed on examples drawn with replacement: each
+    task's examples drawn on their own, the same rows for ``a`` and ``b`` (the variance the two
+    models share cancels, as in :func:`paired_difference`). Without ``b``: ``a``'s own average.
+    """
+    if b is not None and set(a) != set(b):
+        raise ValueError(f"the two models were scored on different tasks: {sorted(a)} vs {sorted(b)}")
+    if not a:
+        raise ValueError("no tasks given")
+    if resamples < 2:
+        raise ValueError(f"resamples = {resamples}: a standard error needs at least 2 draws.")
+    rng = np.random.default_rng(seed)
+    value, draws = 0.0, np.zeros(resamples)
+    for task in a:
+        xa = np.asarray(a[task])
+        xb = None if b is None else np.asarray(b[task])
+        if len(xa) == 0 or (xb is not None and len(xb) != len(xa)):
+            raise ValueError(f"task {task!r}: {len(xa)} outcomes against {len(xb) if xb is not None else '-'}; "
+                             "score both models on the same, non-empty set of examples")
+
+        def difference(rows, xa=xa, xb=xb, task=task):
+            return score(task, xa, rows) - (0.0 if xb is None else score(task, xb, rows))
+
+        n = len(xa)
+        value += difference(np.arange(n))
+        for r in range(resamples):
+            draws[r] += difference(rng.integers(0, n, n))
+    t = len(a)
+    return Estimate(value / t, float(np.std(draws / t, ddof=1)))
 
 
 def difference_of_estimates(a: Estimate, b: Estimate) -> Estimate:

@@ -26,6 +26,24 @@ What differs from the small vision track, and why:
 
 The splits are the canonical ones, evaluated in full unless ``max_test`` caps them; validation
 is a seeded 10% of train (``lib.paper.vision_data``).
+
+    track = GlueTextTrack(["cola", "stsb"], data_dir=..., models_dir=...)
+    experts = track.published_experts(initial_heads(track))   # lu-vae/roberta-glue, their own heads
+
+``GlueTextTrack`` is the text benchmark of DARE and Twin-Merging (``lib.paper.glue``): RoBERTa-base
+(θ0 = ``FacebookAI/roberta-base`` without pooler, read at ``<s>``) on eight GLUE tasks. What differs:
+
+- Each task's head is its expert's own two-layer classifier (dense, tanh, out_proj; ``lib.heads``),
+  trained with the expert and never merged (the papers exclude ``classifier.*``); STS-B's has one
+  output, a regression. ``experts="finetune"`` trains them here from ``glue.initial_head`` with
+  DARE's recipe (``GlueFinetuneRecipe``: 10 epochs, lr 1e-5, batch 16, 6% warm-up, best epoch).
+- The test split is GLUE's validation split, its first ``max_test`` examples (Twin-Merging: 1,000);
+  validation is DARE's held-out 10% of train.
+- A task's score is its official GLUE score (``glue_scores``: the mean of its metrics, e.g. CoLA's
+  Matthews correlation, STS-B's Pearson and Spearman of the scalar output); the normalized score
+  is that over the expert's, as the papers report. Scores are not means of per-example outcomes,
+  so their uncertainties come from a paired bootstrap over test examples
+  (``lib.experiments.findings.paired_bootstrap``).
 """
 from __future__ import annotations
 
@@ -39,6 +57,7 @@ import torch
 from .cache import cached_tensors
 from .tracks import PreparedSplit, Track
 from .training import Expert, FinetuneConfig
+from ..paper import glue
 
 EXPERT_SOURCES = ("published", "finetune")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -165,4 +184,127 @@ class ClipVisionTrack(Track):
         return experts
 
 
-__all__ = ["ClipVisionTrack", "autocast_dtype", "run_device"]
+# METHODS.md §8 and DARE: the GLUE experts' recipe (experts="finetune"); epochs become steps per task
+# (GlueTextTrack.expert_config).
+GLUE_RECIPE = glue.GlueFinetuneRecipe()
+GLUE_MAX_TEST = 1000  # Twin-Merging's test sets: the first 1,000 examples of each GLUE validation split
+
+
+@dataclass
+class GlueTextTrack(Track):
+    """RoBERTa-base + the eight GLUE tasks of DARE and Twin-Merging (module docstring)."""
+
+    name: str = "text"
+    models_dir: str | None = None
+    experts: str = "published"
+    device: str = "auto"
+    autocast: str = "auto"
+    head_kind: str = "joint"  # each expert trains its own head: the GLUE papers' setup
+    max_validation: int | None = 500
+    max_test: int | None = GLUE_MAX_TEST
+    scale: str = field(default="paper", init=False, repr=False)
+    task_score: str = field(default="official", init=False, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_kind != "joint":
+            raise ValueError(f"head_kind = {self.head_kind!r}: the GLUE track's heads are trained with each expert "
+                             "(the papers' setup); pass 'joint'.")
+        if self.experts not in EXPERT_SOURCES:
+            raise ValueError(f"experts = {self.experts!r}: choose 'published' (lu-vae/roberta-glue) or 'finetune' "
+                             "(DARE's recipe, here).")
+        for task in self.tasks:
+            glue.glue_task_spec(task)  # an unknown task fails here, naming the task file
+        autocast_dtype(self.autocast, run_device(self.device))
+
+    frozen_parameters: tuple[str, ...] = ()  # DARE fine-tunes the whole model
+    # per-example gradients from layer hooks: transformers' attention masks defeat vmap (as MiniLM's)
+    fisher_method: str = "hooks"
+
+    def backbone_id(self) -> str:
+        return f"{glue.ROBERTA_REPO}@{glue.MAX_LENGTH}"
+
+    def _bundle(self):
+        if "bundle" not in self._cache:
+            self._cache["bundle"] = glue.load_roberta(self.models_dir)  # (encoder, tokenizer)
+        return self._cache["bundle"]
+
+    def _load(self, task):
+        return glue.load_glue_task(task, data_dir=self.data_dir, seed=self.seed, max_test=self.max_test)
+
+    def _prepare(self, task, split) -> PreparedSplit:
+        tokenizer = self._bundle()[1]
+        ids = glue.tokenize(tokenizer, split)
+        collate = partial(glue.collate, pad_token_id=tokenizer.pad_token_id)
+        return PreparedSplit(task, ids, split.labels, collate, np.array([len(r) for r in ids]))
+
+    def pretrained_encoder(self):
+        """θ0 on the CPU (a fresh module each call); ``encode`` runs it on ``run_device``."""
+        import copy
+
+        encoder = copy.deepcopy(self._bundle()[0])
+        encoder.run_device = run_device(self.device)
+        encoder.autocast_dtype = autocast_dtype(self.autocast, encoder.run_device)
+        return encoder
+
+    def joint_heads(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each task's fresh two-layer head, as transformers initialises one (seeded per task)."""
+        dim = self._bundle()[0].feature_dim
+        return {task: glue.initial_head(dim, self.num_classes(task), seed=self.seed * 1000 + i)
+                for i, task in enumerate(self.tasks)}
+
+    @property
+    def uses_published_experts(self) -> bool:
+        return self.experts == "published"
+
+    def published_experts(self, heads: dict) -> dict[str, Expert]:
+        """Every task's published expert with its own head (``heads``, the fresh ones, are unused)."""
+        protocol = glue.glue_protocol()
+        source = protocol.expert_sources[protocol.default_expert_source]
+        base = self._bundle()[0]
+        experts = {}
+        for task in self.tasks:
+            encoder, head = glue.load_glue_expert(task, base, models_dir=self.models_dir)
+            state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+            experts[task] = Expert(state, {task: head}, {"source": f"{source['repo']}/{source['folder'].format(task=task)}"})
+        return experts
+
+    def expert_config(self, task: str, config) -> FinetuneConfig:
+        """DARE's recipe for ``task``'s data: 10 epochs of it, evaluated once an epoch on the whole
+        validation split, the best epoch kept. ``config`` is a ``GlueFinetuneRecipe`` (or a
+        ready ``FinetuneConfig``, used as it is)."""
+        if isinstance(config, FinetuneConfig):
+            return config
+        if glue.glue_task_spec(task).regression is not None:
+            raise ValueError(f"experts='finetune' cannot train {task!r}: it is a regression (mean squared error), "
+                             "and the project's training loop (lib.experiments.training.finetune) trains with "
+                             "cross-entropy. Use the published experts (paper_experts='published') or leave "
+                             f"{task!r} out of text_tasks.")
+        n_train, n_validation = len(self.split(task, "train")), len(self.split(task, "validation"))
+        return FinetuneConfig(**config.finetune_settings(n_train, n_validation, seed=self.seed))
+
+    def task_results(self, task: str, outputs: np.ndarray, labels: np.ndarray) -> dict:
+        """Results of a task from its head's outputs [N, outputs] (``evaluation.evaluate``), in
+        points: ``score`` and ``official`` = GLUE's score (the mean of the task's metrics), each
+        metric, ``accuracy`` (NaN for STS-B), ``predicted`` and, for a classification, ``correct``."""
+        spec = glue.glue_task_spec(task)
+        regression = spec.regression is not None
+        predicted = glue.predictions(outputs, regression)
+        scores = glue.glue_scores(spec, predicted, labels)
+        result = {"accuracy": float("nan") if regression else 100 * float(np.mean(predicted == labels)),
+                  "official": 100 * scores["score"], "score": 100 * scores["score"], "metric": self.metric(task),
+                  **{f"metric: {name}": 100 * v for name, v in scores.items() if name != "score"},
+                  "predicted": predicted}
+        if not regression:
+            result["correct"] = predicted == labels
+        return result
+
+    def score(self, task: str, predicted: np.ndarray, labels: np.ndarray) -> float:
+        """GLUE's score of ``task`` (points) for these predictions of these examples."""
+        key = ("spec", task)  # looked up once: a bootstrap scores thousands of draws
+        if key not in self._cache:
+            self._cache[key] = glue.glue_task_spec(task)
+        return 100 * glue.glue_scores(self._cache[key], predicted, labels)["score"]
+
+
+__all__ = ["ClipVisionTrack", "GLUE_RECIPE", "GlueTextTrack", "autocast_dtype", "run_device"]

@@ -46,7 +46,9 @@ class PreparedSplit:
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         batch = self.collate(self, np.asarray(indices))
-        batch["labels"] = torch.as_tensor(self.labels[indices], dtype=torch.long)
+        labels = np.asarray(self.labels[indices])
+        # class ids; a regression's scores (STS-B) stay floats
+        batch["labels"] = torch.as_tensor(labels, dtype=torch.float32 if labels.dtype.kind == "f" else torch.long)
         return batch
 
     def eval_order(self) -> np.ndarray:
@@ -121,6 +123,15 @@ class Track:
     uses_published_experts = False  # True: the experts are read (paper scale), not trained
     # a track whose encoder has BatchNorm also scores every merge with its statistics re-estimated
     has_batchnorm: bool = field(default=False, init=False, repr=False)
+    # What a task's score is: "accuracy" (a mean of per-example outcomes, so its standard error is
+    # analytic), or "official" (GLUE's official metrics of the predictions, lib.paper.glue: the
+    # track turns head outputs into results itself, and uncertainties come from a bootstrap).
+    task_score: str = field(default="accuracy", init=False, repr=False)
+
+    def expert_config(self, task: str, config):
+        """The training settings of ``task``'s expert: ``config`` itself, unless the track's
+        recipe depends on the task (the GLUE recipe counts epochs of each task's data)."""
+        return config
 
     def split(self, task: str, split: str) -> PreparedSplit:
         key = (task, split)
@@ -162,7 +173,8 @@ class Track:
             for which in ("train", "validation", "test"):
                 split = self.split(task, which)
                 digest.update(f"{which}:{len(split)}|".encode())
-                digest.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+                kind = np.float64 if split.labels.dtype.kind == "f" else np.int64  # a regression's scores
+                digest.update(np.ascontiguousarray(split.labels, dtype=kind).tobytes())
                 if hasattr(split.inputs, "digest"):  # images kept on disk (paper scale): their identity
                     digest.update(split.inputs.digest().encode())
                 elif isinstance(split.inputs, np.ndarray):

@@ -250,8 +250,8 @@ def initial_heads(track: Track) -> dict[str, dict[str, torch.Tensor]]:
         return probe_heads(track)
     if track.head_kind == "few_shot":
         return few_shot_heads(track)
-    if track.head_kind == "joint":
-        return joint_heads(track)
+    if track.head_kind == "joint":  # a track whose heads are not linear makes its own (GLUE's two-layer ones)
+        return track.joint_heads() if hasattr(track, "joint_heads") else joint_heads(track)
     return zero_shot_heads(track)[0]
 
 
@@ -418,7 +418,8 @@ def _save_partial(path, model, best, params, optimizer, state, spec):
 def _load_expert(path, tasks) -> Expert:
     tensors = _load_verified(path)
     encoder = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
-    heads = {t: {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"head.{i}.")}
+    # a head's own keys follow the prefix: "weight", or a two-layer head's "dense.weight"
+    heads = {t: {k.removeprefix(f"head.{i}."): v for k, v in tensors.items() if k.startswith(f"head.{i}.")}
              for i, t in enumerate(tasks)}
     return Expert(encoder, heads, load_metadata(path).get("info", {}))
 
@@ -426,8 +427,9 @@ def _load_expert(path, tasks) -> Expert:
 def train_experts(track: Track, heads: dict, config: FinetuneConfig, progress: bool = True) -> dict[str, Expert]:
     """One expert per task of the track (each cached)."""
     train_head = track.head_kind == "joint"
-    return {task: finetune(track, [task], heads, config, progress, train_head=train_head) for task in
-            tqdm(track.tasks, desc=f"{track.name} experts", disable=not progress)}
+    config_of = getattr(track, "expert_config", lambda task, config: config)  # Track's: per-task recipes
+    return {task: finetune(track, [task], heads, config_of(task, config), progress, train_head=train_head)
+            for task in tqdm(track.tasks, desc=f"{track.name} experts", disable=not progress)}
 
 
 def train_multitask(track: Track, heads: dict, config: FinetuneConfig, progress: bool = True) -> Expert:

@@ -50,7 +50,7 @@ already follows, so a collapsed merge scores "no association" instead of poisoni
 - the **head** (per task, never merged; DARE and Twin-Merging exclude ``.*classifier.*`` from
   every merge) is the classifier's ``dense -> tanh -> out_proj``, dropout between them in
   training: state ``{dense.weight, dense.bias, out_proj.weight, out_proj.bias}``, computed by
-  :class:`SequenceClassificationHead`. Two layers, so not the linear state of ``lib.heads``.
+  :class:`SequenceClassificationHead` (``lib.heads``, whose ``head_module`` builds it from that state).
 
 θ0 comes from a local model folder (``<models>/FacebookAI/roberta-base``; ``models_dir``, else
 ``$MODELS_DIR``, else ``models`` beside ``$DATA_DIR``: ``lib.paths.models_mirror``) or the hub.
@@ -77,6 +77,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from ..heads import CLASSIFIER_KEYS, SequenceClassificationHead, classification_head
 from ..metrics import accuracy, f1_per_class, matthews
 from .hub import download_to_folder
 from ..paths import REPO_ROOT, data_mirror, download_dir, models_mirror
@@ -487,34 +488,15 @@ class RobertaEncoder(nn.Module):
         return self.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
 
 
-class SequenceClassificationHead(nn.Module):
-    """RoBERTa's classification head on ``<s>`` features: dropout, dense, tanh, dropout,
-    out_proj (the order of transformers' ``RobertaClassificationHead``; dropout acts only in
-    training)."""
-
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(hidden_size, num_labels)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = torch.tanh(self.dense(self.dropout(features)))
-        return self.out_proj(self.dropout(x))
-
-
-HEAD_KEYS = ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")
+# The head's module lives with the project's other heads (lib.heads), so training, statistics and
+# evaluation build it from its state like any head; these names keep this module's interface.
+HEAD_KEYS = CLASSIFIER_KEYS
 
 
 def classification_head_module(state: dict[str, torch.Tensor], dropout: float = 0.1) -> SequenceClassificationHead:
     """The head whose state is ``state`` (keys ``HEAD_KEYS``), in eval mode; train it by
     calling ``.train()`` (its parameters keep their gradients)."""
-    if set(state) != set(HEAD_KEYS):
-        raise ValueError(f"a RoBERTa classification head has keys {', '.join(HEAD_KEYS)}; got {sorted(state)}.")
-    num_labels, hidden = state["out_proj.weight"].shape
-    head = SequenceClassificationHead(hidden, num_labels, dropout)
-    head.load_state_dict(dict(state))
-    return head.eval()
+    return classification_head(state, dropout)
 
 
 def initial_head(hidden_size: int, num_labels: int, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
