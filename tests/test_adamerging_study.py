@@ -136,6 +136,33 @@ def test_pooled_correlation_is_within_tasks():
 
 
 # ----------------------------------------------------------------------------- measuring steps
+def test_prediction_profile_measures_how_concentrated_predictions_are():
+    head = {"weight": torch.eye(3), "bias": torch.zeros(3)}
+    one_class = torch.tensor([[5.0, 0, 0]] * 4)
+    spread = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]])
+    assert A.prediction_profile(one_class, head)["top-class share"] == 100
+    profile = A.prediction_profile(spread, head)
+    assert profile["top-class share"] == 50 and profile["inputs"] == 4
+    assert profile["feature norm"] == pytest.approx(5.0) and profile["max |logit|"] == pytest.approx(5.0)
+
+
+def synthetic_collapse(layer_wise_share: float, ta_share: float, n: int = 500) -> A.Collapse:
+    def row(share):
+        return {t: {"top-class share": share, "inputs": n, "feature norm": 1.0, "max |logit|": 1.0}
+                for t in ("a", "b", "c")}
+    return A.Collapse({A.PRETRAINED: row(20), A.TA: row(ta_share), A.TASK_WISE: row(layer_wise_share),
+                       A.LAYER_WISE: row(layer_wise_share)}, None)
+
+
+def test_collapse_is_a_top_class_share_well_above_task_arithmetics():
+    collapsed, d = A.collapse_verdict(synthetic_collapse(80, 25))
+    assert collapsed and d.value == pytest.approx(55)
+    assert 0 < d.se < 2
+    assert not A.collapse_verdict(synthetic_collapse(30, 25))[0]   # within the margin
+    assert not A.collapse_verdict(synthetic_collapse(10, 25))[0]   # more spread than TA
+    assert not A.collapse_verdict(synthetic_collapse(37, 25, n=20))[0]  # past the margin, but not by 2 SE
+
+
 def test_step_meter_sees_memory_held_across_steps_and_not_memory_freed():
     meter = A.StepMeter()
     if math.isnan(meter.lap()[1]):
@@ -295,6 +322,10 @@ def test_the_study_has_every_row_and_a_record_of_every_step(study, config):
     assert set(costs.loc["vision"].index) >= {"Task Arithmetic", A.LAYER_WISE, A.surgery_row("TIES")}
     paper_table = A.paper_table({"vision": study})
     assert paper_table.loc[A.LAYER_WISE, f"{A.PAPER_LABEL}: average %"] == 80.1
+    collapse = A.collapse_table({"vision": study}).loc["vision"]
+    assert list(collapse.index) == [*A.COLLAPSE_ROWS, A.BN_REESTIMATED]  # a BatchNorm track
+    assert collapse.loc[A.LAYER_WISE, "accuracy %"] == pytest.approx(A.mean_accuracy(study.correct(A.LAYER_WISE)).value)
+    assert set(study.collapse.reestimated) == set(study.track.tasks)
 
 
 # ----------------------------------------------------------------------------- findings
@@ -361,6 +392,11 @@ def test_findings_follow_the_numbers(study, config):
         ada = {"usps": np.full_like(ta["usps"], seen), "mnist": np.full_like(ta["mnist"], unseen)}
         unseen_study = dataclasses.replace(study.unseen, outcomes={A.SEEN_ADA: ada, A.SEEN_TA: ta})
         return dataclasses.replace(study, unseen=unseen_study)
+
+    spread_claim = "keeps its predictions spread"
+    assert "it collapsed" in verdict_of(dataclasses.replace(study, collapse=synthetic_collapse(80, 25)), spread_claim)
+    assert "Task Arithmetic's): held" in verdict_of(dataclasses.replace(study, collapse=synthetic_collapse(26, 25)),
+                                                    spread_claim)
 
     assert "ones: held" in verdict_of(with_gains(seen=True, unseen=False), "unseen tasks gain less")
     assert "ones: did not hold" in verdict_of(with_gains(seen=False, unseen=True), "unseen tasks gain less")

@@ -491,6 +491,64 @@ def results_from_features(ctx: TrackContext, features: Mapping[str, torch.Tensor
     return results
 
 
+# ----------------------------------------------------------------------------- collapse
+# Entropy minimisation has a trivial solution: predict one class, confidently. The rows below
+# measure how close each model comes to it (on the unlabeled test inputs it adapted on).
+COLLAPSE_ROWS = (PRETRAINED, TA, TASK_WISE, LAYER_WISE)
+BN_REESTIMATED = f"{LAYER_WISE}, BatchNorm re-estimated"
+
+
+def prediction_profile(features: torch.Tensor, head: dict) -> dict[str, float]:
+    """How concentrated a head's predictions are: the share (%) of the inputs given the most
+    predicted class, the mean feature norm, and the mean largest |logit|."""
+    with torch.no_grad():
+        logits = head_module(head)(features)
+    pred = logits.argmax(1)
+    return {"top-class share": 100 * float(torch.bincount(pred).max()) / len(pred), "inputs": len(pred),
+            "feature norm": float(features.norm(dim=1).mean()), "max |logit|": float(logits.abs().amax(1).mean())}
+
+
+@dataclass
+class Collapse:
+    """Per row and task, ``prediction_profile``; on a BatchNorm track, layer-wise AdaMerging's
+    weights re-evaluated with BatchNorm statistics re-estimated on unlabeled training inputs."""
+
+    profiles: dict[str, dict[str, dict[str, float]]]   # row -> task -> profile
+    reestimated: dict[str, np.ndarray] | None          # task -> correct, or None (no BatchNorm)
+
+    def share(self, row: str) -> Estimate:
+        """Task-averaged top-class share (%) and its standard error (a proportion per task)."""
+        p = np.array([v["top-class share"] / 100 for v in self.profiles[row].values()])
+        n = np.array([v["inputs"] for v in self.profiles[row].values()])
+        return Estimate(100 * float(p.mean()), 100 * math.sqrt(float((p * (1 - p) / n).sum())) / len(p))
+
+    def mean(self, row: str, key: str) -> float:
+        return float(np.mean([v[key] for v in self.profiles[row].values()]))
+
+
+def collapse_study(ctx: TrackContext, evaluated: "Evaluated", merges: Mapping[str, MergeResult]) -> Collapse:
+    """The profiles of θ0, Task Arithmetic and AdaMerging (features already computed, or cached),
+    and on a BatchNorm track the BatchNorm-re-estimated evaluation of layer-wise AdaMerging."""
+    from .training import reestimate_batchnorm
+
+    tasks = ctx.track.tasks
+    states = {PRETRAINED: ctx.setup.pretrained, TA: merges[TA].state}
+    profiles = {}
+    for row in COLLAPSE_ROWS:
+        features = evaluated.features.get(row) or encoder_features(ctx, states.get(row) or evaluated.states[row], tasks)
+        profiles[row] = {ctx.track.display_name(t): prediction_profile(features[t], ctx.setup.heads[t]) for t in tasks}
+    reestimated = None
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ctx.encoder.modules()):
+        adapted_state = evaluated.states[LAYER_WISE]
+        state = reestimate_batchnorm(ctx.encoder, adapted_state, [ctx.track.split(t, "train") for t in tasks],
+                                     seed=ctx.track.seed)
+        features = encoder_features(ctx, state, tasks)
+        profiles[BN_REESTIMATED] = {ctx.track.display_name(t): prediction_profile(features[t], ctx.setup.heads[t])
+                                    for t in tasks}
+        reestimated = evaluated.from_features(BN_REESTIMATED, features)
+    return Collapse(profiles, reestimated)
+
+
 # ----------------------------------------------------------------------------- Surgery
 @dataclass
 class SurgeryRun:
@@ -577,6 +635,7 @@ class TrackStudy:
     unseen: Unseen | None
     costs: pd.DataFrame
     budget: dict[str, str] = field(default_factory=dict)  # TASK_WISE / LAYER_WISE -> its paper-budget row
+    collapse: "Collapse | None" = None          # how concentrated each row's predictions are
 
     def correct(self, row: str) -> dict[str, np.ndarray]:
         return self.outcomes[row]
@@ -590,9 +649,11 @@ class Evaluated:
         self.ctx, self.outcomes = ctx, outcomes
         self.rows: list[dict] = []
         self.features: dict[str, dict[str, torch.Tensor]] = {}
+        self.states: dict[str, dict[str, torch.Tensor]] = {}
 
     def model(self, row: str, state: dict, kind: str | None = None) -> dict[str, np.ndarray]:
         """Evaluate an encoder state on every task's test split; with ``kind``, as a row of the tables."""
+        self.states[row] = state
         self.features[row] = encoder_features(self.ctx, state, self.ctx.track.tasks)
         return self.from_features(row, self.features[row], kind)
 
@@ -680,9 +741,10 @@ def run_track(name: str, config: AdaMergingConfig, lap=lambda label: None, track
     lap(f"{name}: Surgery ready")
     unseen = unseen_tasks_study(ctx, evaluated.model)
     lap(f"{name}: unseen tasks ready")
+    collapse = collapse_study(ctx, evaluated, merges)
     costs = _costs(ctx, stats, merges, adapted, runs)
     return TrackStudy(name, track, setup, merges, evaluated.table(table), evaluated.outcomes, adapted, runs, fractions,
-                      unseen, costs, budget)
+                      unseen, costs, budget, collapse)
 
 
 def _costs(ctx: TrackContext, stats: dict, merges: dict[str, MergeResult], adapted: dict[str, Adapted],
@@ -874,6 +936,23 @@ def entropy_table(studies: Mapping[str, TrackStudy]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["track", "task"])
 
 
+def collapse_table(studies: Mapping[str, TrackStudy]) -> pd.DataFrame:
+    """Per track and row: top-class share of the test predictions (± SE), mean feature norm, mean
+    largest |logit| and average accuracy."""
+    rows = []
+    for name, s in studies.items():
+        if s.collapse is None:
+            continue
+        for row in s.collapse.profiles:
+            correct = s.collapse.reestimated if row == BN_REESTIMATED else s.correct(row)
+            share = s.collapse.share(row)
+            rows.append({"track": name, "row": row, "top-class share %": share.value, "SE": share.se,
+                         "feature norm": s.collapse.mean(row, "feature norm"),
+                         "max |logit|": s.collapse.mean(row, "max |logit|"),
+                         "accuracy %": mean_accuracy(correct).value})
+    return pd.DataFrame(rows).set_index(["track", "row"])
+
+
 def budget_table(studies: Mapping[str, TrackStudy], config: AdaMergingConfig) -> pd.DataFrame:
     """Task-wise and layer-wise at the small budget and at the paper's, on the paper-budget track."""
     rows = []
@@ -1022,6 +1101,41 @@ def _entropy_claim(name: str, s: TrackStudy) -> Claim:
                  "no relation (r = 0)")
 
 
+COLLAPSE_MARGIN = 10.0  # points of top-class share above Task Arithmetic's that count as collapsing
+
+
+def collapse_verdict(collapse: Collapse, z: float = 2.0) -> tuple[bool, Estimate]:
+    """(collapsed?, layer-wise AdaMerging's top-class share − Task Arithmetic's): collapsed when
+    the difference exceeds ``COLLAPSE_MARGIN`` points by more than ``z`` standard errors."""
+    d = difference_of_estimates(collapse.share(LAYER_WISE), collapse.share(TA))
+    return d.value - z * d.se > COLLAPSE_MARGIN, d
+
+
+def _collapse_claim(name: str, s: TrackStudy) -> Claim:
+    c = s.collapse
+    collapsed, d = collapse_verdict(c)
+    growth = c.mean(LAYER_WISE, "feature norm") / c.mean(TA, "feature norm")
+    evidence = (f"Share of the test inputs given each task's most predicted class: layer-wise AdaMerging "
+                f"{c.share(LAYER_WISE).plain()}%, task-wise {c.share(TASK_WISE).plain()}%, Task Arithmetic "
+                f"{c.share(TA).plain()}%, θ0 {c.share(PRETRAINED).plain()}% (layer-wise − TA = {d}); mean feature "
+                f"norm layer-wise / TA = {growth:.2f}×, mean largest |logit| {c.mean(LAYER_WISE, 'max |logit|'):.1f} vs "
+                f"{c.mean(TA, 'max |logit|'):.1f}.")
+    if c.reestimated is not None:
+        gain = paired_difference(c.reestimated, s.correct(LAYER_WISE))
+        evidence += (f" The same adapted weights with BatchNorm statistics re-estimated on unlabeled training "
+                     f"inputs: top-class share {c.share(BN_REESTIMATED).plain()}%, accuracy − stored statistics = "
+                     f"{gain} ({verdict(gain)}).")
+        if collapsed and verdict(gain) == "better":
+            evidence += (" The data suggest: the entropy fell by inflating the activations against the stored "
+                         "(merged) BatchNorm statistics, which eval-mode BatchNorm does not correct, rather than by "
+                         "separating the classes. The paper's CLIP ViTs have LayerNorm only, so this failure cannot "
+                         "occur there.")
+    outcome = "did not hold: it collapsed" if collapsed else "held"
+    return Claim(f"{name} track: AdaMerging keeps its predictions spread over the classes (its top-class share "
+                 f"within {COLLAPSE_MARGIN:.0f} points of Task Arithmetic's)", outcome, evidence,
+                 "Task Arithmetic's predictions (the merge AdaMerging starts from, not adapted)")
+
+
 def _surgery_claim(name: str, s: TrackStudy, config: AdaMergingConfig) -> Claim:
     diffs = {m: paired_difference(s.correct(surgery_row(m)), s.correct(m)) for m in SURGERY_BASES}
     kinds = {verdict(d) for d in diffs.values()}
@@ -1070,6 +1184,8 @@ def findings(studies: Mapping[str, TrackStudy], config: AdaMergingConfig) -> str
         claims.append(_plus_claim(name, s))
         claims.append(_fraction_claim(name, s))
         claims.append(_entropy_claim(name, s))
+        if s.collapse is not None:
+            claims.append(_collapse_claim(name, s))
         claims.append(_surgery_claim(name, s, config))
         if s.unseen is not None:
             claims.append(_unseen_claim(name, s))
