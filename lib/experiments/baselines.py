@@ -37,7 +37,7 @@ from .findings import (Claim, Estimate, findings_markdown, held, mean_accuracy, 
                        paired_difference, verdict)
 from .selection import Selection, select
 from .paper_tracks import CLIP_RECIPE, GLUE_MAX_TEST, GLUE_RECIPE, ClipVisionTrack, GlueTextTrack
-from .tracks import TextTrack, Track, VisionTrack
+from .tracks import TextTrack, Track, VisionTrack, scored_officially
 from .training import (Expert, FinetuneConfig, head_module, initial_heads, reestimate_batchnorm, run_device_of,
                        train_experts, train_multitask)
 
@@ -69,7 +69,7 @@ BENCHMARK_V1 = {"text_heads": "probe", "vision_heads": "probe",
 # published experts and zero-shot heads, and RoBERTa-base on the eight GLUE tasks with the
 # published experts and their own heads (lib.experiments.paper_tracks). ``scale="paper"`` takes
 # these for the settings the caller left at their small-scale defaults. The text track runs
-# when asked for (tracks=["text"] or ["vision", "text"]); notebook 01 only so far.
+# when asked for (tracks=["text"] or ["vision", "text"]); notebooks 01 and 05 only so far.
 PAPER_SCALE = {"tracks": ("vision",), "vision_tasks": PAPER_VISION_TASKS, "vision_heads": "zero_shot",
                "spread_seeds": (), "max_test": None, "vision_max_steps": CLIP_RECIPE.max_steps,
                "vision_batch_size": CLIP_RECIPE.batch_size, "vision_lr": CLIP_RECIPE.lr,
@@ -144,9 +144,10 @@ class TrackSettings:
             take_unchanged(self, self.paper_profile)
             unsupported = [t for t in self.tracks if t not in self.paper_tracks]
             if unsupported:
-                raise ValueError(f"tracks: {type(self).__name__} runs the paper scale on the vision track only so far "
-                                 "(CLIP on the 8 vision tasks); RoBERTa on GLUE runs in notebook 01 "
-                                 "(BaselinesConfig). Pass tracks=['vision'].")
+                raise ValueError(f"tracks: {type(self).__name__} runs the paper scale on the "
+                                 f"{' and '.join(self.paper_tracks)} track{'s' if len(self.paper_tracks) > 1 else ''} "
+                                 "only so far (vision: CLIP on the 8 vision tasks); RoBERTa on GLUE (text) runs in "
+                                 f"notebooks 01 and 05. Pass tracks={list(self.paper_tracks)}.")
 
     def baselines_config(self) -> "BaselinesConfig":
         """Notebook 01's config with these settings: the same experts, merges and selection."""
@@ -434,24 +435,54 @@ class TrackResult:
 
     def _bootstrap_score(self):
         """A GLUE task's score (points) of predictions at some rows of its test examples."""
-        track = self.setup.track
-        task_of = {track.display_name(t): t for t in track.tasks}  # outcomes are keyed by display name
-        gold = {name: track.split(t, "test").labels for name, t in task_of.items()}
-        return lambda name, predicted, rows: track.score(task_of[name], predicted[rows], gold[name][rows])
+        return official_score(self.setup.track, gold_test_labels(self.setup.track))
 
     def difference(self, a: str, b: str, a_batchnorm: str = "stored", b_batchnorm: str = "stored") -> Estimate:
         """Average score of row ``a`` minus row ``b`` (points) with its SE, paired over the same test
         examples: analytic for accuracy, a seeded paired bootstrap for GLUE's official scores."""
-        if getattr(self.setup.track, "task_score", "accuracy") == "accuracy":
-            return paired_difference(self.correct(a, a_batchnorm), self.correct(b, b_batchnorm))
-        return paired_bootstrap(self._bootstrap_score(), self.correct(a, a_batchnorm), self.correct(b, b_batchnorm),
-                                seed=self.seed)
+        return score_difference(self.setup.track, self.correct(a, a_batchnorm), self.correct(b, b_batchnorm),
+                                gold_test_labels(self.setup.track), seed=self.seed)
 
     def average(self, row: str) -> Estimate:
         """Average score of ``row`` (points) with its SE over the test examples."""
-        if getattr(self.setup.track, "task_score", "accuracy") == "accuracy":
-            return mean_accuracy(self.correct(row))
-        return paired_bootstrap(self._bootstrap_score(), self.correct(row), seed=self.seed)
+        return score_average(self.setup.track, self.correct(row), gold_test_labels(self.setup.track), seed=self.seed)
+
+
+# Per-example outcomes and their scores. An outcome is "correct or not" on a track scored by
+# accuracy, and the prediction itself on a track scored by official metrics (GLUE), whose scores
+# need the gold labels of the examples scored: ``gold`` maps a task's display name to them.
+def outcome(result: dict) -> np.ndarray:
+    """The per-example outcome of one task's ``evaluate``-style result: its predictions when the
+    track is scored by official metrics (the result has ``score``), else correct or not."""
+    return result["predicted"] if "score" in result else result["correct"]
+
+
+def gold_test_labels(track: Track) -> dict[str, np.ndarray]:
+    """Every task's test labels, keyed by display name (as outcomes are)."""
+    return {track.display_name(t): track.split(t, "test").labels for t in track.tasks}
+
+
+def official_score(track: Track, gold: dict[str, np.ndarray]):
+    """``score(name, predicted, rows)``: a task's official score (points) of the predictions at
+    ``rows`` against ``gold[name]`` at the same rows, what ``paired_bootstrap`` resamples."""
+    task_of = {track.display_name(t): t for t in track.tasks}  # outcomes are keyed by display name
+    return lambda name, predicted, rows: track.score(task_of[name], predicted[rows], gold[name][rows])
+
+
+def score_difference(track: Track, a: dict, b: dict, gold: dict[str, np.ndarray], seed: int = 0,
+                     resamples: int = 1000) -> Estimate:
+    """Average score of outcomes ``a`` minus ``b`` (points), paired over the same examples: the
+    analytic paired SE for accuracy, a seeded paired bootstrap for official scores."""
+    if not scored_officially(track):
+        return paired_difference(a, b)
+    return paired_bootstrap(official_score(track, gold), a, b, resamples=resamples, seed=seed)
+
+
+def score_average(track: Track, a: dict, gold: dict[str, np.ndarray], seed: int = 0, resamples: int = 1000) -> Estimate:
+    """Average score of outcomes ``a`` (points) with its SE over the examples (as ``score_difference``)."""
+    if not scored_officially(track):
+        return mean_accuracy(a)
+    return paired_bootstrap(official_score(track, gold), a, resamples=resamples, seed=seed)
 
 
 def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult], reestimate_bn: bool = False,
@@ -466,7 +497,7 @@ def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult],
         for task, r in results.items():
             task = track.display_name(task)  # a user's task by its name, not its path
             # GLUE (official scores): the predictions, which a bootstrap resamples; else correct or not
-            outcomes.setdefault((method, bn), {})[task] = r["predicted"] if "score" in r else r["correct"]
+            outcomes.setdefault((method, bn), {})[task] = outcome(r)
             rows.append({"track": track.name, "method": method, "kind": kind, "task": task, "batchnorm": bn,
                          **{k: v for k, v in r.items() if k not in ("correct", "predicted")}})
 
@@ -632,7 +663,7 @@ def published_comparison(result: TrackResult) -> str:
     (CLIP ViT-B/32 on its 8 tasks), or on GLUE each merge's normalized score beside Twin-Merging's
     (RoBERTa-base on its 8 tasks): only comparable when this run is that setup."""
     track = result.setup.track
-    if getattr(track, "task_score", "accuracy") == "official":
+    if scored_officially(track):
         return _published_glue_comparison(result)
     arch = getattr(track, "arch", None)  # the paper-scale vision track's CLIP model
     if arch != "ViT-B-32" or tuple(track.tasks) != PAPER_VISION_TASKS:
@@ -682,7 +713,7 @@ def findings(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None)
         merges = list(result.merges)
         best = max(merges, key=lambda m: norm[m])  # descriptive only: the verdict uses TA, fixed beforehand
         d_ta = result.difference("Task Arithmetic", PRETRAINED)
-        glue = getattr(result.setup.track, "task_score", "accuracy") == "official"
+        glue = scored_officially(result.setup.track)
         unit = "average GLUE score (official metrics; SE by paired bootstrap)" if glue else "average accuracy"
         published = (f"Published (RoBERTa-base, 8 GLUE tasks, Twin-Merging): Task Arithmetic "
                      f"{PAPER_ROBERTA_GLUE['Task Arithmetic']:.1f}%, TIES {PAPER_ROBERTA_GLUE['TIES']:.1f}% normalized"
@@ -727,8 +758,7 @@ def findings(results: dict[str, TrackResult], seeds: pd.DataFrame | None = None)
             if r.selection and r.selection.note:
                 notes.append(f"{name}, {method}: {r.selection.note}.")
         if result.setup.track.scale == "paper":
-            what = "normalized scores" if getattr(result.setup.track, "task_score", "accuracy") == "official" \
-                else "average accuracies"
+            what = "normalized scores" if scored_officially(result.setup.track) else "average accuracies"
             notes.append(f"{name} track against the published {what}: {published_comparison(result)}.")
     if seeds is not None and len(seeds) and seeds.seed.nunique() > 1:
         for name in seeds.track.unique():

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .cache import cached_tensors, code_hash, content_hash
 from ..metrics import accuracy, official_metric
-from .tracks import Track
+from .tracks import Track, scored_officially
 from .training import encode, head_module
 
 
@@ -35,7 +35,7 @@ def evaluate(track: Track, encoder: nn.Module, encoder_state: dict[str, torch.Te
     heads' outputs instead and turns them into its results (``track.task_results``): ``score``
     (the official score, what selection and normalized scores use) and ``predicted`` (each
     example's prediction, what a bootstrap resamples) among them."""
-    official = getattr(track, "task_score", "accuracy") == "official"  # duck-typed tracks score accuracy
+    official = scored_officially(track)
     state_hash, loaded = content_hash(encoder_state), False
     results = {}
     for task in tasks or track.tasks:

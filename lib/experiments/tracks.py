@@ -92,6 +92,13 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k not in ("labels", "index")}
 
 
+
+def scored_officially(track) -> bool:
+    """Whether a track's tasks are scored by official metrics that are not means of per-example
+    outcomes (GLUE: Matthews, F1, correlations), rather than by accuracy. Duck-typed tracks
+    (without ``task_score``) score accuracy."""
+    return getattr(track, "task_score", "accuracy") == "official"
+
 @dataclass
 class Track:
     """Common part of both tracks: task list, data location, split caps, seed."""
