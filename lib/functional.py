@@ -128,6 +128,26 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, except that BatchNorm layers normalise with each batch's own statistics and
+    leave their running statistics untouched (as test-time adaptation does: a merged network's
+    stored statistics no longer describe its activations). Restores every flag afterwards."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = [(m, m.track_running_stats) for m in norms]
+    with eval_mode(model):
+        for m in norms:
+            # training + no tracking: F.batch_norm gets no running buffers, so it uses the
+            # batch's statistics and updates nothing (num_batches_tracked included)
+            m.train()
+            m.track_running_stats = False
+        try:
+            yield model
+        finally:
+            for m, flag in tracking:
+                m.track_running_stats = flag
+
+
 def additive_attention_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """A 2-D padding mask ``[B, L]`` (1 = token, 0 = padding) as the 4-D additive mask
     ``[B, 1, 1, L]`` (0 where attended, the dtype's minimum where masked).

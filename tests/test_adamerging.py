@@ -261,6 +261,35 @@ def test_adaptation_and_surgery_leave_every_input_unmodified(drop_buffers):
     assert all(p.grad is None for h in heads.values() for p in h.parameters())
 
 
+def test_batch_statistics_normalise_each_batch_and_update_nothing():
+    from lib.functional import batch_statistics, functional_forward
+
+    model, pretrained, _, _, batches = tiny_setup()
+    model.train()
+    x = batches[0]["x"]
+    stored = {k: v.clone() for k, v in pretrained.items()}
+    with batch_statistics(model):
+        got = functional_forward(model, pretrained, {"x": x})
+        assert not model.fc1.training and model.bn.training  # only BatchNorm in train mode
+    h = model.fc1(x)
+    by_hand = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + model.bn.eps) * model.bn.weight + model.bn.bias
+    torch.testing.assert_close(got, model.fc2(torch.relu(by_hand)))
+    assert_same(stored, pretrained)                       # running statistics untouched
+    assert model.training and model.bn.track_running_stats  # flags restored
+
+
+def test_adamerge_with_batch_statistics_differs_and_leaves_inputs_unmodified():
+    model, pretrained, experts, heads, batches = tiny_setup()
+    taus = merging.task_vectors(pretrained, experts)
+    snapshot = clone([pretrained, taus, model.state_dict()])
+    stored = merging.adamerge(model, pretrained, taus, heads, lambda s: batches, steps=3, lr=0.05)
+    batch = merging.adamerge(model, pretrained, taus, heads, lambda s: batches, steps=3, lr=0.05, batchnorm="batch")
+    assert_same(snapshot, [pretrained, taus, model.state_dict()])
+    assert not torch.allclose(stored.coefficients, batch.coefficients)  # BatchNorm read other statistics
+    with pytest.raises(ValueError, match="batchnorm"):
+        merging.adamerge(model, pretrained, taus, heads, lambda s: batches, steps=1, batchnorm="train")
+
+
 def _live_tensors() -> int:
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on torch's deprecated module aliases warns

@@ -323,7 +323,13 @@ def test_the_study_has_every_row_and_a_record_of_every_step(study, config):
     paper_table = A.paper_table({"vision": study})
     assert paper_table.loc[A.LAYER_WISE, f"{A.PAPER_LABEL}: average %"] == 80.1
     collapse = A.collapse_table({"vision": study}).loc["vision"]
-    assert list(collapse.index) == [*A.COLLAPSE_ROWS, A.BN_REESTIMATED]  # a BatchNorm track
+    assert list(collapse.index) == [*A.COLLAPSE_ROWS, A.BATCH_STATISTICS, A.BN_REESTIMATED]  # a BatchNorm track
+    assert study.adapted[A.BATCH_STATISTICS].variant.batchnorm == "batch"
+    ctx = context(study, config, study.track)
+    # the runs cached before the option existed keep their keys; the new run has its own
+    stored_spec = A._adaptation_spec(ctx, study.adapted[A.LAYER_WISE].variant, list(study.track.tasks), True)
+    batch_spec = A._adaptation_spec(ctx, study.adapted[A.BATCH_STATISTICS].variant, list(study.track.tasks), True)
+    assert "batchnorm" not in stored_spec["variant"] and batch_spec["variant"]["batchnorm"] == "batch"
     assert collapse.loc[A.LAYER_WISE, "accuracy %"] == pytest.approx(A.mean_accuracy(study.correct(A.LAYER_WISE)).value)
     assert set(study.collapse.reestimated) == set(study.track.tasks)
 

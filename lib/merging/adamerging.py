@@ -26,7 +26,8 @@ Conventions and deviations:
 - **Buffers.** BatchNorm running statistics follow the project's one buffer rule
   (``_common.py``): a buffer key present in the τ's gets the experts' plain average,
   θ0 + (1/T) Σt τt, never a coefficient. A buffer key absent from the τ's passes through (θ0's).
-  The model runs in eval mode, so running statistics are read, never updated.
+  The model runs in eval mode, so running statistics are read, never updated (``batchnorm=
+  "batch"``: each batch's statistics are used instead, and still nothing is updated).
 - **The model runs on the merged parameters** through ``torch.func.functional_call``: one
   module, no copies per task, no ``load_state_dict``. θ(λ) is computed once per step and shared
   by all tasks' forwards (the authors' code rebuilds it for every batch: same value, more work).
@@ -60,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..functional import detached_buffers, eval_mode, model_inputs
+from ..functional import batch_statistics, detached_buffers, eval_mode, model_inputs
 from ._common import StateDict, _check_numbers, buffer_keys
 from .ties import ties_trim_and_elect
 
@@ -205,10 +206,13 @@ class AdaMergingResult:
         return f"AdaMergingResult(coefficients of shape {tuple(self.coefficients.shape)}, {len(self.history)} steps)"
 
 
+BATCHNORM_MODES = ("stored", "batch")
+
+
 def adamerge(model: nn.Module, pretrained: StateDict, task_vectors: Sequence[StateDict], heads,
              batches, steps: int = 500, lr: float = 1e-3, init: float = INIT, layerwise: bool = True, *,
              buffers: Collection[str] | None = None, callback: Callable | None = None,
-             progress: Callable[[Iterable], Iterable] | None = None) -> AdaMergingResult:
+             progress: Callable[[Iterable], Iterable] | None = None, batchnorm: str = "stored") -> AdaMergingResult:
     """Learn AdaMerging's coefficients by entropy minimisation (module docstring).
 
     ``model``: an encoder of θ0's architecture (its own weights are never used where θ(λ) has a
@@ -220,8 +224,16 @@ def adamerge(model: nn.Module, pretrained: StateDict, task_vectors: Sequence[Sta
     θ(λ) at which that step's entropy was measured; a dict it returns (of floats) joins that
     step's history entry, e.g. cross-entropy on labeled data or peak memory.
     ``progress``: wraps the step range, e.g. ``tqdm``. For AdaMerging++ pass ``ties_task_vectors``.
+    ``batchnorm``: "stored" (the authors' setting: eval mode, BatchNorm reads the merged running
+    statistics) or "batch" (BatchNorm normalises each task's batch with its own statistics,
+    ``lib.functional.batch_statistics``; evaluate the result with re-estimated statistics). On a
+    BatchNorm network "stored" lets the entropy fall by inflating activations against stale
+    statistics (notebook 02's collapse check); models with LayerNorm only (the paper's ViTs) run
+    the same either way.
     """
     _check_numbers("adamerge", lr=lr, init=init)
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm = {batchnorm!r}: choose 'stored' (running statistics, the authors') or 'batch'.")
     heads = dict(enumerate(heads)) if isinstance(heads, (list, tuple)) else dict(heads)
     keys = learned_keys(pretrained, task_vectors, buffers)
     device = pretrained[keys[0]].device if keys else torch.device("cpu")  # the coefficients live with θ
@@ -230,7 +242,8 @@ def adamerge(model: nn.Module, pretrained: StateDict, task_vectors: Sequence[Sta
     draw = batches if callable(batches) else (lambda step, it=iter(batches): next(it))
     history = []
     steps_range = range(steps) if progress is None else progress(range(steps))
-    with eval_mode(model):  # BatchNorm reads its running statistics and never updates them
+    # BatchNorm reads its running statistics ("stored") or each batch's ("batch"); never updates them
+    with (eval_mode if batchnorm == "stored" else batch_statistics)(model):
         for step in steps_range:
             params = merged_state(pretrained, task_vectors, raw, buffers=buffers)
             loss, per_task = entropy_objective(model, heads, params, draw(step))
