@@ -1,9 +1,11 @@
 """Notebooks 02 and 05 at paper scale (issue 12): AdaMerging + Surgery and Twin-Merging on CLIP with
 the published experts, run by the same code as the small scale (Twin-Merging's exact low-rank path
 through CLIP's attention and embeddings), on a tiny CLIP and fake data in the real formats; and
-notebook 01's text track at paper scale, RoBERTa on GLUE, on a tiny RoBERTa and fake GLUE copies."""
+the text track at paper scale, RoBERTa on GLUE, in notebooks 01 and 05, on a tiny RoBERTa and fake
+GLUE copies."""
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +18,8 @@ import pytest
 
 from lib.experiments import adamerging as A
 from lib.experiments import twin_merging as T
+from lib.experiments.paper_tracks import GlueTextTrack
+from lib.paper import glue as G
 from lib.paper import vision_data as V
 
 from paper_fakes import GLUE_TASKS, write_glue_paper_fakes, write_vision_paper_fakes
@@ -32,6 +36,11 @@ TINY = {"scale": "paper", "vision_tasks": '["mnist", "eurosat"]', "device": "cpu
 @pytest.fixture(scope="module")
 def fakes(tmp_path_factory):
     return write_vision_paper_fakes(tmp_path_factory.mktemp("paper"))
+
+
+@pytest.fixture(scope="module")
+def glue_fakes(tmp_path_factory):
+    return write_glue_paper_fakes(tmp_path_factory.mktemp("glue"))
 
 
 def _run(notebook: str, fakes, out: Path, **parameters) -> None:
@@ -76,8 +85,11 @@ def test_twin_merging_at_paper_scale_takes_notebook_01s_paper_profile():
     paper = T.TwinMergingConfig(scale="paper")
     assert paper.tracks == ("vision",) and paper.vision_tasks == V.PAPER_VISION_TASKS and paper.max_test is None
     assert paper.baselines_config().track("vision").scale == "paper"
-    with pytest.raises(ValueError, match="vision track only"):
-        T.TwinMergingConfig(scale="paper", tracks=("text",))
+    # RoBERTa-base on the 8 GLUE tasks, Twin-Merging's main benchmark, when asked for
+    glue = T.TwinMergingConfig(scale="paper", tracks=("text",))
+    track = glue.baselines_config().track("text")
+    assert isinstance(track, GlueTextTrack) and tuple(track.tasks) == G.PAPER_TEXT_TASKS and track.max_test == 1000
+    assert glue.text_heads == "joint" and glue.bootstrap_resamples == 1000
 
 
 def test_notebook_05_runs_at_paper_scale_on_the_fakes(fakes, tmp_path):
@@ -89,11 +101,34 @@ def test_notebook_05_runs_at_paper_scale_on_the_fakes(fakes, tmp_path):
     assert (out / "stream_cost.csv").exists()
 
 
+def test_notebook_05_runs_twin_merging_on_glue_at_paper_scale_on_the_fakes(glue_fakes, tmp_path):
+    """Twin-Merging's main benchmark, every experiment on RoBERTa with its two-layer heads (STS-B a
+    regression), scored by the official GLUE scores with bootstrap uncertainties."""
+    out = tmp_path / "run05_text"
+    _run("05_twin_merging.ipynb", glue_fakes, out, tracks='["text"]', text_tasks=str(GLUE_TASKS).replace("'", '"'),
+         router_sizes="[2, 4]", router_epochs=2, task_count_step=2, rank_ratios="[0.1, 0.3]", sweep_test_examples=12,
+         stream_examples=8, stream_batch_size=4, bootstrap_resamples=50)
+    main = pd.read_csv(out / "text_long.csv")
+    twin = main[main.method == T.TWIN].set_index("task")
+    experts = main[main.method == "Individual experts"].set_index("task")
+    assert set(twin.index) == set(GLUE_TASKS) and math.isnan(twin.loc["stsb", "accuracy"])  # a regression
+    assert twin.normalized.tolist() == pytest.approx((100 * twin.score / experts.score.reindex(twin.index)).tolist())
+    assert "AdaMerging" not in set(main.method)  # notebook 02 does not run GLUE
+    stream = pd.read_csv(out / "stream_cost.csv")
+    assert "score" in stream.columns and "accuracy" not in stream.columns
+    ablation = pd.read_csv(out / "ablation.csv")
+    assert {"average GLUE score", "GLUE score SE"} <= set(ablation.columns)
+    findings = (out / "findings.md").read_text()
+    assert "Paper scale: RoBERTa-base on GLUE" in findings and "points of average GLUE score" in findings
+    assert "not comparable (3 tasks" in findings and "paired bootstrap" in findings
+    assert findings.count("Trivial baseline") == 6
+
+
 # ----------------------------------------------------------------------------- 01: RoBERTa on GLUE
-def test_notebook_01_runs_the_glue_track_at_paper_scale_on_the_fakes(tmp_path_factory, tmp_path):
+def test_notebook_01_runs_the_glue_track_at_paper_scale_on_the_fakes(glue_fakes, tmp_path):
     import papermill
 
-    fakes = write_glue_paper_fakes(tmp_path_factory.mktemp("glue"))
+    fakes = glue_fakes
     out = tmp_path / "run01_text"
     papermill.execute_notebook(
         str(NOTEBOOKS / "01_merging_baselines.ipynb"), str(tmp_path / "run01_text.executed.ipynb"), cwd=str(NOTEBOOKS),

@@ -122,6 +122,10 @@ def test_concatenated_text_batches_are_padded_like_the_track_pads_them():
     out = T.concat_inputs([short, long])
     assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [8, 9, 0, 0, 0]]
     assert out["attention_mask"].sum(1).tolist() == [3, 5, 2]
+    # RoBERTa pads with its own pad id (1), which its position ids skip; the mask still with zeros
+    roberta = T.concat_inputs([short, {k: v[:1] for k, v in long.items()}], {"input_ids": 1})
+    assert roberta["input_ids"].tolist() == [[5, 6, 7, 1, 1], [1, 2, 3, 4, 5]]
+    assert roberta["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
 
 
 # ----------------------------------------------------------------------------- routers and builds

@@ -435,17 +435,21 @@ class TrackResult:
 
     def _bootstrap_score(self):
         """A GLUE task's score (points) of predictions at some rows of its test examples."""
-        return official_score(self.setup.track, gold_test_labels(self.setup.track))
+        return official_score(self.setup.track, self._gold())
+
+    def _gold(self) -> dict[str, np.ndarray]:
+        """The test labels official scores need (accuracy needs none, so none are read for it)."""
+        return gold_test_labels(self.setup.track) if scored_officially(self.setup.track) else {}
 
     def difference(self, a: str, b: str, a_batchnorm: str = "stored", b_batchnorm: str = "stored") -> Estimate:
         """Average score of row ``a`` minus row ``b`` (points) with its SE, paired over the same test
         examples: analytic for accuracy, a seeded paired bootstrap for GLUE's official scores."""
         return score_difference(self.setup.track, self.correct(a, a_batchnorm), self.correct(b, b_batchnorm),
-                                gold_test_labels(self.setup.track), seed=self.seed)
+                                self._gold(), seed=self.seed)
 
     def average(self, row: str) -> Estimate:
         """Average score of ``row`` (points) with its SE over the test examples."""
-        return score_average(self.setup.track, self.correct(row), gold_test_labels(self.setup.track), seed=self.seed)
+        return score_average(self.setup.track, self.correct(row), self._gold(), seed=self.seed)
 
 
 # Per-example outcomes and their scores. An outcome is "correct or not" on a track scored by

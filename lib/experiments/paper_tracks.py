@@ -238,6 +238,12 @@ class GlueTextTrack(Track):
         collate = partial(glue.collate, pad_token_id=tokenizer.pad_token_id)
         return PreparedSplit(task, ids, split.labels, collate, np.array([len(r) for r in ids]))
 
+    @property
+    def pad_values(self) -> dict[str, int]:
+        """What batches are padded with, per input (``glue.collate``): RoBERTa's pad id, which its
+        position ids skip. Code that joins batches of different tasks pads the same way."""
+        return {"input_ids": self._bundle()[1].pad_token_id}
+
     def pretrained_encoder(self):
         """θ0 on the CPU (a fresh module each call); ``encode`` runs it on ``run_device``."""
         import copy

@@ -46,6 +46,15 @@ Experiments (rows and claims are computed, never typed):
   top-k), the grouped path and per-input materialisation (and top-k), timed side by side at
   ``stream_batch_size``, each with its accuracy on the same inputs.
 
+At paper scale (``scale="paper"``) the same experiments run on CLIP with the published experts
+(``tracks=["vision"]``) or on Twin-Merging's main benchmark, RoBERTa-base on the 8 GLUE tasks
+(``tracks=["text"]``, ``paper_tracks.GlueTextTrack``). There each input goes through its own
+task's two-layer head and outcomes are predictions (STS-B's scalar output, not an argmax), each
+task is scored by its official GLUE score, the normalized score is that over the expert's on the
+same examples, and every uncertainty is a seeded paired bootstrap over test examples (``Scoring``,
+built on notebook 01's ``baselines.score_difference``). The findings set the GLUE rows beside the
+published numbers when the run is the paper's setup (8 tasks, the first 1,000 test examples each).
+
 Cached (``lib.experiments.cache``, keys covering data, models, settings and code): the shared
 models' features and every Twin variant's test predictions; experts, merges' validation scores
 and static models' predictions are notebook 01's caches.
@@ -88,6 +97,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -100,6 +110,7 @@ from ..functional import functional_forward, to_device
 from ..heads import head_module
 from ..merging import twin_merging as tw
 from ..metrics import official_metric
+from ..paper.glue import PAPER_TEXT_TASKS
 from ..paths import REPO_ROOT
 from . import baselines as B
 from .baselines import BaselinesConfig, MergeResult, Setup
@@ -110,11 +121,19 @@ from .findings import (
     Estimate,
     findings_markdown,
     mean_accuracy,
+    paired_bootstrap,
     paired_difference,
     verdict,
 )
+from .paper_tracks import GLUE_MAX_TEST
 from .selection import ValidationOnly
-from .tracks import PreparedSplit, Track, model_inputs, stratified_indices
+from .tracks import (
+    PreparedSplit,
+    Track,
+    model_inputs,
+    scored_officially,
+    stratified_indices,
+)
 from .training import encode, run_device_of
 
 # ----------------------------------------------------------------------------- names and references
@@ -127,13 +146,19 @@ SHARED_ONLY = "Shared expert only"
 EXCLUSIVE_ONLY = "Exclusive only (θ0 + Σ w·v)"
 ADAMERGING_NOTEBOOK = "02_adamerging"
 
-# Published normalized scores, RoBERTa-base on 8 GLUE tasks (Twin-Merging paper, METHODS.md §7).
+# Published normalized scores, RoBERTa-base on 8 GLUE tasks (Twin-Merging paper, METHODS.md §7),
+# and the authors' own re-run (their test sets: the first 1,000 examples of each GLUE validation split).
 PAPER_NORMALIZED = {"Weight averaging": 52.6, "Task Arithmetic": 67.8, "TIES": 64.7, TWIN: 96.1}
+PAPER_NORMALIZED_RERUN = {"Task Arithmetic": 58.3, "TIES": 47.4, TWIN: 95.8}
 
 # Thresholds of the claims, fixed before any run (in the units of the numbers they judge).
 NEAR_EXPERT = 95.0  # normalized score; the paper reports 96.1
 MARGIN = 2.0        # accuracy points: "about the same" means within ±MARGIN at 2 standard errors
 SPEEDUP = 10.0      # the low-rank path against per-input materialisation (issue "Twin-Merging")
+# Official scores of two exact paths differ by float rounding: STS-B's scalar outputs carry it into
+# its correlations. A difference below this many points counts as the same score (GLUE only; an
+# accuracy difference on the stream is at least 100 / its inputs, far above it).
+ROUNDING = 0.01
 
 # The paths served on the mixed stream.
 STATIC = "Static merge (the shared model)"
@@ -156,7 +181,10 @@ def _top_k_name(path: str, k: int) -> str:
 class TwinMergingConfig(B.TrackSettings):
     """Every setting of notebook 05. The fields are its papermill parameters: notebook 01's track,
     expert and merge settings (``TrackSettings``: same names, same defaults, so 05 finds 01's
-    cached experts and follows when 01's defaults change), DARE's, then Twin-Merging's."""
+    cached experts and follows when 01's defaults change), DARE's, then Twin-Merging's. At paper
+    scale either track runs: CLIP on the vision tasks, RoBERTa-base on GLUE (``tracks=["text"]``)."""
+
+    paper_tracks: ClassVar[tuple[str, ...]] = ("vision", "text")
 
     dare_drop_rate: float = BaselinesConfig.dare_drop_rate
     dare_seed: int = BaselinesConfig.dare_seed
@@ -174,6 +202,7 @@ class TwinMergingConfig(B.TrackSettings):
     sweep_test_examples: int = 200                 # test examples per task of the sweeps (one seeded subset)
     stream_examples: int = 256                     # inputs of the mixed stream that every path serves
     stream_batch_size: int = 32
+    bootstrap_resamples: int = 1000                # draws of the paired bootstrap (GLUE's official scores)
     progress: bool = True
 
     def __post_init__(self):
@@ -188,7 +217,7 @@ class TwinMergingConfig(B.TrackSettings):
         if not 0.0 < self.router_held_out < 1.0:
             raise ValueError(f"router_held_out = {self.router_held_out}: pass a fraction in (0, 1).")
         for name in ("top_k", "task_count_step", "sweep_test_examples", "stream_examples", "stream_batch_size",
-                     "router_epochs", "router_batch_size"):
+                     "router_epochs", "router_batch_size", "bootstrap_resamples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: pass a positive integer.")
         if self.unseen_tasks < 0:
@@ -264,6 +293,90 @@ def restricted(track: Track, setup: Setup, tasks: Sequence[str]) -> tuple[Track,
     narrow = dataclasses.replace(track, tasks=list(tasks))
     return narrow, Setup(narrow, setup.pretrained, {t: setup.heads[t] for t in tasks},
                          {t: setup.experts[t] for t in tasks}, None, setup.mergeable)
+
+
+def head_outcome(track: Track, task: str, outputs: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Per-example outcomes of a task's head outputs [N, outputs]: correct or not (argmax = label),
+    or, on a track scored by official metrics (GLUE), the predictions themselves (STS-B's scalar)."""
+    if scored_officially(track):
+        return B.outcome(track.task_results(task, outputs.float().numpy(), labels))
+    return outputs.argmax(1).numpy() == labels
+
+
+@dataclass
+class Scoring:
+    """How one experiment's per-example outcomes ({display name: array}) become scores with
+    uncertainties: accuracy with analytic paired SEs (no track, or a track scored by accuracy),
+    or each task's official GLUE score of the predictions against ``gold`` (display name -> the
+    labels of the examples the experiment scored), with seeded paired-bootstrap SEs
+    (``baselines.score_difference``, as notebook 01's verdicts)."""
+
+    track: Track | None = None
+    gold: dict[str, np.ndarray] = field(default_factory=dict)
+    seed: int = 0
+    resamples: int = 1000
+
+    @property
+    def official(self) -> bool:
+        return self.track is not None and scored_officially(self.track)
+
+    @property
+    def measure(self) -> str:
+        return "GLUE score" if self.official else "accuracy"
+
+    @property
+    def unit(self) -> str:
+        return f"average {self.measure}"
+
+    @property
+    def column(self) -> str:
+        """The column a table's average of it goes in (``baselines.score_column``'s names)."""
+        return "score" if self.official else "accuracy"
+
+    def _task_scores(self, outcomes: dict) -> dict[str, float]:
+        """Each task's official score (points) of its outcomes on every example scored."""
+        score = B.official_score(self.track, self.gold)
+        return {t: score(t, np.asarray(x), np.arange(len(x))) for t, x in outcomes.items()}
+
+    def value(self, outcomes: dict) -> float:
+        """The average score alone (no SE: cheap on GLUE, where the SE needs a bootstrap)."""
+        if not self.official:
+            return mean_accuracy(outcomes).value
+        return float(np.mean(list(self._task_scores(outcomes).values())))
+
+    def average(self, outcomes: dict) -> Estimate:
+        if not self.official:
+            return mean_accuracy(outcomes)
+        return B.score_average(self.track, outcomes, self.gold, self.seed, self.resamples)
+
+    def difference(self, a: dict, b: dict) -> Estimate:
+        if not self.official:
+            return paired_difference(a, b)
+        return B.score_difference(self.track, a, b, self.gold, self.seed, self.resamples)
+
+    def normalized(self, outcomes: dict, expert: dict) -> Estimate:
+        """Normalized score (100 × score / the expert's on the same examples, averaged over tasks)
+        with the SE of the paired difference to the expert, the expert's score taken as fixed:
+        ``normalized_estimate`` for accuracy, a paired bootstrap of official scores on GLUE."""
+        if not self.official:
+            return normalized_estimate(outcomes, expert)
+        expert = {t: expert[t] for t in outcomes}
+        full = self._task_scores(expert)
+        if min(full.values()) <= 0:  # an expert with no skill: no scale to normalize by
+            return Estimate(float("nan"), float("nan"))
+        score = B.official_score(self.track, self.gold)
+        relative = lambda t, predicted, rows: 100 * score(t, predicted, rows) / full[t]
+        d = paired_bootstrap(relative, outcomes, expert, self.resamples, self.seed)
+        return Estimate(100 + d.value, d.se)  # the expert's own normalized score is 100
+
+    def normalized_value(self, outcomes: dict, expert: dict) -> float:
+        """The normalized score alone (no SE)."""
+        if not self.official:
+            return normalized_estimate(outcomes, expert).value
+        full, mine = self._task_scores({t: expert[t] for t in outcomes}), self._task_scores(outcomes)
+        if min(full.values()) <= 0:
+            return float("nan")
+        return float(np.mean([100 * mine[t] / full[t] for t in outcomes]))
 
 
 def _scores(track: Track, task: str, labels: np.ndarray, pred: np.ndarray) -> dict:
@@ -408,20 +521,51 @@ def low_rank_predictions(encoder: nn.Module, base: dict, stacked: tw.Stacked, we
     return pred
 
 
+@torch.no_grad()
+def low_rank_outputs(encoder: nn.Module, base: dict, stacked: tw.Stacked, weights: torch.Tensor,
+                     split: PreparedSplit, head: dict, batch_size: int = 128) -> torch.Tensor:
+    """The head's raw outputs [N, outputs] (logits, or a regression's scalar) of θ(x) = base +
+    Σt w_t(x)·v_t for every example of a split, by the exact low-rank path: what a track scored by
+    official metrics turns into its predictions (``low_rank_predictions`` keeps the argmax only)."""
+    predict = head_module(head)
+    out = None
+    device = run_device_of(encoder)
+    encoder, base, stacked = encoder.to(device), to_device(base, device), stacked.to(device)
+    for batch in split.batches(batch_size, with_index=True):
+        index = batch["index"]
+        features = tw.low_rank_forward(encoder, base, stacked, weights[index].to(device),
+                                       to_device(model_inputs(batch), device))
+        outputs = predict(features.float().cpu())
+        out = torch.empty(len(split), outputs.shape[1]) if out is None else out
+        out[index] = outputs
+    return out
+
+
 
 class TwinEvaluator:
     """Per-example test outcomes of Twin-Merging builds and their parts on one track, cached.
 
     ``n`` is the number of test examples per task (None: the whole test split; the sweeps use
-    ``sweep_test_examples``). Outcomes are ``{display name: bool array}``, as in notebook 01.
+    ``sweep_test_examples``). Outcomes are ``{display name: array}``, as in notebook 01: correct
+    or not, or on a track scored by official metrics (GLUE) the predictions, whose scores need
+    the labels (``scoring``).
     """
 
     def __init__(self, track: Track, setup: Setup, encoder: nn.Module):
         self.track, self.setup, self.encoder = track, setup, encoder
         self.pretrained_hash = content_hash(setup.pretrained)
+        self.official = scored_officially(track)
 
     def name(self, task: str) -> str:
         return self.track.display_name(task)
+
+    def labels(self, task: str, n: int | None) -> np.ndarray:
+        return self.track.split(task, "test").subset(n, self.track.seed).labels
+
+    def scoring(self, n: int | None, resamples: int = 1000) -> Scoring:
+        """How outcomes on ``n`` test examples per task (every task) are scored."""
+        gold = {self.name(t): self.labels(t, n) for t in self.track.tasks} if self.official else {}
+        return Scoring(self.track, gold, self.track.seed, resamples)
 
     def features(self, build: TwinBuild, task: str, n: int | None) -> torch.Tensor:
         return shared_features(self.track, self.encoder, build.shared.state, build.shared_hash, task, "test", n)
@@ -435,16 +579,14 @@ class TwinEvaluator:
         """The shared model alone, from the same features the router reads."""
         out = {}
         for task in tasks:
-            labels = self.track.split(task, "test").subset(n, self.track.seed).labels
             with torch.no_grad():
-                pred = head_module(self.setup.heads[task])(self.features(build, task, n)).argmax(1).numpy()
-            out[self.name(task)] = pred == labels
+                outputs = head_module(self.setup.heads[task])(self.features(build, task, n))
+            out[self.name(task)] = head_outcome(self.track, task, outputs, self.labels(task, n))
         return out
 
-    def predictions(self, build: TwinBuild, task: str, n: int | None, *, ratio: float, size: int | None = None,
-                    base: str = "shared", top_k: int | None = None) -> np.ndarray:
-        """One Twin variant's predictions on a task's test split (or its subset): ``base`` "shared"
-        (Twin-Merging) or "pretrained" (θ0 + Σ w·v, the exclusive-only ablation)."""
+    def _variant(self, build: TwinBuild, task: str, n: int | None, ratio: float, size: int | None, base: str,
+                 top_k: int | None) -> tuple[PreparedSplit, torch.Tensor, dict, dict, dict]:
+        """A Twin variant's (split, router weights, base state, head, cache key) on a task's test split."""
         split = self.track.split(task, "test").subset(n, self.track.seed)
         weights = self.weights(build, task, n, size, top_k)
         base_state = build.shared.state if base == "shared" else self.setup.pretrained
@@ -452,6 +594,13 @@ class TwinEvaluator:
         head = self.setup.heads[task]
         key = {**self.track.identity([task]), "task": task, "split": "test", "n": n, "base": base_hash,
                "exclusive": build.hash_at(ratio), "weights": content_hash({"w": weights}), "head": content_hash(head)}
+        return split, weights, base_state, head, key
+
+    def predictions(self, build: TwinBuild, task: str, n: int | None, *, ratio: float, size: int | None = None,
+                    base: str = "shared", top_k: int | None = None) -> np.ndarray:
+        """One Twin variant's predictions on a task's test split (or its subset): ``base`` "shared"
+        (Twin-Merging) or "pretrained" (θ0 + Σ w·v, the exclusive-only ablation)."""
+        split, weights, base_state, head, key = self._variant(build, task, n, ratio, size, base, top_k)
 
         def compute():
             return {"pred": torch.as_tensor(low_rank_predictions(self.encoder, base_state, build.stacked_at(ratio),
@@ -461,13 +610,29 @@ class TwinEvaluator:
         code = (low_rank_predictions, tw.low_rank_forward, tw.stack, tw._Corrections)
         return cached_tensors("predictions/twin", key, compute, code=code)["pred"].numpy()
 
+    def outputs(self, build: TwinBuild, task: str, n: int | None, *, ratio: float, size: int | None = None,
+                base: str = "shared", top_k: int | None = None) -> torch.Tensor:
+        """As ``predictions``, the head's raw outputs [N, outputs]: a track scored by official
+        metrics makes its own predictions of them (STS-B's is the scalar, not an argmax)."""
+        split, weights, base_state, head, key = self._variant(build, task, n, ratio, size, base, top_k)
+
+        def compute():
+            return {"outputs": low_rank_outputs(self.encoder, base_state, build.stacked_at(ratio), weights, split, head)}
+
+        code = (low_rank_outputs, tw.low_rank_forward, tw.stack, tw._Corrections)
+        return cached_tensors("outputs/twin", key, compute, code=code)["outputs"]
+
     def scores(self, build: TwinBuild, tasks: Sequence[str], n: int | None, **variant) -> dict[str, dict]:
-        """``evaluate``-style results (accuracy, official metric, outcomes) per task."""
-        return {task: _scores(self.track, task, self.track.split(task, "test").subset(n, self.track.seed).labels,
-                              self.predictions(build, task, n, **variant)) for task in tasks}
+        """``evaluate``-style results (accuracy, official metric, outcomes) per task; on a track
+        scored by official metrics its own results (``score``, ``predicted``)."""
+        if self.official:
+            return {task: self.track.task_results(task, self.outputs(build, task, n, **variant).numpy(),
+                                                  self.labels(task, n)) for task in tasks}
+        return {task: _scores(self.track, task, self.labels(task, n), self.predictions(build, task, n, **variant))
+                for task in tasks}
 
     def outcomes(self, build: TwinBuild, tasks: Sequence[str], n: int | None, **variant) -> dict[str, np.ndarray]:
-        return {self.name(t): r["correct"] for t, r in self.scores(build, tasks, n, **variant).items()}
+        return {self.name(t): B.outcome(r) for t, r in self.scores(build, tasks, n, **variant).items()}
 
 
 def sliced(outcomes: dict[str, np.ndarray], track: Track, tasks: Sequence[str], n: int | None) -> dict[str, np.ndarray]:
@@ -492,11 +657,12 @@ def normalized_estimate(correct: dict[str, np.ndarray], expert: dict[str, np.nda
     return Estimate(float(np.mean(values)), math.sqrt(sum(variances)) / len(values))
 
 
-def _row(name: str, correct: dict, expert: dict, **extra) -> dict:
-    """A table row: normalized score and average accuracy with their standard errors."""
-    norm, acc = normalized_estimate(correct, expert), mean_accuracy(correct)
+def _row(name: str, correct: dict, expert: dict, scoring: Scoring | None = None, **extra) -> dict:
+    """A table row: normalized score and average accuracy (GLUE: official score) with their standard errors."""
+    scoring = scoring or Scoring()
+    norm, avg = scoring.normalized(correct, expert), scoring.average(correct)
     return {**extra, "row": name, "normalized": norm.value, "normalized SE": norm.se,
-            "average accuracy": acc.value, "accuracy SE": acc.se}
+            scoring.unit: avg.value, f"{scoring.measure} SE": avg.se}
 
 
 # ----------------------------------------------------------------------------- the mixed stream
@@ -508,9 +674,11 @@ def mixed_stream(track: Track, tasks: Sequence[str], seed: int) -> pd.DataFrame:
     return rows.iloc[order].reset_index(drop=True)
 
 
-def concat_inputs(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Batches concatenated along the batch dimension, every other dimension right-padded with
-    zeros to the widest (text: [PAD] token ids and a zero attention mask, which BERT ignores)."""
+def concat_inputs(parts: Sequence[dict[str, torch.Tensor]], pad_values: dict[str, int] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Batches concatenated along the batch dimension, every other dimension right-padded to the
+    widest with ``pad_values[key]``, else zeros (text: BERT's [PAD] token id and a zero attention
+    mask, which the model ignores; RoBERTa's pad id is 1, which its position ids skip)."""
     out = {}
     for key in parts[0]:
         tensors = [p[key] for p in parts]
@@ -518,31 +686,43 @@ def concat_inputs(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
         padded = []
         for t in tensors:
             pad = [amount for d in reversed(range(1, t.dim())) for amount in (0, widest[d - 1] - t.shape[d])]
-            padded.append(F.pad(t, pad) if any(pad) else t)
+            padded.append(F.pad(t, pad, value=(pad_values or {}).get(key, 0)) if any(pad) else t)
         out[key] = torch.cat(padded)
     return out
 
 
 def stream_batch(track: Track, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
-    """The model inputs (and labels) of consecutive stream rows, in stream order."""
+    """The model inputs (and labels) of consecutive stream rows, in stream order, padded as the
+    track pads its own batches (``track.pad_values``, where it has them)."""
     parts, positions = [], []
     for task, group in rows.groupby("task", sort=False):
         parts.append(track.split(task, "test").batch(group["index"].to_numpy()))
         positions.append(np.flatnonzero((rows["task"] == task).to_numpy()))
-    batch = concat_inputs(parts)
+    batch = concat_inputs(parts, getattr(track, "pad_values", None))
     order = torch.as_tensor(np.argsort(np.concatenate(positions), kind="stable"))
     return {k: v[order] for k, v in batch.items()}
 
 
+def stream_gold(track: Track, served: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The labels of the served stream's inputs per task (display name), in arrival order."""
+    return {track.display_name(t): track.split(t, "test").labels[served["index"][served["task"] == t].to_numpy()]
+            for t in dict.fromkeys(served["task"])}
+
+
+def stream_scoring(track: Track, served: pd.DataFrame, config: TwinMergingConfig) -> Scoring:
+    """How the outcomes of the served stream are scored (GLUE: against its inputs' labels)."""
+    gold = stream_gold(track, served) if scored_officially(track) else {}
+    return Scoring(track, gold, track.seed, config.bootstrap_resamples)
+
+
 @torch.no_grad()
-def _per_task_heads(features: torch.Tensor, tasks: Sequence[str], heads: dict) -> np.ndarray:
-    """Each input's prediction through its own task's head."""
-    pred = np.empty(len(tasks), dtype=np.int64)
-    for task in dict.fromkeys(tasks):
-        rows = np.flatnonzero(np.asarray(tasks) == task)
-        head = head_module(heads[task]).to(features.device)
-        pred[rows] = head(features[torch.as_tensor(rows, device=features.device)]).argmax(1).cpu().numpy()
-    return pred
+def _head_outputs(features: torch.Tensor, tasks: Sequence[str], heads: dict) -> dict[str, torch.Tensor]:
+    """Each task's inputs through its own head, in arrival order: task -> outputs [n_t, outputs] on the CPU."""
+    tasks, out = np.asarray(tasks), {}
+    for task in dict.fromkeys(tasks.tolist()):
+        rows = torch.as_tensor(np.flatnonzero(tasks == task), device=features.device)
+        out[task] = head_module(heads[task]).to(features.device)(features[rows]).float().cpu()
+    return out
 
 
 def _timed(fn: Callable, *args) -> tuple[float, torch.Tensor]:
@@ -557,7 +737,8 @@ def _timed(fn: Callable, *args) -> tuple[float, torch.Tensor]:
 def serve_stream(track: Track, encoder: nn.Module, build: TwinBuild, heads: dict, stream: pd.DataFrame,
                  config: TwinMergingConfig) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
     """Serve the first ``stream_examples`` inputs of the mixed stream by every path, side by side,
-    batch after batch: seconds per input (mean over batches ± SE) and accuracy on the same inputs.
+    batch after batch: seconds per input (mean over batches ± SE) and accuracy (GLUE: the average
+    official score) on the same inputs.
 
     Every Twin path also needs the routing pass: the static forward (whose features the router
     reads) and the router MLP; the table lists both, and the paths' times exclude them.
@@ -578,8 +759,8 @@ def serve_stream(track: Track, encoder: nn.Module, build: TwinBuild, heads: dict
     }
     uses_top_k = {_top_k_name(LOW_RANK, k), _top_k_name(PER_INPUT, k)}
     seconds = {name: [] for name in (STATIC, ROUTER, *paths)}
-    predicted = {name: [] for name in (STATIC, *paths)}
-    sizes, tasks_seen, labels = [], [], []
+    outputs = {name: [] for name in (STATIC, *paths)}  # per batch: task -> head outputs, in arrival order
+    sizes = []
 
     def forward_static(x):
         with torch.no_grad():
@@ -597,22 +778,20 @@ def serve_stream(track: Track, encoder: nn.Module, build: TwinBuild, heads: dict
         x, tasks = to_device(model_inputs(batch), device), rows["task"].tolist()
         t, features = _timed(forward_static, x)
         seconds[STATIC].append(t)
-        predicted[STATIC].append(_per_task_heads(features, tasks, heads))
+        outputs[STATIC].append(_head_outputs(features, tasks, heads))
         t, weights = _timed(tw.route, router, features)
         seconds[ROUTER].append(t)
         top = tw.route(router, features, k)
         for name, fn in paths.items():
             t, out = _timed(fn, top if name in uses_top_k else weights, x)
             seconds[name].append(t)
-            predicted[name].append(_per_task_heads(out, tasks, heads))
+            outputs[name].append(_head_outputs(out, tasks, heads))
         sizes.append(len(rows))
-        tasks_seen += tasks
-        labels.append(batch["labels"].numpy())
-    labels, tasks_seen = np.concatenate(labels), np.asarray(tasks_seen)
-    outcomes = {}
-    for name, preds in predicted.items():
-        correct = np.concatenate(preds) == labels
-        outcomes[name] = {track.display_name(t): correct[tasks_seen == t] for t in dict.fromkeys(tasks_seen)}
+    gold, scoring = stream_gold(track, served), stream_scoring(track, served, config)
+    outcomes = {name: {track.display_name(t): head_outcome(track, t, torch.cat([b[t] for b in batches if t in b]),
+                                                           gold[track.display_name(t)])
+                       for t in dict.fromkeys(served["task"])}
+                for name, batches in outputs.items()}
     sizes = np.asarray(sizes, float)
     static = sum(seconds[STATIC]) / sizes.sum()
     rows_out = []
@@ -622,8 +801,8 @@ def serve_stream(track: Track, encoder: nn.Module, build: TwinBuild, heads: dict
         se = float(per_input.std(ddof=1) / math.sqrt(len(per_input))) if len(per_input) > 1 else float("nan")
         row = {"path": name, "inputs": int(sizes.sum()), "ms per input": 1e3 * mean, "SE (ms)": 1e3 * se,
                "× static": mean / static}
-        if name in outcomes:
-            row["accuracy"] = mean_accuracy(outcomes[name]).value
+        if name in outcomes:  # the value alone: its SE (on GLUE a bootstrap) is the findings' business
+            row[scoring.column] = scoring.value(outcomes[name])
         rows_out.append(row)
     table = pd.DataFrame(rows_out).set_index("path")
     table["× low-rank"] = table["ms per input"] / table.loc[LOW_RANK, "ms per input"]
@@ -656,6 +835,8 @@ def adamerging_rows(track: Track, config: TwinMergingConfig, expert_accuracy: pd
     normalizes them by this run's experts. Returns (long rows, a note); no rows when notebook 02
     has not run, or its ``run.json`` differs from this config in ``expert_settings``.
     """
+    if scored_officially(track):  # its tables are accuracies of other tracks: nothing to set beside GLUE scores
+        return pd.DataFrame(), f"AdaMerging ({track.name}): notebook 02 does not run GLUE; no AdaMerging rows."
     folder = Path(folder or REPO_ROOT / "figures" / ADAMERGING_NOTEBOOK)
     table, run = folder / f"{track.name}_main.csv", folder / "run.json"
     if not (table.exists() and run.exists()):
@@ -683,7 +864,8 @@ def adamerging_rows(track: Track, config: TwinMergingConfig, expert_accuracy: pd
 class TwinTrackResult:
     """Everything one track's run produced. ``tables`` and ``outcomes`` are keyed by experiment:
     "main" (full test), "ablation", "rank", "router", "task_count", "unseen" (the sweep subset)
-    and "stream" (its served prefix); outcomes map a row to {task: per-example correctness}."""
+    and "stream" (its served prefix); outcomes map a row to {task: per-example outcomes} (correct
+    or not; GLUE: predictions), which ``scorings`` (by experiment; accuracy where absent) score."""
 
     name: str
     tables: dict[str, pd.DataFrame]
@@ -693,6 +875,11 @@ class TwinTrackResult:
     merges: dict[str, MergeResult] = field(default_factory=dict)
     build: TwinBuild | None = None
     shared_lambdas: dict[int, float] = field(default_factory=dict)  # number of tasks -> λ of its shared expert
+    scorings: dict[str, Scoring] = field(default_factory=dict)
+
+    def scored(self, key: str) -> Scoring:
+        """How experiment ``key``'s outcomes are scored (accuracy unless the run said otherwise)."""
+        return self.scorings.get(key) or Scoring()
 
 
 def main_table(track: Track, setup: Setup, merges: dict[str, MergeResult], build: TwinBuild, evaluator: TwinEvaluator,
@@ -701,12 +888,13 @@ def main_table(track: Track, setup: Setup, merges: dict[str, MergeResult], build
     table, outcomes = B.evaluate_methods(track, setup, merges, progress=progress)
     rows = []
     for task, r in evaluator.scores(build, track.tasks, None, ratio=config.rank_ratio).items():
-        outcomes[(TWIN, "stored")] = {**outcomes.get((TWIN, "stored"), {}), track.display_name(task): r["correct"]}
+        outcomes[(TWIN, "stored")] = {**outcomes.get((TWIN, "stored"), {}), track.display_name(task): B.outcome(r)}
         rows.append({"track": track.name, "method": TWIN, "kind": "Twin-Merging", "task": track.display_name(task),
-                     "batchnorm": "stored", **{k: v for k, v in r.items() if k != "correct"}})
-    expert = table[table.method == B.EXPERTS].set_index("task")["accuracy"]
+                     "batchnorm": "stored", **{k: v for k, v in r.items() if k not in ("correct", "predicted")}})
+    value = B.score_column(table)  # accuracy, or GLUE's official score
+    expert = table[table.method == B.EXPERTS].set_index("task")[value]
     twin = pd.DataFrame(rows)
-    twin["normalized"] = 100 * twin.accuracy / twin.task.map(expert)
+    twin["normalized"] = 100 * twin[value] / twin.task.map(expert)
     ada, note = adamerging_rows(track, config, expert)
     table = pd.concat([table, twin, ada], ignore_index=True)
     return table, {row: per_task for (row, _), per_task in outcomes.items()}, note
@@ -733,24 +921,28 @@ def run_track(name: str, config: TwinMergingConfig, progress: bool = True, lap=l
     lap(f"{name}: main table")
     result = TwinTrackResult(track.name, {"main": table}, {"main": full}, [note], setup, merges, build)
     n = config.sweep_test_examples
+    sweep = evaluator.scoring(n, config.bootstrap_resamples)
+    result.scorings = {"main": evaluator.scoring(None, config.bootstrap_resamples),
+                       **{key: sweep for key in ("ablation", "rank", "router", "task_count", "unseen")}}
     references = {row: sliced(full[row], track, track.tasks, n) for row in (B.PRETRAINED, B.EXPERTS, SHARED_METHOD)}
     steps = [("ablation", ablation), ("rank", rank_sweep), ("router", router_sweep)]
     for key, experiment in tqdm(steps, desc=f"{name} sweeps", disable=not progress):
-        result.tables[key], result.outcomes[key] = experiment(track, build, evaluator, references, config)
+        result.tables[key], result.outcomes[key] = experiment(track, build, evaluator, references, config, sweep)
     lap(f"{name}: ablation, rank and router sweeps")
     builds = smaller_builds(track, setup, build, evaluator, config)
     result.shared_lambdas = {k: b.shared_lambda for k, b in builds.items()}
     for key, experiment in (("task_count", task_count_sweep), ("unseen", unseen_task_results)):
-        result.tables[key], result.outcomes[key] = experiment(track, builds, evaluator, references, config)
+        result.tables[key], result.outcomes[key] = experiment(track, builds, evaluator, references, config, sweep)
     lap(f"{name}: number of tasks and unseen tasks")
     stream = mixed_stream(track, track.tasks, config.seed)
     result.tables["stream"], result.outcomes["stream"] = serve_stream(track, encoder, build, setup.heads, stream, config)
+    result.scorings["stream"] = stream_scoring(track, stream.iloc[: config.stream_examples], config)
     lap(f"{name}: mixed stream served")
     result.notes += _notes(track, build, merges, config)
     return result
 
 
-def ablation(track, build, evaluator, references, config) -> tuple[pd.DataFrame, dict]:
+def ablation(track, build, evaluator, references, config, scoring=None) -> tuple[pd.DataFrame, dict]:
     """Shared expert only; exclusive parts only (θ0 + Σ w·v); both (Twin-Merging); on the subset."""
     n, tasks = config.sweep_test_examples, track.tasks
     outcomes = {
@@ -760,21 +952,21 @@ def ablation(track, build, evaluator, references, config) -> tuple[pd.DataFrame,
         TWIN: evaluator.outcomes(build, tasks, n, ratio=config.rank_ratio),
     }
     parts = {B.PRETRAINED: "neither", SHARED_ONLY: "shared", EXCLUSIVE_ONLY: "exclusive", TWIN: "both"}
-    rows = [_row(row, correct, references[B.EXPERTS], parts=parts[row]) for row, correct in outcomes.items()]
+    rows = [_row(row, correct, references[B.EXPERTS], scoring, parts=parts[row]) for row, correct in outcomes.items()]
     return pd.DataFrame(rows).set_index("row"), outcomes
 
 
-def rank_sweep(track, build, evaluator, references, config) -> tuple[pd.DataFrame, dict]:
+def rank_sweep(track, build, evaluator, references, config, scoring=None) -> tuple[pd.DataFrame, dict]:
     """Normalized score and storage at each rank ratio (rank 0 = the shared expert alone)."""
     n, tasks = config.sweep_test_examples, track.tasks
     model = state_bytes(build.shared.state)
     outcomes, rows = {0.0: evaluator.shared_outcomes(build, tasks, n)}, []
-    rows.append(_row("rank 0 (shared expert only)", outcomes[0.0], references[B.EXPERTS], rank_ratio=0.0,
+    rows.append(_row("rank 0 (shared expert only)", outcomes[0.0], references[B.EXPERTS], scoring, rank_ratio=0.0,
                      exclusive_bytes=0, total_bytes=model))
     for ratio in sorted(set(config.rank_ratios) | {config.rank_ratio}):
         outcomes[ratio] = evaluator.outcomes(build, tasks, n, ratio=ratio)
         stored = tw.nbytes(build.exclusive_at(ratio))
-        rows.append(_row(f"rank ratio {ratio:g}", outcomes[ratio], references[B.EXPERTS], rank_ratio=ratio,
+        rows.append(_row(f"rank ratio {ratio:g}", outcomes[ratio], references[B.EXPERTS], scoring, rank_ratio=ratio,
                          exclusive_bytes=stored, total_bytes=model + stored))
     table = pd.DataFrame(rows).set_index("row")
     table["one model bytes"] = model
@@ -783,7 +975,7 @@ def rank_sweep(track, build, evaluator, references, config) -> tuple[pd.DataFram
     return table, outcomes
 
 
-def router_sweep(track, build, evaluator, references, config) -> tuple[pd.DataFrame, dict]:
+def router_sweep(track, build, evaluator, references, config, scoring=None) -> tuple[pd.DataFrame, dict]:
     """Router accuracy (full test) and Twin-Merging's score (subset) for each labeled-set size."""
     n, tasks = config.sweep_test_examples, track.tasks
     outcomes, rows = {}, []
@@ -793,7 +985,7 @@ def router_sweep(track, build, evaluator, references, config) -> tuple[pd.DataFr
                   for i, t in enumerate(tasks)}
         router_acc = mean_accuracy(routed)
         outcomes[size] = evaluator.outcomes(build, tasks, n, ratio=config.rank_ratio, size=size)
-        rows.append(_row(f"{size} per task", outcomes[size], references[B.EXPERTS], requested=size,
+        rows.append(_row(f"{size} per task", outcomes[size], references[B.EXPERTS], scoring, requested=size,
                          used_min=min(fit.used.values()), used_total=sum(fit.used.values()), held_out=fit.held_out,
                          best_epoch=fit.best_epoch, router_accuracy=router_acc.value, router_accuracy_SE=router_acc.se))
     return pd.DataFrame(rows).set_index("row"), outcomes
@@ -814,7 +1006,7 @@ def smaller_builds(track, setup, build, evaluator, config) -> dict[int, TwinBuil
     return builds
 
 
-def task_count_sweep(track, builds, evaluator, references, config) -> tuple[pd.DataFrame, dict]:
+def task_count_sweep(track, builds, evaluator, references, config, scoring=None) -> tuple[pd.DataFrame, dict]:
     """Twin-Merging, its shared expert and θ0 + heads on the first k tasks, for each number k merged."""
     n, rows, outcomes = config.sweep_test_examples, [], {}
     for k in config.task_counts(len(track.tasks)):
@@ -825,11 +1017,11 @@ def task_count_sweep(track, builds, evaluator, references, config) -> tuple[pd.D
                              (SHARED_ONLY, evaluator.shared_outcomes(build, first, n)),
                              (B.PRETRAINED, {t: references[B.PRETRAINED][t] for t in names})):
             outcomes[(k, row)] = correct
-            rows.append(_row(row, correct, experts, tasks=k, shared_lambda=build.shared_lambda))
+            rows.append(_row(row, correct, experts, scoring, tasks=k, shared_lambda=build.shared_lambda))
     return pd.DataFrame(rows), outcomes
 
 
-def unseen_task_results(track, builds, evaluator, references, config) -> tuple[pd.DataFrame, dict]:
+def unseen_task_results(track, builds, evaluator, references, config, scoring=None) -> tuple[pd.DataFrame, dict]:
     """The build that never saw the last ``unseen_tasks`` tasks, evaluated on them (each through its
     own head), beside its shared expert, θ0 + heads, and Task Arithmetic of all tasks (which saw them)."""
     seen, unseen = config.seen_for_unseen(track.tasks)
@@ -845,7 +1037,7 @@ def unseen_task_results(track, builds, evaluator, references, config) -> tuple[p
     }
     experts = {t: references[B.EXPERTS][t] for t in names}
     where = {"built on": ", ".join(track.display_name(t) for t in seen), "unseen": ", ".join(names)}
-    rows = [_row(row, correct, experts, **where) for row, correct in outcomes.items()]
+    rows = [_row(row, correct, experts, scoring, **where) for row, correct in outcomes.items()]
     return pd.DataFrame(rows).set_index("row"), outcomes
 
 
@@ -882,28 +1074,47 @@ def within_margin(difference: Estimate, margin: float = MARGIN) -> str:
     return "inconclusive (the interval reaches past the margin)"
 
 
+def _published_glue(result: TwinTrackResult, twin: Estimate) -> str:
+    """This GLUE run's normalized scores beside the Twin-Merging paper's and the authors' re-run,
+    when the run is their setup: RoBERTa-base's 8 GLUE tasks, the first 1,000 test examples each."""
+    track, s, full = result.setup.track, result.scored("main"), result.outcomes["main"]
+    if tuple(track.tasks) != PAPER_TEXT_TASKS or track.max_test != GLUE_MAX_TEST:
+        return (f"Published (Twin-Merging, RoBERTa-base, 8 GLUE tasks, first 1,000 test examples each): not comparable "
+                f"({len(track.tasks)} tasks, test sets of at most {track.max_test}).")
+    parts = []
+    for row, paper in PAPER_NORMALIZED.items():
+        if row not in full:
+            continue
+        estimate = twin if row == TWIN else s.normalized(full[row], full[B.EXPERTS])
+        rerun = PAPER_NORMALIZED_RERUN.get(row)
+        parts.append(f"{row} {estimate.plain()} (published {paper:.1f}"
+                     + (f", the authors' re-run {rerun:.1f}" if rerun is not None else "") + ")")
+    return ("Published (Twin-Merging, RoBERTa-base, 8 GLUE tasks, first 1,000 test examples each), normalized: "
+            + "; ".join(parts) + ".")
+
+
 def _main_claim(result: TwinTrackResult) -> Claim:
-    full = result.outcomes["main"]
-    norm = normalized_estimate(full[TWIN], full[B.EXPERTS])
-    d0 = paired_difference(full[TWIN], full[B.PRETRAINED])
-    d_ta = paired_difference(full[TWIN], full[SHARED_METHOD])
-    others = {row: normalized_estimate(full[row], full[B.EXPERTS]).value for row in full
-              if row not in (TWIN, B.EXPERTS)}
+    full, s = result.outcomes["main"], result.scored("main")
+    norm = s.normalized(full[TWIN], full[B.EXPERTS])
+    d0 = s.difference(full[TWIN], full[B.PRETRAINED])
+    d_ta = s.difference(full[TWIN], full[SHARED_METHOD])
+    others = {row: s.normalized_value(full[row], full[B.EXPERTS]) for row in full if row not in (TWIN, B.EXPERTS)}
+    paper = (_published_glue(result, norm) if s.official else
+             f"Paper (RoBERTa-base, 8 GLUE tasks): Twin {PAPER_NORMALIZED[TWIN]}, TA {PAPER_NORMALIZED['Task Arithmetic']}, "
+             f"TIES {PAPER_NORMALIZED['TIES']}.")
     return Claim(
         f"{result.name} track: Twin-Merging reaches near expert-level normalized score (≥ {NEAR_EXPERT:g})",
         at_least(norm, NEAR_EXPERT),
-        f"Twin-Merging {norm.plain()} normalized; Twin − θ0 + heads = {d0} points of average accuracy "
+        f"Twin-Merging {norm.plain()} normalized; Twin − θ0 + heads = {d0} points of {s.unit} "
         f"({verdict(d0)}); Twin − {SHARED_METHOD} (its shared expert) = {d_ta} ({verdict(d_ta)}). Normalized: "
-        + ", ".join(f"{row} {value:.1f}" for row, value in others.items())
-        + f". Paper (RoBERTa-base, 8 GLUE tasks): Twin {PAPER_NORMALIZED[TWIN]}, TA {PAPER_NORMALIZED['Task Arithmetic']}, "
-        f"TIES {PAPER_NORMALIZED['TIES']}.",
+        + ", ".join(f"{row} {value:.1f}" for row, value in others.items()) + f". {paper}",
         "θ0 with the experts' heads (doing nothing)")
 
 
 def _ablation_claim(result: TwinTrackResult) -> Claim:
-    o = result.outcomes["ablation"]
-    d_shared = paired_difference(o[TWIN], o[SHARED_ONLY])
-    d_excl = paired_difference(o[TWIN], o[EXCLUSIVE_ONLY])
+    o, s = result.outcomes["ablation"], result.scored("ablation")
+    d_shared = s.difference(o[TWIN], o[SHARED_ONLY])
+    d_excl = s.difference(o[TWIN], o[EXCLUSIVE_ONLY])
     kinds = {verdict(d_shared), verdict(d_excl)}
     outcome = "held" if kinds == {"better"} else "did not hold" if "worse" in kinds else \
         "inconclusive (a part's contribution is within noise)"
@@ -917,7 +1128,7 @@ def _ablation_claim(result: TwinTrackResult) -> Claim:
 
 
 def _rank_claim(result: TwinTrackResult, rank_ratio: float) -> Claim:
-    o, table = result.outcomes["rank"], result.tables["rank"]
+    o, table, s = result.outcomes["rank"], result.tables["rank"], result.scored("rank")
     highest = max(o)
     low = table[table.rank_ratio == rank_ratio].iloc[0]
     share, experts = low["share of the experts' storage"], round(low["experts bytes"] / low["one model bytes"])
@@ -925,27 +1136,27 @@ def _rank_claim(result: TwinTrackResult, rank_ratio: float) -> Claim:
         return Claim(f"{result.name} track: a low rank (ratio {rank_ratio:g}) suffices",
                      "undetermined (no higher rank in the sweep)", f"The sweep's highest ratio is {highest:g}.",
                      "the shared expert alone (rank 0)")
-    d = paired_difference(o[rank_ratio], o[highest])
-    d0 = paired_difference(o[rank_ratio], o[0.0])
+    d = s.difference(o[rank_ratio], o[highest])
+    d0 = s.difference(o[rank_ratio], o[0.0])
     return Claim(
         f"{result.name} track: a low rank suffices (ratio {rank_ratio:g} within ±{MARGIN:g} points of ratio {highest:g})",
         within_margin(d),
-        f"Rank ratio {rank_ratio:g} − {highest:g} = {d} points of average accuracy; rank {rank_ratio:g} − shared expert "
+        f"Rank ratio {rank_ratio:g} − {highest:g} = {d} points of {s.unit}; rank {rank_ratio:g} − shared expert "
         f"alone = {d0} ({verdict(d0)}). Storage at {rank_ratio:g}: shared model + exclusive parts = {share:.0%} of the "
         f"{experts} experts'.",
         "the shared expert alone (rank 0)")
 
 
 def _router_claim(result: TwinTrackResult) -> Claim:
-    o, table = result.outcomes["router"], result.tables["router"]
+    o, table, s = result.outcomes["router"], result.tables["router"], result.scored("router")
     small, large = min(o), max(o)
-    d = paired_difference(o[small], o[large])
+    d = s.difference(o[small], o[large])
     accuracy = ", ".join(f"{int(r.requested)} asked ({int(r.used_min)}+ used): {r.router_accuracy:.1f} ± "
                          f"{r.router_accuracy_SE:.1f}%" for _, r in table.iterrows())
     shared = result.outcomes["ablation"][SHARED_ONLY] if "ablation" in result.outcomes else None
     versus = ""
     if shared is not None:
-        d0 = paired_difference(o[small], shared)
+        d0 = s.difference(o[small], shared)
         versus = f" Twin with the smallest router − the shared expert = {d0} ({verdict(d0)})."
     return Claim(
         f"{result.name} track: a small router set suffices ({small} per task within ±{MARGIN:g} points of {large})",
@@ -956,11 +1167,11 @@ def _router_claim(result: TwinTrackResult) -> Claim:
 
 
 def _unseen_claim(result: TwinTrackResult) -> Claim | None:
-    o = result.outcomes.get("unseen") or {}
+    o, s = result.outcomes.get("unseen") or {}, result.scored("unseen")
     if TWIN not in o:
         return None
-    d = paired_difference(o[TWIN], o[SHARED_ONLY])
-    d0 = paired_difference(o[SHARED_ONLY], o[B.PRETRAINED])
+    d = s.difference(o[TWIN], o[SHARED_ONLY])
+    d0 = s.difference(o[SHARED_ONLY], o[B.PRETRAINED])
     unseen = ", ".join(o[TWIN])
     return Claim(
         f"{result.name} track: on unseen tasks ({unseen}) Twin-Merging falls back to about its shared expert "
@@ -972,10 +1183,10 @@ def _unseen_claim(result: TwinTrackResult) -> Claim | None:
 
 
 def _speed_claim(result: TwinTrackResult, top_k: int) -> Claim:
-    table, o = result.tables["stream"], result.outcomes["stream"]
+    table, o, s = result.tables["stream"], result.outcomes["stream"], result.scored("stream")
     fast = speedup(table, PER_INPUT, LOW_RANK)
-    d = paired_difference(o[LOW_RANK], o[PER_INPUT])
-    same = verdict(d) == "within noise"
+    d = s.difference(o[LOW_RANK], o[PER_INPUT])
+    same = verdict(d) == "within noise" or (s.official and abs(d.value) < ROUNDING)
     if fast.value - 2 * fast.se >= SPEEDUP and same:
         outcome = "held"
     elif fast.value + 2 * fast.se < SPEEDUP or not same:
@@ -985,14 +1196,15 @@ def _speed_claim(result: TwinTrackResult, top_k: int) -> Claim:
     k = _top_k_name(LOW_RANK, top_k) if _top_k_name(LOW_RANK, top_k) in table.index else None
     topk = ""
     if k:
-        topk = (f" Top-{top_k} routing: accuracy {table.loc[k, 'accuracy']:.1f}% on the low-rank path (same cost), "
+        score = f"{table.loc[k, 'score']:.1f}" if s.official else f"{table.loc[k, 'accuracy']:.1f}%"
+        topk = (f" Top-{top_k} routing: {s.measure} {score} on the low-rank path (same cost), "
                 f"per-input materialisation {table.loc[_top_k_name(PER_INPUT, top_k), 'ms per input']:.1f} ms.")
     return Claim(
         f"{result.name} track: on the mixed stream the low-rank path serves inputs ≥ {SPEEDUP:g}× faster than "
         "per-input materialisation at the same accuracy",
         outcome,
         f"Per-input / low-rank = {fast.plain()}× ({table.loc[PER_INPUT, 'ms per input']:.1f} vs "
-        f"{table.loc[LOW_RANK, 'ms per input']:.1f} ms per input, {int(table.loc[LOW_RANK, 'inputs'])} inputs); accuracy "
+        f"{table.loc[LOW_RANK, 'ms per input']:.1f} ms per input, {int(table.loc[LOW_RANK, 'inputs'])} inputs); {s.measure} "
         f"low-rank − per-input = {d} points. The low-rank path costs {table.loc[LOW_RANK, '× static']:.2f}× the static "
         f"merge, grouped {table.loc[GROUPED, '× static']:.2f}×; every Twin path also runs the routing pass (the static "
         f"forward and the router MLP, {table.loc[ROUTER, 'ms per input']:.2f} ms).{topk}",
@@ -1016,13 +1228,28 @@ def findings(results: dict[str, TwinTrackResult], config: TwinMergingConfig | No
     notes.append("The shared expert is Task Arithmetic with λ chosen on validation (the authors fix 0.29); "
                  "1-D tensors and BatchNorm statistics are merged densely with the router's weights "
                  "(lib.merging.twin_merging).")
-    preamble = (("*Paper scale: CLIP with the published experts on the papers' tasks.* " if _scale(results) == "paper"
-                 else "*Small-scale numbers (MiniLM-L6 text track, CIFAR ResNet-20 vision track); not the papers' "
-                 "numbers.* ") + "Differences: paired over the same test examples, ± one standard error; a verdict needs 2 SE. "
+    for name, result in results.items():
+        if result.scored("main").official:
+            notes.append(f"{name}: each task scored by its official GLUE score (Matthews, F1 and accuracy, Pearson "
+                         "and Spearman of STS-B's scalar output), normalized = score / the expert's × 100 on the same "
+                         "examples; standard errors by a seeded paired bootstrap over test examples "
+                         f"({result.scored('main').resamples} draws). On the stream, official scores of the two exact "
+                         f"paths within {ROUNDING:g} points count as the same (float rounding in STS-B's outputs).")
+    preamble = (_paper_preamble(results) if _scale(results) == "paper"
+                else "*Small-scale numbers (MiniLM-L6 text track, CIFAR ResNet-20 vision track); not the papers' "
+                "numbers.* ") + ("Differences: paired over the same test examples, ± one standard error; a verdict needs 2 SE. "
                 f"\"About the same\" means the difference ± 2 SE lies within ±{MARGIN:g} points. The main table uses "
                 "the full test sets; the sweeps one seeded subset of them; the speed claim the served prefix of the "
                 "mixed stream (times: mean ± SE over its batches).")
     return findings_markdown("Findings: Twin-Merging", claims, preamble, notes)
+
+
+def _paper_preamble(results: dict[str, TwinTrackResult]) -> str:
+    """What the paper-scale run is, per kind of track."""
+    kinds = ["RoBERTa-base on GLUE with the published experts and their own heads (official GLUE scores)"
+             if r.scored("main").official else "CLIP with the published experts on the papers' vision tasks"
+             for r in results.values()]
+    return f"*Paper scale: {'; '.join(dict.fromkeys(kinds))}.* "
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -1170,10 +1397,12 @@ def plot_stream(results: dict[str, TwinTrackResult]):
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 3.8), squeeze=False)
     for ax, (name, result) in zip(axes[0], results.items()):
         t = result.tables["stream"]
+        column = B.score_column(t)  # accuracy, or GLUE's official score
         ax.barh(t.index[::-1], t["ms per input"][::-1], xerr=2 * t["SE (ms)"][::-1].fillna(0), capsize=3,
                 color=["crimson" if p == LOW_RANK else "C0" for p in t.index[::-1]])
         for y, (p, r) in enumerate(list(t.iterrows())[::-1]):
-            label = f"{r['ms per input']:.2f} ms" + (f", acc. {r['accuracy']:.1f}%" if pd.notna(r.get("accuracy")) else "")
+            shown = f"acc. {r[column]:.1f}%" if column == "accuracy" else f"score {r[column]:.1f}"
+            label = f"{r['ms per input']:.2f} ms" + (f", {shown}" if pd.notna(r.get(column)) else "")
             right = r["ms per input"] + 2 * (0 if pd.isna(r["SE (ms)"]) else r["SE (ms)"])  # past the error bar
             ax.text(right * 1.15, y, label, va="center", fontsize=8)
         ax.set_xscale("log")

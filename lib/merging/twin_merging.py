@@ -51,10 +51,11 @@ affine γ_shared + Σ w_t Δγ_t, cheap), BatchNorm in eval mode (per-input runn
 and affine, elementwise) and ``nn.MultiheadAttention`` self-attention (recomputed with per-input
 in_proj and out_proj, as CLIP's open_clip towers use it), and open_clip's ViT class and position
 embeddings (added per input to ``ln_pre``'s input; its output projection must be shared, as it is
-for the published experts). That covers BERT encoders, MLPs, the CIFAR ResNets and CLIP's ViTs. Any other tensor with a non-zero exclusive part, or a supported
-layer whose weights the model uses without calling the layer, is an error, never a silent
-static merge. Every layer must see the batch on its leading dimension (or 1, broadcast,
-as BERT's position embeddings do).
+for the published experts). That covers BERT and RoBERTa encoders (their word, position and
+token-type embeddings are ``nn.Embedding`` layers), MLPs, the CIFAR ResNets and CLIP's ViTs.
+Any other tensor with a non-zero exclusive part, or a supported layer whose weights the model
+uses without calling the layer, is an error, never a silent static merge. Every layer must see
+the batch on its leading dimension (or 1, broadcast, as BERT's position embeddings do).
 """
 from __future__ import annotations
 
