@@ -8,6 +8,7 @@
 # make bench-adamerging              an AdaMerging step against a plain forward+backward (time, peak memory)
 # make bench-twin                    Twin-Merging inference at 8/32/128 tokens: static, low-rank, grouped, per-input (+ top-k)
 # make bench-streaming               streaming merges from safetensors files vs one read (time, peak memory)
+# make bench-cold [DATA_DIR=...]      predict notebook 01's cold run time from unit costs measured here
 # make lab                           open the notebooks in JupyterLab
 #
 # Without DATA_DIR, data is downloaded from the public sources into data/downloads/.
@@ -38,7 +39,7 @@ NOTEBOOKS := $(PAPER_NOTEBOOKS)
 override PAPERMILL_ARGS += -p scale paper
 endif
 
-.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming lab clean-cache $(ALL_NOTEBOOKS)
+.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming bench-cold lab clean-cache $(ALL_NOTEBOOKS)
 
 venv: $(VENV)/.installed
 
@@ -85,6 +86,9 @@ bench-twin: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 # Closed-form merges streamed key by key from safetensors files (8 ViT-B/32-sized experts).
 bench-streaming: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_streaming_merges.py --record
+
+bench-cold: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/bench_cold_time.py --data-dir "$(DATA_DIR)" --models-dir "$(MODELS_DIR)"
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
