@@ -125,7 +125,7 @@ def predicted_components(track, config: B.BaselinesConfig, name: str, cost: dict
     ]
     if getattr(track, "has_batchnorm", False):  # each merge's statistics re-estimated on 1,024 inputs per task
         rows.append(("BatchNorm re-estimation", seeds * len(B.METHODS) * T * 1024, "example", cost["example"]))
-    return [{"track": name, "component": c, "count": n, "unit": u, "seconds each": s, "minutes": n * s / 60}
+    return [{"track": name, "component": c, "count": n, "unit": u, "ms each": 1e3 * s, "minutes": n * s / 60}
             for c, n, u, s in rows]
 
 
@@ -151,7 +151,8 @@ def main(argv=None) -> pd.DataFrame:
     if not args.no_record:
         run = Run("bench_cold_time", vars(args), source="benchmarks/bench_cold_time.py")
         table.loc[("all", "total"), ["minutes"]] = total
-        run.table(table.round(4), "cold_time",
+        table["count"] = table["count"].astype("Int64")  # integers in the table, blank for the total
+        run.table(table.round(2), "cold_time",
                   f"Notebook 01 cold at its defaults, predicted: measured unit costs ({args.threads} threads) × the "
                   "run's counts (training steps from the last committed run). A prediction, not a measurement.")
         run.finish()
