@@ -286,31 +286,21 @@ def test_router_layout_and_training_keeps_the_best_held_out_epoch():
 # ------------------------------------------------------------------------ inference paths
 
 
+@pytest.mark.parametrize("top_k", [None, 1], ids=["router weights", "top-1 weights"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_low_rank_path_equals_per_input_materialisation(name):
+def test_low_rank_path_equals_per_input_materialisation(name, top_k):
     make_model, make_batch = MODELS[name]
     model = make_model()
     shared, _, exclusive = twin(model)
     batch = make_batch()
     weights = mixed_weights(len(batch[next(iter(batch))]))
+    weights = weights if top_k is None else tw.keep_top_k(weights, top_k)
     expected = tw.per_input_forward(model, shared, exclusive, weights, batch)
     got = tw.low_rank_forward(model, shared, exclusive, weights, batch)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(tw.low_rank_forward(model, shared, tw.stack(exclusive), weights, batch), got)
     # the corrections matter: the shared model alone is far from it
     assert (tw.low_rank_forward(model, shared, exclusive, 0 * weights, batch) - expected).abs().max() > 1e-2
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_top_k_weights_on_the_low_rank_path_equal_materialisation(name):
-    make_model, make_batch = MODELS[name]
-    model = make_model()
-    shared, _, exclusive = twin(model)
-    batch = make_batch()
-    top1 = tw.keep_top_k(mixed_weights(len(batch[next(iter(batch))])), 1)
-    expected = tw.per_input_forward(model, shared, exclusive, top1, batch)
-    torch.testing.assert_close(tw.low_rank_forward(model, shared, exclusive, top1, batch), expected,
-                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["bert", "mlp"])
