@@ -128,12 +128,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of a model (1-, 2- and 3-d)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode, except that BatchNorm layers normalise with each batch's own statistics and
     leave their running statistics untouched (as test-time adaptation does: a merged network's
     stored statistics no longer describe its activations). Restores every flag afterwards."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(model)
     tracking = [(m, m.track_running_stats) for m in norms]
     with eval_mode(model):
         for m in norms:

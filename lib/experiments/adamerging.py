@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import merging
-from ..functional import to_device
+from ..functional import batchnorm_layers, to_device
 from ..heads import head_module
 from ..metrics import accuracy, official_metric
 from . import baselines as B
@@ -507,7 +507,7 @@ BATCH_STATISTICS = f"{LAYER_WISE}, adapted on batch statistics"
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(batchnorm_layers(model))
 
 
 def prediction_profile(features: torch.Tensor, head: dict) -> dict[str, float]:
