@@ -31,7 +31,8 @@ def git_commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return commit + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # a copy of the tree without .git (e.g. sent to a GPU machine): the sender may name it
+        return os.environ.get("RUN_GIT_COMMIT", "unknown")
 
 
 def relative_paths(value):
@@ -99,7 +100,7 @@ class Run:
             "timings_seconds": self.timings,
             "machine": {"platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "device": "cpu"},
+                        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
             "outputs": sorted(set(self.outputs)),
             "output_dir": relative_paths(str(self.dir.resolve())),
         }

@@ -1,0 +1,185 @@
+"""What the paper-scale vision notebooks cost on a GPU: unit costs measured on CLIP image towers
+of the real sizes (random weights), and what they come to for the authors' budgets.
+
+The README's paper-scale section needs GPU hours and memory per notebook. Downloading CLIP is
+not needed to measure them: the cost of a forward or backward depends on the shapes, not the
+weights. So the towers here are ``lib.archs.ViT`` with open_clip's shapes for ``ViT-B-32``,
+``ViT-B-16`` and ``ViT-L-14`` (224-pixel inputs, QuickGELU; the same operations as open_clip's
+``VisionTransformer``, which ``ViT.from_open_clip`` loads bit for bit), with 8 tasks whose
+frozen heads have the 8 datasets' class counts. Everything runs under bf16 autocast, as the
+paper-scale tracks do on CUDA (``autocast="auto"``). Measured, per tower:
+
+- **inference**: images per second through the tower and a head at batch 256 (random pixels:
+  JPEG decoding and resizing, done on the CPU in threads by the tracks, are not included);
+- **AdaMerging step** (notebook 02): one layer-wise step of ``lib.merging.adamerge`` on 8 tasks ×
+  2 batches of 16, the authors' setting: θ(λ) = θ0 + Σ clamp(λ)·τ, the forwards through
+  ``functional_call``, the backward to λ, Adam. Seconds per step (median after warm-up) and peak
+  GPU memory; × 500 = one run at the authors' budget;
+- **fine-tuning step** (``paper_experts="finetune"``, ``CLIP_RECIPE``): AdamW on the tower at
+  batch 128, head frozen; × 2,000 = one expert.
+
+Timings bracket ``torch.cuda.synchronize()``; peak memory is ``torch.cuda.max_memory_allocated``
+(reset before each measurement). On a CPU (``--tiny``) the same code runs on a 2-block tower, to
+test the script, not to measure.
+
+    python benchmarks/bench_gpu_paper.py                    # on a CUDA machine; writes figures/bench_gpu_paper/
+    python benchmarks/bench_gpu_paper.py --tiny --no-record # a quick check anywhere
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from lib import merging  # noqa: E402
+from lib.archs import ViT  # noqa: E402
+from lib.experiments.report import Run  # noqa: E402
+
+# open_clip's image towers: (width, blocks, heads, patch, output width)
+TOWERS = {"ViT-B-32": (768, 12, 12, 32, 512), "ViT-B-16": (768, 12, 12, 16, 512), "ViT-L-14": (1024, 24, 16, 14, 768)}
+TINY = {"tiny": (64, 2, 4, 32, 32)}
+# classes of SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD (METHODS.md §7)
+CLASSES = (397, 196, 45, 10, 10, 43, 10, 47)
+ADAMERGING_STEPS, EXPERT_STEPS = 500, 2000  # the authors' AdaMerging budget; CLIP_RECIPE's steps
+
+
+def tower(shape: tuple[int, ...], image: int, device: torch.device) -> ViT:
+    width, blocks, heads, patch, out = shape
+    return ViT(image_size=image, patch_size=patch, in_channels=3, width=width, depth=blocks, heads=heads,
+               mlp_ratio=4.0, output_dim=out, num_classes=10, activation="quick_gelu").to(device).eval()
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median seconds over ``repeats`` after one warm-up, peak GPU MiB over them)."""
+    fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), peak_mib(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+
+
+def bench(name: str, shape, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    model = tower(shape, args.image, device)
+    heads = [nn.Linear(model.feature_dim, c).to(device).requires_grad_(False) for c in CLASSES[:args.tasks]]
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    model.head = nn.Identity()  # model(x) = features; each task's frozen head is applied after it
+    taus = [{k: 1e-3 * torch.randn_like(v) for k, v in pretrained.items()} for _ in heads]
+    images = lambda n: torch.randn(n, 3, args.image, args.image, device=device)  # noqa: E731
+    row = {"tower": name, "parameters (M)": sum(v.numel() for v in pretrained.values()) / 1e6}
+
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        batch = images(args.inference_batch)
+
+        @torch.no_grad()
+        def infer():
+            heads[0](model(batch))
+
+        s, m = timed(infer, device, args.repeats)
+        row |= {"inference (images/s)": args.inference_batch / s, "inference peak (GiB)": m / 1024}
+        del batch
+
+        data = {t: [{"x": images(args.adamerging_batch)} for _ in range(2)] for t in range(len(heads))}
+        step_seconds = []
+
+        def record(step, params, coefficients):  # after the step's backward
+            sync(device)
+            step_seconds.append(time.perf_counter())
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        merging.adamerge(model, pretrained, taus, heads, lambda step: data, steps=args.repeats + 2,
+                         callback=record)
+        sync(device)
+        gaps = [b - a for a, b in zip([started, *step_seconds], step_seconds)][2:]  # drop two warm-up steps
+        step = statistics.median(gaps)
+        row |= {"AdaMerging step (s)": step, "AdaMerging peak (GiB)": peak_mib(device) / 1024,
+                f"AdaMerging {ADAMERGING_STEPS} steps (min)": step * ADAMERGING_STEPS / 60}
+        del data
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.1)
+    x = images(args.finetune_batch)
+    y = torch.randint(0, CLASSES[0], (args.finetune_batch,), device=device)
+
+    def finetune_step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(heads[0](model(x)), y)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    s, m = timed(finetune_step, device, args.repeats)
+    row |= {"fine-tuning step (s)": s, "fine-tuning peak (GiB)": m / 1024,
+            f"one expert, {EXPERT_STEPS} steps (min)": s * EXPERT_STEPS / 60}
+    del model, optimizer, taus, pretrained
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(pd.Series(row).to_string(), flush=True)
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--towers", nargs="+", default=list(TOWERS), choices=[*TOWERS, *TINY])
+    parser.add_argument("--tiny", action="store_true", help="a 2-block tower on whatever device: tests the script")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--inference-batch", type=int, default=256)
+    parser.add_argument("--adamerging-batch", type=int, default=16)
+    parser.add_argument("--finetune-batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="output folder (default figures/bench_gpu_paper)")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.towers, args.image, args.inference_batch, args.adamerging_batch, args.finetune_batch = ["tiny"], 64, 8, 2, 4
+        args.repeats = 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    print(f"{where}; torch {torch.__version__}; bf16 autocast: {device.type == 'cuda'}", flush=True)
+    rows = [bench(name, {**TOWERS, **TINY}[name], args, device) for name in args.towers]
+    table = pd.DataFrame(rows).set_index("tower")
+    print(table.T.to_string(float_format=lambda v: f"{v:.3g}"))
+    if not args.no_record:
+        run = Run("bench_gpu_paper", {k: v for k, v in vars(args).items()}, out_dir=args.out,
+                  source="benchmarks/bench_gpu_paper.py")
+        run.table(table.T.round(3), "gpu_unit_costs",
+                  f"CLIP image towers of the real sizes (random weights), {len(CLASSES[:args.tasks])} tasks, bf16 "
+                  f"autocast, on {where}: unit costs of the paper-scale notebooks (medians of {args.repeats} after "
+                  "warm-up; peak = torch.cuda.max_memory_allocated). Inference excludes image decoding. AdaMerging: "
+                  f"layer-wise, {args.tasks} tasks × 2 × {args.adamerging_batch} images per step; fine-tuning: "
+                  f"batch {args.finetune_batch}, AdamW.")
+        run.finish()
+    return table
+
+
+if __name__ == "__main__":
+    main()
