@@ -15,6 +15,8 @@ paper-scale tracks do on CUDA (``autocast="auto"``). Measured, per tower:
   2 batches of 16, the authors' setting: θ(λ) = θ0 + Σ clamp(λ)·τ, the forwards through
   ``functional_call``, the backward to λ, Adam. Seconds per step (median after warm-up) and peak
   GPU memory; × 500 = one run at the authors' budget;
+  Beside it, a plain forward+backward of the same batches and loss into the tower's own
+  parameters (issue 10's yardstick: an adaptation step should cost at most 1.5× that);
 - **fine-tuning step** (``paper_experts="finetune"``, ``CLIP_RECIPE``): AdamW on the tower at
   batch 128, head frozen; × 2,000 = one expert.
 
@@ -82,7 +84,10 @@ def peak_mib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
 
 
-def bench(name: str, shape, args, device: torch.device) -> dict:
+def bench(spec: str, args, device: torch.device) -> dict:
+    """One row: ``spec`` is a tower name, or ``name:B`` for AdaMerging batches of B images."""
+    name, _, batch_size = spec.partition(":")
+    shape, adamerging_batch = {**TOWERS, **TINY}[name], int(batch_size or args.adamerging_batch)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model = tower(shape, args.image, device)
@@ -91,7 +96,7 @@ def bench(name: str, shape, args, device: torch.device) -> dict:
     model.head = nn.Identity()  # model(x) = features; each task's frozen head is applied after it
     taus = [{k: 1e-3 * torch.randn_like(v) for k, v in pretrained.items()} for _ in heads]
     images = lambda n: torch.randn(n, 3, args.image, args.image, device=device)  # noqa: E731
-    row = {"tower": name, "parameters (M)": sum(v.numel() for v in pretrained.values()) / 1e6}
+    row = {"tower": spec, "AdaMerging batch (images)": adamerging_batch, "parameters (M)": sum(v.numel() for v in pretrained.values()) / 1e6}
 
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         batch = images(args.inference_batch)
@@ -104,7 +109,15 @@ def bench(name: str, shape, args, device: torch.device) -> dict:
         row |= {"inference (images/s)": args.inference_batch / s, "inference peak (GiB)": m / 1024}
         del batch
 
-        data = {t: [{"x": images(args.adamerging_batch)} for _ in range(2)] for t in range(len(heads))}
+        data = {t: [{"x": images(adamerging_batch)} for _ in range(2)] for t in range(len(heads))}
+
+        def plain_step():  # the same forwards and loss, backward into the tower's own parameters
+            model.zero_grad(set_to_none=True)
+            sum(merging.entropy(heads[t](model(**b))).mean() for t, bs in data.items() for b in bs).backward()
+
+        s, _ = timed(plain_step, device, args.repeats)
+        model.zero_grad(set_to_none=True)
+        row["plain forward+backward, same batches (ms)"] = 1000 * s
         step_seconds = []
 
         def record(step, params, coefficients):  # after the step's backward
@@ -119,7 +132,8 @@ def bench(name: str, shape, args, device: torch.device) -> dict:
         sync(device)
         gaps = [b - a for a, b in zip([started, *step_seconds], step_seconds)][2:]  # drop two warm-up steps
         step = statistics.median(gaps)
-        row |= {"AdaMerging step (s)": step, "AdaMerging peak (GiB)": peak_mib(device) / 1024,
+        row |= {"AdaMerging step (ms)": 1000 * step, "AdaMerging / plain": 1000 * step / row[
+                    "plain forward+backward, same batches (ms)"], "AdaMerging peak (GiB)": peak_mib(device) / 1024,
                 f"AdaMerging {ADAMERGING_STEPS} steps (min)": step * ADAMERGING_STEPS / 60}
         del data
 
@@ -137,7 +151,7 @@ def bench(name: str, shape, args, device: torch.device) -> dict:
 
     model.train()
     s, m = timed(finetune_step, device, args.repeats)
-    row |= {"fine-tuning step (s)": s, "fine-tuning peak (GiB)": m / 1024,
+    row |= {"fine-tuning step (ms)": 1000 * s, "fine-tuning peak (GiB)": m / 1024,
             f"one expert, {EXPERT_STEPS} steps (min)": s * EXPERT_STEPS / 60}
     del model, optimizer, taus, pretrained
     if device.type == "cuda":
@@ -148,7 +162,8 @@ def bench(name: str, shape, args, device: torch.device) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--towers", nargs="+", default=list(TOWERS), choices=[*TOWERS, *TINY])
+    parser.add_argument("--towers", nargs="+", default=[*TOWERS, "ViT-L-14:8"],
+                        help=f"of {[*TOWERS, *TINY]}; NAME:B runs AdaMerging on batches of B images")
     parser.add_argument("--tiny", action="store_true", help="a 2-block tower on whatever device: tests the script")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--image", type=int, default=224)
@@ -160,22 +175,23 @@ def main(argv=None):
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.towers, args.image, args.inference_batch, args.adamerging_batch, args.finetune_batch = ["tiny"], 64, 8, 2, 4
+        args.towers = [t for t in args.towers if t.partition(":")[0] in TINY] or ["tiny", "tiny:1"]
+        args.image, args.inference_batch, args.adamerging_batch, args.finetune_batch = 64, 8, 2, 4
         args.repeats = 2
+    run = None if args.no_record else Run("bench_gpu_paper", dict(vars(args)), out_dir=args.out,
+                                          source="benchmarks/bench_gpu_paper.py")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     print(f"{where}; torch {torch.__version__}; bf16 autocast: {device.type == 'cuda'}", flush=True)
-    rows = [bench(name, {**TOWERS, **TINY}[name], args, device) for name in args.towers]
+    rows = [bench(spec, args, device) for spec in args.towers]
     table = pd.DataFrame(rows).set_index("tower")
     print(table.T.to_string(float_format=lambda v: f"{v:.3g}"))
-    if not args.no_record:
-        run = Run("bench_gpu_paper", {k: v for k, v in vars(args).items()}, out_dir=args.out,
-                  source="benchmarks/bench_gpu_paper.py")
+    if run is not None:
         run.table(table.T.round(3), "gpu_unit_costs",
                   f"CLIP image towers of the real sizes (random weights), {len(CLASSES[:args.tasks])} tasks, bf16 "
                   f"autocast, on {where}: unit costs of the paper-scale notebooks (medians of {args.repeats} after "
                   "warm-up; peak = torch.cuda.max_memory_allocated). Inference excludes image decoding. AdaMerging: "
-                  f"layer-wise, {args.tasks} tasks × 2 × {args.adamerging_batch} images per step; fine-tuning: "
+                  f"layer-wise, {args.tasks} tasks × 2 batches per step (the authors': 16 images each); fine-tuning: "
                   f"batch {args.finetune_batch}, AdamW.")
         run.finish()
     return table

@@ -24,6 +24,8 @@ from ..paths import REPO_ROOT
 
 
 def git_commit() -> str:
+    if os.environ.get("RUN_GIT_COMMIT"):  # set by whoever sent a copy of the tree to another machine
+        return os.environ["RUN_GIT_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -31,8 +33,7 @@ def git_commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return commit + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # a copy of the tree without .git (e.g. sent to a GPU machine): the sender may name it
-        return os.environ.get("RUN_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def relative_paths(value):
