@@ -9,6 +9,7 @@
 # make bench-twin                    Twin-Merging inference at 8/32/128 tokens: static, low-rank, grouped, per-input (+ top-k)
 # make bench-streaming               streaming merges from safetensors files vs one read (time, peak memory)
 # make bench-cold [DATA_DIR=...]      predict notebook 01's cold run time from unit costs measured here
+# make bench-gpu-paper               on a CUDA machine: the paper-scale vision notebooks' unit costs on CLIP-sized towers
 # make lab                           open the notebooks in JupyterLab
 #
 # Without DATA_DIR, data is downloaded from the public sources into data/downloads/.
@@ -29,8 +30,8 @@ NOTEBOOKS := 00_benchmark_calibration 01_merging_baselines 02_adamerging 03_fs_m
 ALL_NOTEBOOKS := $(NOTEBOOKS)
 PAPERMILL_ARGS ?=
 SCALE ?= small
-# notebooks that take scale="paper" so far
-PAPER_NOTEBOOKS := 01_merging_baselines 02_adamerging 05_twin_merging
+# notebooks that take scale="paper" (00 calibrates the small tracks only)
+PAPER_NOTEBOOKS := 01_merging_baselines 02_adamerging 03_fs_merge 04_gradient_matching 05_twin_merging
 # where the executed notebook goes: beside the committed figures, or (paper scale) under runs/
 EXECUTED_DIR = $(if $(filter paper,$(SCALE)),runs/$@/paper-scale,figures/$@)
 ifeq ($(SCALE),paper)
@@ -39,7 +40,7 @@ NOTEBOOKS := $(PAPER_NOTEBOOKS)
 override PAPERMILL_ARGS += -p scale paper
 endif
 
-.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming bench-cold lab clean-cache $(ALL_NOTEBOOKS)
+.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming bench-cold bench-gpu-paper lab clean-cache $(ALL_NOTEBOOKS)
 
 venv: $(VENV)/.installed
 
@@ -63,7 +64,7 @@ reproduce: $(NOTEBOOKS)
 
 $(ALL_NOTEBOOKS): $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	@mkdir -p $(EXECUTED_DIR)
-	cd notebooks && $(abspath $(PY)) -m papermill $@.ipynb ../$(EXECUTED_DIR)/$@.executed.ipynb \
+	cd notebooks && $(if $(findstring /,$(PY)),$(abspath $(PY)),$(PY)) -m papermill $@.ipynb ../$(EXECUTED_DIR)/$@.executed.ipynb \
 	    -p data_dir "$(DATA_DIR)" -p models_dir "$(MODELS_DIR)" $(PAPERMILL_ARGS)
 
 # Refill README.md's quoted tables (<!-- BEGIN figures/... --> blocks) from figures/.
@@ -89,6 +90,9 @@ bench-streaming: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 
 bench-cold: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_cold_time.py --data-dir "$(DATA_DIR)" --models-dir "$(MODELS_DIR)"
+
+bench-gpu-paper: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/bench_gpu_paper.py
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

@@ -477,6 +477,7 @@ def train_supernet(
     weight_decay: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> list[float]:
     """Train a SuperNet (or the distillation baseline) on the feature-reconstruction loss.
 
@@ -484,7 +485,9 @@ def train_supernet(
     the tasks' feature losses and takes one AdamW step; the learning rate follows a
     one-cycle schedule peaking at ``lr``. An epoch is as many steps as the longest loader
     has batches. Give exactly one of ``epochs`` and ``steps``. ``seed`` seeds torch's global
-    generator, which a DataLoader without its own generator uses to shuffle.
+    generator, which a DataLoader without its own generator uses to shuffle. ``autocast``
+    (e.g. ``torch.bfloat16`` on a GPU) runs the forward passes under ``torch.autocast``; the
+    parameters, the optimiser and folding stay in their own dtype.
     Returns the loss of every step.
     """
     from tqdm.auto import tqdm
@@ -505,8 +508,9 @@ def train_supernet(
     history = []
     bar = tqdm(range(steps), desc="FS-Merge" if isinstance(model, SuperNet) else "distillation", disable=not progress)
     for _ in bar:
-        losses = [model.feature_loss(_inputs(next(stream)).to(device), task) for task, stream in enumerate(streams)]
-        loss = torch.stack(losses).mean()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            losses = [model.feature_loss(_inputs(next(stream)).to(device), task) for task, stream in enumerate(streams)]
+            loss = torch.stack(losses).float().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -52,9 +52,9 @@ def test_notebook_parameters_are_exactly_the_config_fields_with_equal_defaults()
     assert notebook_config(G.GradientMatchingConfig, defaults) == G.GradientMatchingConfig()
 
 
-def test_config_rejects_the_paper_scale_and_an_unknown_removed_task():
+def test_config_rejects_an_unknown_scale_and_an_unknown_removed_task():
     with pytest.raises(ValueError, match="small"):
-        G.GradientMatchingConfig(scale="paper")
+        G.GradientMatchingConfig(scale="huge")
     with pytest.raises(ValueError, match="removed_task"):
         G.GradientMatchingConfig(removed_task="mr")
 

@@ -14,6 +14,7 @@ where the field is a tuple. ``runtime`` then makes the run deterministic.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import hashlib
 import json
@@ -134,11 +135,16 @@ def settings_for(target: type[C], source, exclude: Collection[str] = (), **overr
 def take_unchanged(config, profile: Mapping[str, Any]) -> None:
     """Set ``profile``'s values on the fields of ``config`` left at their defaults (a profile such
     as the paper scale or an earlier benchmark design; the settings a caller changed are kept).
-    Names ``config`` does not have are skipped, so notebooks can share one profile."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    Names ``config`` does not have are skipped, so notebooks can share one profile. Fields with a
+    ``default_factory`` (lists) compare against a fresh default and get their own copy of the value."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
     for name, value in profile.items():
-        if name in defaults and getattr(config, name) == defaults[name]:
-            setattr(config, name, value)
+        f = fields.get(name)
+        if f is None:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if getattr(config, name) == default:
+            setattr(config, name, copy.deepcopy(value))
 
 
 def output_folder(notebook: str, config) -> Path:

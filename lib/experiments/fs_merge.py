@@ -74,6 +74,7 @@ cover the merge itself (statistics, training, folding), not building the shared 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import time
@@ -94,6 +95,7 @@ from ..fs_merge import Distillation, augmented_pool, build_supernet, folded_logi
 from ..permutation import rebasin_merge, zipit_merge
 from ..statistics import gram_matrices
 from .cache import cache_path, cached_tensors, code_hash, content_hash, load_metadata
+from .config import take_unchanged
 from .cost import measured_call
 from .findings import Z, Claim, Estimate, findings_markdown, over_seeds, verdict
 
@@ -130,10 +132,10 @@ class FSStudyConfig:
 
     # paths and the run
     data_dir: str = ""  # local data mirror (e.g. ../shared/data); "" downloads
-    models_dir: str = ""  # unused (no pretrained weights here); accepted so `make reproduce` can pass it
+    models_dir: str = ""  # model folder (paper scale: open_clip weights, published experts); unused at small scale
     output_dir: str = ""  # where tables and figures go; "" is figures/03_fs_merge
     progress: bool = True
-    scale: str = "small"  # "paper" is not implemented for this notebook yet (issue "paper scale")
+    scale: str = "small"  # "paper": CLIP ViT-B-16 experts from different open_clip pretrainings (PAPER_SCALE)
     seed: int = 0
     # settings: which experts are merged (model 1 = the first task of each list)
     mlp_pairs: list = field(default_factory=lambda: [["mnist", "fashion_mnist"], ["gtsrb", "cifar10"]])
@@ -185,11 +187,53 @@ class FSStudyConfig:
     sweep_archs: list = field(default_factory=lambda: ["mlp", "vit"])
     ablation_archs: list = field(default_factory=lambda: ["mlp"])
     control_archs: list = field(default_factory=lambda: ["mlp", "vit"])
+    # FS-Merge and distillation by epochs, as the paper (0: the fixed step budgets fs_steps_mlp / fs_steps_vit)
+    fs_epochs: int = 0
+    # paper scale only (lib/experiments/fs_merge_paper.py): CLIP experts, each task's from its own pretraining
+    paper_arch: str = "ViT-B-16"
+    paper_pretrained: list = field(default_factory=lambda: [list(p) for p in PAPER_PRETRAINED])  # [task, open_clip tag]
+    paper_control_pretrained: str = "openai"  # the same-init control: every expert from this tag
+    paper_control_experts: str = "finetune"  # or "published" (FusionBench's tanganke experts, tag openai only)
+    paper_expert_steps: int = 2000  # fine-tuning steps per expert (METHODS.md §8 recipe, CLIP_RECIPE)
+    device: str = "auto"  # paper scale: "auto" is CUDA when there is one; the small scale runs on the CPU
+    autocast: str = "auto"  # paper scale: bf16 on CUDA for "auto"; "bf16", "fp16" or "off"
 
     def __post_init__(self):
-        if self.scale != "small":  # one error for every notebook's unbuilt scale, as in notebooks 01 and 04
-            raise ValueError(f'scale={self.scale!r}: notebooks/03_fs_merge.ipynb runs scale="small" only; the paper '
-                             'scale is the issue "paper scale" (METHODS.md §8 describes its protocol).')
+        if self.scale not in ("small", "paper"):
+            raise ValueError(f"scale={self.scale!r}: choose 'small' (the default) or 'paper'.")
+        if self.scale == "paper":
+            take_unchanged(self, PAPER_SCALE)
+            if self.mlp_pairs or self.four_model_tasks or {*self.sweep_archs, *self.ablation_archs, *self.control_archs} - {"vit"}:
+                raise ValueError("scale='paper' merges CLIP ViTs only (the paper's ViT-B-16 experiment): leave mlp_pairs "
+                                 "and four_model_tasks empty and sweep_archs / ablation_archs / control_archs at ['vit'].")
+            if self.paper_control_experts not in ("finetune", "published"):
+                raise ValueError(f"paper_control_experts = {self.paper_control_experts!r}: choose 'finetune' (the "
+                                 "recipe, here) or 'published' (FusionBench's experts of the openai tag).")
+
+    @property
+    def pretrained_of(self) -> dict[str, str]:
+        """Paper scale: each task's open_clip pretrained tag (``paper_pretrained`` as a dict)."""
+        return {str(task): str(tag) for task, tag in self.paper_pretrained}
+
+
+# Paper scale (METHODS.md §4, §8; Kinderman et al.'s ViT-B-16 experiment). Each task's expert is
+# fine-tuned from its own public open_clip ViT-B-16 pretraining: our substitute for the authors'
+# own pretrainings, which are not public (their code used `openai` for Cars and private ones for
+# the other tasks). The four tags share QuickGELU (the SuperNet runs one nonlinearity in the merged
+# width); `laion400m_e32`, `laion2b_s34b_b88k` and `datacomp_xl_s13b_b90k` are GELU tags, usable
+# together in a mapping of their own.
+PAPER_PRETRAINED = (("stanford_cars", "openai"), ("dtd", "metaclip_400m"), ("eurosat", "metaclip_fullcc"), ("gtsrb", "dfn2b"),
+                    ("svhn", "openai"), ("mnist", "metaclip_fullcc"), ("resisc45", "dfn2b"), ("sun397", "metaclip_400m"))
+PAPER_PAIRS = (("stanford_cars", "dtd"), ("eurosat", "gtsrb"), ("svhn", "mnist"))  # model 1 first; the authors' example: Cars + CIFAR-10
+PAPER_SCALE = {
+    "mlp_pairs": [], "four_model_tasks": [], "vit_pairs": [list(p) for p in PAPER_PAIRS],
+    "sweep_archs": ["vit"], "ablation_archs": ["vit"], "control_archs": ["vit"],
+    "test_per_task": None,  # the full canonical test splits
+    "expert_lr": 1e-5, "expert_weight_decay": 0.1, "expert_batch_size": 128,  # METHODS.md §8 (CLIP_RECIPE)
+    "num_images": 100, "augment": 8, "image_counts": [16, 50, 100, 400],  # 100 + 800 augmented per task
+    "fs_epochs": 100, "fs_batch_size": 128, "fs_lr": 1e-4, "kd_lr": 1e-4, "fs_weight_decay": 1e-3,
+    "rank": 12, "fs_init": "first", "ranks": [0, 4, 12, 32], "ablation_lrs": [1e-5, 1e-3], "regmean_alpha": 0.7,
+}
 
 
 def expert_seed(seed: int, *parts) -> int:
@@ -507,11 +551,12 @@ def regmean_grams(model: nn.Module, pool: torch.Tensor, batch_size: int = 256) -
     finally:
         for h in handles:
             h.remove()
-    return {**grams, **extra}, {**counts, **extra_counts}
+    return {**grams, **{k: v.cpu() for k, v in extra.items()}}, {**counts, **extra_counts}
 
 
 def _regmean(models, pools, config: FSStudyConfig):
-    states = [_as_matrices(_trunk(m)) for m in models]
+    # on the CPU, where gram_matrices leaves the Grams (paper scale: the models are on the GPU)
+    states = [_as_matrices({k: v.cpu() for k, v in _trunk(m).items()}) for m in models]
     statistics = [regmean_grams(m, p) for m, p in zip(models, pools)]
     # ridge: a ReLU dead on every pool image in every model leaves a zero row and column in the
     # summed Gram; the relative ridge sends the weights reading it to the average (they change
@@ -521,12 +566,22 @@ def _regmean(models, pools, config: FSStudyConfig):
     return _with_trunk(models, _from_matrices(merged, _trunk(models[0]))), _identity_maps(models)
 
 
+def _autocast_of(config: FSStudyConfig, module: nn.Module) -> torch.dtype | None:
+    """Paper scale: the autocast dtype of the device the models are on (bf16 on CUDA for "auto");
+    the small scale trains in float32."""
+    if config.scale != "paper":
+        return None
+    from .paper_tracks import autocast_dtype
+
+    return autocast_dtype(config.autocast, next(module.parameters()).device)
+
+
 def _train_and_fold(module, pools, steps, lr, config, progress):
     loaders = [pool_loader(p, config.fs_batch_size) for p in pools]
     history = []
     if steps > 0:
         history = train_supernet(module, loaders, steps=steps, lr=lr, weight_decay=config.fs_weight_decay,
-                                 seed=config.seed, progress=progress)
+                                 seed=config.seed, progress=progress, autocast=_autocast_of(config, module))
     model, out_unmerge = module.fold()
     return _frozen(model), out_unmerge, history
 
@@ -739,6 +794,25 @@ class FSStudy:
     def fs_steps(self, arch: str) -> int:
         return self.config.fs_steps_mlp if arch == "mlp" else self.config.fs_steps_vit
 
+    def train_steps(self, arch: str, num_images: int, augment: int) -> int:
+        """FS-Merge's and distillation's steps: ``fs_epochs`` passes over the pool (one batch of
+        every task a step, as :func:`~lib.fs_merge.train_supernet` counts an epoch), or, with
+        ``fs_epochs`` = 0, the fixed budget of the architecture, whatever the pool size."""
+        c = self.config
+        if c.fs_epochs <= 0:
+            return self.fs_steps(arch)
+        pool = num_images * (1 + augment)
+        return c.fs_epochs * math.ceil(pool / min(c.fs_batch_size, pool))
+
+    def correct(self, logits: Callable[[torch.Tensor], torch.Tensor], task: str) -> np.ndarray:
+        """Per-example top-1 outcomes of ``logits`` on ``task``'s test set."""
+        data = self.task(task)
+        return correct_predictions(logits, data.test_x, data.test_y)
+
+    def merge(self, method: str, models: Sequence[nn.Module], pools, **options):
+        """One merge, timed: ``((model, out_unmerge, info), seconds, peak MiB)``."""
+        return measured_call(lambda: merge(method, models, pools, self.config, progress=self.progress, **options))
+
     def run(self, setting: Setting, method: str, num_images: int | None = None, augment: int | None = None,
             rank: int | None = None, fs_init: str | None = None, steps: int | None = None,
             lr: float | None = None) -> list[dict]:
@@ -759,6 +833,8 @@ class FSStudy:
             "steps": (self.fs_steps(setting.arch) if steps is None else steps) if trained else None,
             "lr": (lr if lr is not None else c.fs_lr if method == FS_MERGE else c.kd_lr) if trained else None,
         }
+        if trained and (steps is None) and c.fs_epochs > 0:
+            options["steps"] = self.train_steps(setting.arch, options["num_images"], options["augment"])
         key = (method, *options.values())
         if key in setting.results:
             return setting.results[key]
@@ -771,9 +847,10 @@ class FSStudy:
             map_params = 0
         else:
             warm_up()
-            (model, maps, info), seconds, peak = measured_call(lambda: merge(
-                method, models, pools, c, rank=options["rank"], fs_init=options["fs_init"], steps=options["steps"] or 0,
-                lr=options["lr"], progress=self.progress))
+            (model, maps, info), seconds, peak = self.merge(method, models, pools, rank=options["rank"],
+                                                            fs_init=options["fs_init"], steps=options["steps"] or 0,
+                                                            lr=options["lr"])
+            maps = maps.to(next(model.parameters()).device)  # identity maps are made on the CPU
             logits = [lambda x, t=t: folded_logits(model, maps, heads[t], x, t) for t in range(len(models))]
             trunk_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
             identity = torch.equal(maps, _identity_maps(models).to(maps))
@@ -782,7 +859,7 @@ class FSStudy:
         rows = []
         for t, (name, expert) in enumerate(zip(setting.tasks, setting.experts)):
             data = self.task(name)
-            correct = correct_predictions(logits[t], data.test_x, data.test_y)
+            correct = self.correct(logits[t], name)
             rows.append({
                 "setting": setting.name, "pair": setting.pair, "arch": setting.arch, "init": setting.init,
                 "models": len(setting.tasks), "seed": c.seed, "method": method, "task": name, "task_index": t, **options,
@@ -796,8 +873,8 @@ class FSStudy:
 
     def expert_accuracy(self, expert: Expert) -> float:
         if "test_accuracy_now" not in expert.info:
-            data = self.task(expert.task)
-            expert.info["test_accuracy_now"] = accuracy(expert.model, data.test_x, data.test_y)
+            correct = self.correct(expert.model, expert.task)
+            expert.info["test_accuracy_now"] = 100.0 * float(correct.mean()) if len(correct) else 0.0
         return expert.info["test_accuracy_now"]
 
     def run_all(self, setting: Setting, methods: Sequence[str] | None = None, **options) -> list[dict]:
@@ -887,6 +964,47 @@ class FSStudy:
                          "test accuracy": self.expert_accuracy(e), "chance": self.task(task).chance, "steps": e.info.get("steps"),
                          "train seconds": e.info.get("train_seconds"), "loaded from cache": e.info.get("cached")})
         return pd.DataFrame(rows)
+
+    # -- what the notebook's captions and titles say (the paper-scale study says its own)
+    scale_label = "small scale"
+    init_labels = {"different": "different inits (from scratch)", "same": "shared init (fine-tuned)"}
+
+    def experts_caption(self) -> str:
+        return ("Experts trained from scratch with different seeds (small scale): test accuracy %, chance level, "
+                "training steps and seconds.")
+
+    def budget_text(self) -> str:
+        """How FS-Merge and distillation were trained, for captions."""
+        c = self.config
+        if c.fs_epochs > 0:
+            return f"{c.fs_epochs} epochs of the pool, peak lr {c.fs_lr:g} / {c.kd_lr:g}"
+        return (f"{c.fs_steps_mlp} (MLP) / {c.fs_steps_vit} (ViT) steps, peak lr {c.fs_lr:g} / {c.kd_lr:g} "
+                "(paper: 100 epochs, 1e-4)")
+
+    def main_caption(self) -> str:
+        c = self.config
+        return (f"**Small scale** (not the paper's numbers). Average accuracy % ± its standard error, normalized and "
+                f"retained scores, accuracy per task. Data-driven methods: {c.num_images} unlabeled images per task + "
+                f"{c.augment} augmented copies each. FS-Merge / distillation: {self.budget_text()}.")
+
+    def sweep_caption(self) -> str:
+        return (f"**Small scale.** Average accuracy % vs unlabeled original images per task (+ {self.config.augment} "
+                "augmented copies each, or originals only). Same number of training steps for every n.")
+
+    def control_caption(self) -> str:
+        return ("**Small scale.** The same pair merged from different initialisations (from scratch) and from one shared "
+                f"initialisation (warm-up on the other tasks, then fine-tuned at lr {self.config.finetune_lr}).")
+
+    def cost_caption(self) -> str:
+        return (f"**Small scale, {torch.get_num_threads()} CPU thread(s).** Merge wall time, peak resident memory "
+                "growth and parameters; one run each (no uncertainty).")
+
+    memory_label = "peak memory growth, MiB (log)"
+    cost_title = "Cost of each merge (small scale, CPU)"
+
+    def skipped(self) -> list[str]:
+        """Experiments of the notebook not run at this scale, each with its reason (for the findings)."""
+        return []
 
     def run_time_note(self, wall_seconds: float) -> str:
         """How long the run took and how much of it trained experts (for the findings' notes)."""
@@ -1182,7 +1300,7 @@ def ablation_notes(ablation: pd.DataFrame) -> list[str]:
     return notes
 
 
-def cost_notes(main: pd.DataFrame) -> list[str]:
+def cost_notes(main: pd.DataFrame, where: str = "this machine's CPU") -> list[str]:
     """Merge time and memory of FS-Merge, distillation and the closed-form merges (one timing each,
     so no standard error and no verdict)."""
     table = cost_table(main)
@@ -1193,7 +1311,7 @@ def cost_notes(main: pd.DataFrame) -> list[str]:
         parts.append(f"{s}: FS-Merge {c.loc[FS_MERGE, 'merge seconds']:.1f} s / {c.loc[FS_MERGE, 'peak MiB']:.0f} MiB, "
                      f"distillation {c.loc[DISTILLATION, 'merge seconds']:.1f} s / {c.loc[DISTILLATION, 'peak MiB']:.0f} MiB, "
                      f"closed-form merges ≤ {closed['merge seconds'].max():.2f} s")
-    return ["Cost on this machine's CPU (one timing per merge, no uncertainty): " + "; ".join(parts) + "."]
+    return [f"Cost on {where} (one timing per merge, no uncertainty): " + "; ".join(parts) + "."]
 
 
 def uncertainty_note(rows: pd.DataFrame) -> str:
@@ -1214,17 +1332,33 @@ def findings(config: FSStudyConfig, main: pd.DataFrame, sweep: pd.DataFrame | No
         claims.append(advantage_largest_with_little_data(sweep, main))
     if control is not None and len(control):
         claims.append(shared_init_narrows_the_gap(main, control))
-    preamble = (f"*Small scale (scale={config.scale!r}) on a CPU: tiny experts trained from scratch for a few epochs, "
-                f"{config.image_size}×{config.image_size} images, FS-Merge and distillation trained "
-                f"{config.fs_steps_mlp} (MLP) / {config.fs_steps_vit} (ViT) steps at peak lr {config.fs_lr:g} / "
-                f"{config.kd_lr:g} instead of 100 epochs at 1e-4. These are not the paper's numbers.* "
-                + uncertainty_note(main))
-    extra = [*(ablation_notes(ablation) if ablation is not None and len(ablation) else []), *cost_notes(main), *notes]
+    if config.scale == "paper":
+        from .fs_merge_paper import paper_preamble
+
+        preamble, where = paper_preamble(config), f"the run's device ({config.device})"
+    else:
+        preamble = (f"*Small scale (scale={config.scale!r}) on a CPU: tiny experts trained from scratch for a few epochs, "
+                    f"{config.image_size}×{config.image_size} images, FS-Merge and distillation trained "
+                    f"{config.fs_steps_mlp} (MLP) / {config.fs_steps_vit} (ViT) steps at peak lr {config.fs_lr:g} / "
+                    f"{config.kd_lr:g} instead of 100 epochs at 1e-4. These are not the paper's numbers.* ")
+        where = "this machine's CPU"
+    preamble += uncertainty_note(main)
+    extra = [*(ablation_notes(ablation) if ablation is not None and len(ablation) else []), *cost_notes(main, where), *notes]
     return findings_markdown("FS-Merge: which of the paper's claims held at this scale", claims, preamble, extra)
 
 
+def fs_study(config: FSStudyConfig) -> FSStudy:
+    """The study of ``config``'s scale: :class:`FSStudy`, or at paper scale
+    :class:`~lib.experiments.fs_merge_paper.PaperFSStudy` (CLIP experts, the same experiments)."""
+    if config.scale == "paper":
+        from .fs_merge_paper import PaperFSStudy
+
+        return PaperFSStudy(config)
+    return FSStudy(config)
+
+
 __all__ = [
-    "FS_STUDY_VERSION", "METHODS", "CLOSED_FORM", "ENSEMBLE", "MODEL_1", "AVERAGE", "SLERP", "REGMEAN", "REBASIN",
+    "FS_STUDY_VERSION", "PAPER_SCALE", "PAPER_PAIRS", "PAPER_PRETRAINED", "fs_study", "METHODS", "CLOSED_FORM", "ENSEMBLE", "MODEL_1", "AVERAGE", "SLERP", "REGMEAN", "REBASIN",
     "ZIPIT", "DISTILLATION", "FS_MERGE", "DEFAULT_VARIANT", "FSStudyConfig", "FSStudy", "Setting", "Expert", "TaskData",
     "expert_seed", "load_task", "unlabeled_pool", "pool_loader", "make_model", "arch_spec", "fit", "accuracy",
     "correct_predictions", "merge", "methods_for", "regmean_grams", "data_spec", "scratch_expert_spec",

@@ -150,7 +150,9 @@ def load_clip(arch: str = "ViT-B-32", pretrained: str | None = "openai", *,
         return CLIPBundle(model, preprocess, tokenizer, arch, None)
     if arch not in CLIP_ARCHS:
         raise ValueError(f"arch = {arch!r}: the protocol uses {', '.join(CLIP_ARCHS)}.")
-    quick_gelu = pretrained == "openai"  # OpenAI trained with QuickGELU; open_clip's configs say GELU
+    # OpenAI trained with QuickGELU, and so did the tags open_clip marks quick_gelu (MetaCLIP, DFN);
+    # open_clip's built-in configs say GELU and only warn
+    quick_gelu = pretrained == "openai" or _tag_uses_quick_gelu(arch, pretrained)
     mirror = models_mirror(models_dir)
     if mirror is not None:
         repo = _open_clip_repo(arch, pretrained)
@@ -176,6 +178,13 @@ def load_clip(arch: str = "ViT-B-32", pretrained: str | None = "openai", *,
                                f"the hub repository {_open_clip_repo(arch, pretrained)} in <models>/"
                                f"{_open_clip_repo(arch, pretrained)} and set models_dir (or MODELS_DIR).") from err
     return CLIPBundle(model.eval(), preprocess, open_clip.get_tokenizer(arch), arch, pretrained)
+
+
+def _tag_uses_quick_gelu(arch: str, pretrained: str | None) -> bool:
+    """Whether open_clip's pretrained config of ``arch``/``pretrained`` says QuickGELU."""
+    import open_clip
+
+    return bool(pretrained and (open_clip.get_pretrained_cfg(arch, pretrained) or {}).get("quick_gelu", False))
 
 
 def _open_clip_repo(arch: str, pretrained: str | None) -> str:

@@ -75,12 +75,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
 from ..heads import CLASSIFIER_KEYS, SequenceClassificationHead, classification_head
 from ..metrics import accuracy, f1_per_class, matthews
 from .hub import download_to_folder
 from ..paths import REPO_ROOT, data_mirror, download_dir, models_mirror
+from .task_files import read_task_file
 
 TASKS_FILE = REPO_ROOT / "data" / "glue_tasks.yaml"
 PAPER_TEXT_TASKS: tuple[str, ...] = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
@@ -148,13 +148,7 @@ def glue_task_spec(name: str, path: str | os.PathLike | None = None) -> GlueTask
 
 @lru_cache(maxsize=4)
 def _read_protocol(path: str) -> GlueProtocol:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: the GLUE tasks' columns, labels and metrics live there "
-                                "(data/glue_tasks.yaml in the repository).") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
-        raise ValueError(f"{path}: expected a mapping with a 'tasks' mapping of task name -> settings.")
+    raw = read_task_file(path, "the GLUE tasks' columns, labels and metrics")
     validation = raw.get("validation") or {}
     if validation.get("from") != "train" or validation.get("rule") != "dare" \
             or not 0 < float(validation.get("fraction", 0)) < 1:
@@ -318,8 +312,9 @@ def _task_folder(spec: GlueTaskSpec, mirror: Path | None) -> Path:
     return folder
 
 
-def _open_task_folder(folder: Path) -> dict:
-    """The splits of a saved DatasetDict, or of a hub snapshot's parquet files."""
+def _open_task_folder(folder: Path, source: str = f"the {HUB_DATASET} configuration") -> dict:
+    """The splits of a saved DatasetDict, or of a hub snapshot's parquet files. ``source`` names
+    what the folder should hold, for the error (``lib.paper.sentiment`` reads its folders here too)."""
     import datasets
 
     if (folder / "dataset_dict.json").is_file():
@@ -331,8 +326,7 @@ def _open_task_folder(folder: Path) -> dict:
         files.setdefault(split, []).append(str(path))
     if not files:
         raise FileNotFoundError(f"{folder} holds neither a saved DatasetDict (dataset_dict.json) nor parquet files. "
-                                f"Save the {HUB_DATASET} configuration there with DatasetDict.save_to_disk, or copy "
-                                "its parquet files.")
+                                f"Save {source} there with DatasetDict.save_to_disk, or copy its parquet files.")
     cache = download_dir() / MIRROR_FOLDER / "parquet_cache"  # the arrow files datasets builds from parquet
     return dict(datasets.load_dataset("parquet", data_files=files, cache_dir=str(cache)))
 

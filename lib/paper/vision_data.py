@@ -52,11 +52,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from ..data.splits import stratified_split
 from .hub import download_to_folder
 from ..paths import REPO_ROOT, data_mirror, download_dir
+from .task_files import read_task_file
 
 TASKS_FILE = REPO_ROOT / "data" / "clip_tasks.yaml"
 PAPER_VISION_TASKS: tuple[str, ...] = (
@@ -104,13 +104,7 @@ def task_spec(name: str, path: str | os.PathLike | None = None) -> TaskSpec:
 
 @lru_cache(maxsize=4)
 def _read_tasks(path: str) -> dict[str, TaskSpec]:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: the class names and templates of the CLIP tasks live there "
-                                "(data/clip_tasks.yaml in the repository).") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
-        raise ValueError(f"{path}: expected a mapping with a 'tasks' mapping of task name -> settings.")
+    raw = read_task_file(path, "the class names and templates of the CLIP tasks")
     return {name: _task_spec(name, entry, path) for name, entry in raw["tasks"].items()}
 
 
