@@ -60,16 +60,19 @@ RUN_TIMES = "figures/run_times.md"
 
 def run_times(root: Path) -> str:
     """A table of every committed run's record (``figures/*/run.json``): what ran, at which commit,
-    for how long, on how many threads. The README quotes it, so no run time is typed by hand."""
+    for how long, on which device and how many CPU threads. The README quotes it, so no run time is
+    typed by hand."""
     import json
 
-    rows = ["| output | written by | commit | wall time | threads | finished (UTC) |", "|---|---|---|---|---|---|"]
+    rows = ["| output | written by | commit | wall time | device | threads | finished (UTC) |",
+            "|---|---|---|---|---|---|---|"]
     for path in sorted(Path(root).glob("figures/*/run.json")):
         record = json.loads(path.read_text())
         minutes = record.get("wall_time_seconds", float("nan")) / 60
         rows.append(f"| `{path.parent.relative_to(root)}/` | `{record.get('notebook', '?')}` | "
                     f"{str(record.get('git_commit', '?'))[:7]}{'+' if '+' in str(record.get('git_commit')) else ''} | "
-                    f"{minutes:.1f} min | {record.get('machine', {}).get('threads', '?')} | "
+                    f"{minutes:.1f} min | {record.get('machine', {}).get('device', '?')} | "
+                    f"{record.get('machine', {}).get('threads', '?')} | "
                     f"{record.get('finished_utc', '?')} |")
     return "\n".join(rows) + "\n"
 
