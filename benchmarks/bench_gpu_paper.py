@@ -18,7 +18,10 @@ paper-scale tracks do on CUDA (``autocast="auto"``). Measured, per tower:
   Beside it, a plain forward+backward of the same batches and loss into the tower's own
   parameters (issue 10's yardstick: an adaptation step should cost at most 1.5× that);
 - **fine-tuning step** (``paper_experts="finetune"``, ``CLIP_RECIPE``): AdamW on the tower at
-  batch 128, head frozen; × 2,000 = one expert.
+  batch 128, head frozen; × 2,000 = one expert;
+- **FS-Merge step** (notebook 03, a second table): a rank-12 SuperNet over two ViT-B-16 towers,
+  batch 128 per task, with one backward per step (``micro_batches=1``) and in chunks of 16
+  (``micro_batches=8``, the paper scale's default: the same gradient).
 
 Timings bracket ``torch.cuda.synchronize()``; peak memory is ``torch.cuda.max_memory_allocated``
 (reset before each measurement). On a CPU (``--tiny``) the same code runs on a 2-block tower, to
@@ -44,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import merging  # noqa: E402
 from lib.archs import ViT  # noqa: E402
+from lib.fs_merge import build_supernet, train_supernet  # noqa: E402
 from lib.experiments.report import Run  # noqa: E402
 
 # open_clip's image towers: (width, blocks, heads, patch, output width)
@@ -160,6 +164,27 @@ def bench(spec: str, args, device: torch.device) -> dict:
     return row
 
 
+def fs_merge_rows(args, device: torch.device) -> list[dict]:
+    """One FS-Merge training step of a SuperNet over two towers, whole-batch vs chunked backward."""
+    name = "tiny" if args.tiny else "ViT-B-16"
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(0)
+    towers = [tower({**TOWERS, **TINY}[name], args.image, device) for _ in range(2)]
+    loaders = [[torch.randn(args.finetune_batch, 3, args.image, args.image, device=device)] for _ in towers]
+    rows = []
+    for chunks in (1, 8):
+        supernet = build_supernet(towers, rank=12, init="first").to(device)
+        s, m = timed(lambda: train_supernet(supernet, loaders, steps=1, progress=False, autocast=dtype,
+                                            micro_batches=chunks), device, args.repeats)
+        rows.append({"towers": f"2 × {name}", "batch per task": args.finetune_batch, "micro_batches": chunks,
+                     "step (ms)": 1000 * s, "peak (GiB)": m / 1024})
+        del supernet
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(pd.DataFrame(rows).to_string(), flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--towers", nargs="+", default=[*TOWERS, "ViT-L-14:8"],
@@ -186,6 +211,7 @@ def main(argv=None):
     rows = [bench(spec, args, device) for spec in args.towers]
     table = pd.DataFrame(rows).set_index("tower")
     print(table.T.to_string(float_format=lambda v: f"{v:.3g}"))
+    fs_table = pd.DataFrame(fs_merge_rows(args, device)).set_index("micro_batches")
     if run is not None:
         run.table(table.T.round(3), "gpu_unit_costs",
                   f"CLIP image towers of the real sizes (random weights), {len(CLASSES[:args.tasks])} tasks, bf16 "
@@ -193,6 +219,10 @@ def main(argv=None):
                   "warm-up; peak = torch.cuda.max_memory_allocated). Inference excludes image decoding. AdaMerging: "
                   f"layer-wise, {args.tasks} tasks × 2 batches per step (the authors': 16 images each); fine-tuning: "
                   f"batch {args.finetune_batch}, AdamW.")
+        run.table(fs_table.round(3), "fs_merge_step",
+                  f"One FS-Merge training step (rank 12, AdamW, bf16 autocast) over two towers on {where}, batch "
+                  f"{args.finetune_batch} per task: one backward (micro_batches 1) or chunks of "
+                  f"about {max(1, args.finetune_batch // 8)} (micro_batches 8, the same gradient). Medians of {args.repeats}.")
         run.finish()
     return table
 

@@ -478,6 +478,7 @@ def train_supernet(
     seed: int = 0,
     progress: bool = True,
     autocast: torch.dtype | None = None,
+    micro_batches: int = 1,
 ) -> list[float]:
     """Train a SuperNet (or the distillation baseline) on the feature-reconstruction loss.
 
@@ -487,13 +488,18 @@ def train_supernet(
     has batches. Give exactly one of ``epochs`` and ``steps``. ``seed`` seeds torch's global
     generator, which a DataLoader without its own generator uses to shuffle. ``autocast``
     (e.g. ``torch.bfloat16`` on a GPU) runs the forward passes under ``torch.autocast``; the
-    parameters, the optimiser and folding stay in their own dtype.
+    parameters, the optimiser and folding stay in their own dtype. ``micro_batches`` > 1 splits
+    each task's batch into that many chunks and runs backward chunk by chunk, each chunk's mean
+    loss weighted by its share of the step: the same gradient (up to float rounding) with the
+    activations of one chunk of one task alive at a time instead of every task's whole batch.
     Returns the loss of every step.
     """
     from tqdm.auto import tqdm
 
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs and steps")
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches = {micro_batches}: pass 1 (one backward per step) or more.")
     if len(loaders_per_task) != len(model.teachers):
         raise ValueError(f"{len(loaders_per_task)} loaders for {len(model.teachers)} models")
     if steps is None:
@@ -508,17 +514,35 @@ def train_supernet(
     history = []
     bar = tqdm(range(steps), desc="FS-Merge" if isinstance(model, SuperNet) else "distillation", disable=not progress)
     for _ in bar:
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            losses = [model.feature_loss(_inputs(next(stream)).to(device), task) for task, stream in enumerate(streams)]
-            loss = torch.stack(losses).float().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if micro_batches == 1:
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                losses = [model.feature_loss(_inputs(next(stream)).to(device), task) for task, stream in enumerate(streams)]
+                loss = torch.stack(losses).float().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss = _accumulated_loss(model, streams, micro_batches, device, autocast)
         optimizer.step()
         schedule.step()
         history.append(loss.item())
         bar.set_postfix(loss=f"{history[-1]:.4g}")
     model.eval()
     return history
+
+
+def _accumulated_loss(model, streams, micro_batches: int, device, autocast) -> torch.Tensor:
+    """One step's mean over tasks of the feature loss, its gradient accumulated chunk by chunk
+    (``train_supernet``'s ``micro_batches``); returns the detached loss."""
+    total = torch.zeros((), device=device)
+    for task, stream in enumerate(streams):
+        x = _inputs(next(stream))
+        for chunk in x.tensor_split(min(micro_batches, len(x))):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                part = model.feature_loss(chunk.to(device), task).float() * (len(chunk) / len(x) / len(streams))
+            part.backward()
+            total += part.detach()
+    return total
 
 
 def fs_merge(models: Sequence[nn.Module], loaders_per_task: Sequence[Iterable], config: FSMergeConfig, progress: bool = True):

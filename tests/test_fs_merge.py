@@ -173,6 +173,22 @@ def test_fs_merge_and_distill_follow_their_config():
         assert changed != histories[fs_merge], change
 
 
+@pytest.mark.parametrize("supernet_class, make, shape", [(MLPSuperNet, make_mlps, (6,)), (ViTSuperNet, make_vits, (3, 8, 8))], ids=["mlp", "vit"])
+def test_micro_batches_take_the_same_steps(supernet_class, make, shape):
+    # chunked backward (uneven chunks: 16 = 6 + 5 + 5) accumulates the gradient of the whole batch
+    runs = {}
+    for chunks in (1, 3):
+        supernet = supernet_class(make(2), rank=2, init="first", seed=5)
+        history = train_supernet(supernet, task_loaders(2, shape), steps=3, lr=1e-2, seed=5, progress=False,
+                                 micro_batches=chunks)
+        runs[chunks] = (history, {k: v.clone() for k, v in supernet.state_dict().items()})
+    assert runs[1][0] == pytest.approx(runs[3][0], rel=1e-6)  # the loss is summed in float32
+    for key, value in runs[1][1].items():
+        assert torch.allclose(runs[3][1][key], value, rtol=1e-6, atol=1e-9), key
+    with pytest.raises(ValueError, match="micro_batches"):
+        train_supernet(supernet_class(make(2), rank=2), task_loaders(2, shape), steps=1, micro_batches=0, progress=False)
+
+
 def test_training_is_seeded():
     runs = []
     for _ in range(2):

@@ -172,6 +172,7 @@ class FSStudyConfig:
     fs_steps_mlp: int = 300
     fs_steps_vit: int = 200
     fs_batch_size: int = 128
+    fs_micro_batches: int = 1  # backward in this many chunks per task (same gradient, less memory)
     fs_lr: float = 3e-3  # FS-Merge's peak lr (one-cycle, AdamW); the paper: 1e-4 over 100 epochs
     kd_lr: float = 3e-3  # distillation's peak lr (the paper: the same as FS-Merge's)
     fs_weight_decay: float = 1e-3
@@ -232,6 +233,7 @@ PAPER_SCALE = {
     "expert_lr": 1e-5, "expert_weight_decay": 0.1, "expert_batch_size": 128,  # METHODS.md §8 (CLIP_RECIPE)
     "num_images": 100, "augment": 8, "image_counts": [16, 50, 100, 400],  # 100 + 800 augmented per task
     "fs_epochs": 100, "fs_batch_size": 128, "fs_lr": 1e-4, "kd_lr": 1e-4, "fs_weight_decay": 1e-3,
+    "fs_micro_batches": 8,  # batch 128 backward in chunks of 16: one backward took ~97 GiB on ViT-B-16
     "rank": 12, "fs_init": "first", "ranks": [0, 4, 12, 32], "ablation_lrs": [1e-5, 1e-3], "regmean_alpha": 0.7,
 }
 
@@ -581,7 +583,8 @@ def _train_and_fold(module, pools, steps, lr, config, progress):
     history = []
     if steps > 0:
         history = train_supernet(module, loaders, steps=steps, lr=lr, weight_decay=config.fs_weight_decay,
-                                 seed=config.seed, progress=progress, autocast=_autocast_of(config, module))
+                                 seed=config.seed, progress=progress, autocast=_autocast_of(config, module),
+                                 micro_batches=config.fs_micro_batches)
     model, out_unmerge = module.fold()
     return _frozen(model), out_unmerge, history
 
