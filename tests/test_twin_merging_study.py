@@ -237,6 +237,29 @@ def test_low_rank_path_serves_the_stream_exactly_as_per_input_materialisation(ti
     assert sum(len(v) for v in stream[T.LOW_RANK].values()) == TINY.stream_examples
 
 
+def test_stream_table_counts_each_paths_matrix_work(tiny_run):
+    _, result = tiny_run
+    table = result.tables["stream"]
+    flops = table["MFLOP per input"]
+    # the low-rank path adds the factors' products to the static forward; per-input adds one merge per
+    # input (on this tiny model the cheaper of the two), over fewer tasks with top-2 routing
+    assert 0 < flops[T.STATIC] < flops[T.LOW_RANK] and flops[T.STATIC] < flops[T.PER_INPUT]
+    assert flops["Per-input materialisation, top-2"] < flops[T.PER_INPUT]
+    assert table.loc[T.LOW_RANK, "× low-rank (FLOPs)"] == 1.0
+    assert "In matrix work per input" in T._speed_claim(result, TINY.top_k).evidence
+
+
+def test_matrix_flops_counts_products_not_elementwise_work():
+    from lib.experiments.cost import matrix_flops
+
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    assert matrix_flops(layer, x) == 2 * 2 * 4 * 3
+    assert matrix_flops(lambda t: (t * 2 + 1).relu(), x) == 0
+    acc = torch.zeros(2, 3)
+    assert matrix_flops(lambda: acc.addmm_(x, layer.weight.T.detach(), alpha=0.5)) == 2 * 2 * 4 * 3  # torch skips it
+
+
 # ----------------------------------------------------------------------------- findings
 def _outcomes(accuracy: float, seed: int = 0, n: int = 2000, tasks=("x", "y")) -> dict:
     """Per-example outcomes with the given accuracy (%), correlated across rows by a shared difficulty."""

@@ -99,3 +99,21 @@ def matmul_rate(size: int = 2048, seconds: float = 1.0) -> float:
 
 
 __all__ = ["matmul_rate", "measure", "measured_call", "release_freed_memory"]
+
+
+def _inplace_addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+
+
+def matrix_flops(fn: Callable[..., object], *args) -> float:
+    """FLOPs of the matrix work of one call ``fn(*args)``: matrix products, convolutions and
+    attention, as torch's ``FlopCounterMode`` counts them (2 per multiply-add), plus in-place
+    ``addmm_`` (which it skips, and Twin-Merging's merge accumulates low-rank products with);
+    element-wise work (additions, activations, norms) is not counted, so this is a lower bound
+    on the arithmetic."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops}) as counter:
+        fn(*args)
+    return float(counter.get_total_flops())
