@@ -1250,13 +1250,9 @@ class VmappableClassifier(nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
 
 
-class VmappableRobertaClassifier(nn.Module):
+class VmappableRobertaClassifier(VmappableClassifier):
     """Paper scale: :class:`VmappableClassifier` for RoBERTa read at ``<s>`` with its two-layer
     head (``lib.paper.glue.RobertaEncoder``), the same parameter names as the ``Classifier``."""
-
-    def __init__(self, model: Classifier):
-        super().__init__()
-        self.encoder, self.head = model.encoder, model.head
 
     def forward(self, input_ids, attention_mask):
         hidden = self.encoder.roberta(input_ids=input_ids,

@@ -78,7 +78,7 @@ import torch.nn as nn
 
 from ..heads import CLASSIFIER_KEYS, SequenceClassificationHead, classification_head
 from ..metrics import accuracy, f1_per_class, matthews
-from .hub import download_to_folder
+from .hub import download_to_folder, hub_folder_of
 from ..paths import REPO_ROOT, data_mirror, download_dir, models_mirror
 from .task_files import read_task_file
 
@@ -299,17 +299,13 @@ def load_glue_task(name: str, data_dir: str | os.PathLike | None = None, seed: i
 
 def _task_folder(spec: GlueTaskSpec, mirror: Path | None) -> Path:
     """The task's folder: the mirror's (it must exist), or the download folder, filled once."""
-    root = mirror if mirror is not None else download_dir()
-    folder = root / MIRROR_FOLDER / "huggingface" / spec.name
-    if mirror is not None and not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} not found: {spec.title} is read from there. Put the {HUB_DATASET} configuration "
-            f"{spec.config!r} in it (DatasetDict.save_to_disk, or its parquet files: `huggingface-cli download "
-            f"{HUB_DATASET} --repo-type dataset --local-dir {folder.parent}` fetches every task), or unset DATA_DIR "
-            "to download.")
-    if mirror is None and not folder.is_dir():
-        _download(spec, folder)
-    return folder
+    relative = Path(MIRROR_FOLDER) / "huggingface" / spec.name
+    parent = (mirror if mirror is not None else download_dir()) / relative.parent
+    return hub_folder_of(mirror, relative,
+                         f"{spec.title} is read from there. Put the {HUB_DATASET} configuration {spec.config!r} in it "
+                         f"(DatasetDict.save_to_disk, or its parquet files: `huggingface-cli download {HUB_DATASET} "
+                         f"--repo-type dataset --local-dir {parent}` fetches every task), or unset DATA_DIR to download.",
+                         lambda folder: _download(spec, folder))
 
 
 def _open_task_folder(folder: Path, source: str = f"the {HUB_DATASET} configuration") -> dict:

@@ -11,6 +11,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+from ..paths import download_dir
 
 
 def download_to_folder(repo: str, config: str | None, folder: Path, offline_hint: str) -> None:
@@ -31,3 +34,14 @@ def download_to_folder(repo: str, config: str | None, folder: Path, offline_hint
         os.replace(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def hub_folder_of(mirror: Path | None, relative: str | Path, missing: str, download: Callable[[Path], None]) -> Path:
+    """The folder ``relative`` under the mirror, which must exist (``missing`` says what to put
+    there), or without a mirror under ``download_dir()``, filled once by ``download(folder)``."""
+    folder = (mirror if mirror is not None else download_dir()) / relative
+    if not folder.is_dir():
+        if mirror is not None:
+            raise FileNotFoundError(f"{folder} not found: {missing}")
+        download(folder)
+    return folder

@@ -49,7 +49,7 @@ import numpy as np
 
 from ..paths import REPO_ROOT, data_mirror, download_dir
 from .glue import MIRROR_FOLDER, GlueSplit, PaperTextTask, _open_task_folder
-from .hub import download_to_folder
+from .hub import download_to_folder, hub_folder_of
 from .task_files import read_task_file
 
 TASKS_FILE = REPO_ROOT / "data" / "sentiment_tasks.yaml"
@@ -249,18 +249,14 @@ def _split(spec: SentimentTaskSpec, dataset, labels: np.ndarray, rows: np.ndarra
 
 def _task_folder(spec: SentimentTaskSpec, mirror: Path | None) -> Path:
     """The dataset's folder: the mirror's (it must exist), or the download folder, filled once."""
-    root = mirror if mirror is not None else download_dir()
-    folder = root / MIRROR_FOLDER / "huggingface" / spec.name
-    if mirror is not None and not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} not found: {spec.title} is read from there. Put {_source(spec)} in it "
-            f"(DatasetDict.save_to_disk, or its parquet files: {_download_command(spec, folder)}), or unset DATA_DIR "
-            "to download.")
-    if mirror is None and not folder.is_dir():
-        download_to_folder(spec.hub, spec.config, folder,
-                           f"Offline, put it in <mirror>/{MIRROR_FOLDER}/huggingface/{spec.name} (save_to_disk or its "
-                           "parquet files) and set DATA_DIR to <mirror>.")
-    return folder
+    relative = Path(MIRROR_FOLDER) / "huggingface" / spec.name
+    folder = (mirror if mirror is not None else download_dir()) / relative
+    return hub_folder_of(mirror, relative,
+                         f"{spec.title} is read from there. Put {_source(spec)} in it (DatasetDict.save_to_disk, or "
+                         f"its parquet files: {_download_command(spec, folder)}), or unset DATA_DIR to download.",
+                         lambda folder: download_to_folder(
+                             spec.hub, spec.config, folder, f"Offline, put it in <mirror>/{MIRROR_FOLDER}/huggingface/"
+                             f"{spec.name} (save_to_disk or its parquet files) and set DATA_DIR to <mirror>."))
 
 
 def _download_command(spec: SentimentTaskSpec, folder: Path) -> str:
