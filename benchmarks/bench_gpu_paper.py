@@ -16,7 +16,9 @@ paper-scale tracks do on CUDA (``autocast="auto"``). Measured, per tower:
   ``functional_call``, the backward to λ, Adam. Seconds per step (median after warm-up) and peak
   GPU memory; × 500 = one run at the authors' budget;
   Beside it, a plain forward+backward of the same batches and loss into the tower's own
-  parameters (issue 10's yardstick: an adaptation step should cost at most 1.5× that);
+  parameters (issue 10's yardstick: an adaptation step should cost at most 1.5× that); and the
+  same step with ``per_batch_backward=True`` (the paper scale's default: the same gradient, one
+  batch's activations alive at a time);
 - **fine-tuning step** (``paper_experts="finetune"``, ``CLIP_RECIPE``): AdamW on the tower at
   batch 128, head frozen; × 2,000 = one expert;
 - **FS-Merge step** (notebook 03, a second table): a rank-12 SuperNet over two ViT-B-16 towers,
@@ -122,23 +124,32 @@ def bench(spec: str, args, device: torch.device) -> dict:
         s, _ = timed(plain_step, device, args.repeats)
         model.zero_grad(set_to_none=True)
         row["plain forward+backward, same batches (ms)"] = 1000 * s
-        step_seconds = []
 
-        def record(step, params, coefficients):  # after the step's backward
+        def adamerging_step(per_batch_backward: bool) -> tuple[float, float]:
+            """(median seconds per step after two warm-up steps, peak GPU MiB) of ``adamerge``."""
+            step_seconds = []
+
+            def record(step, params, coefficients):  # after the step's backward
+                sync(device)
+                step_seconds.append(time.perf_counter())
+
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            merging.adamerge(model, pretrained, taus, heads, lambda step: data, steps=args.repeats + 2,
+                             callback=record, per_batch_backward=per_batch_backward)
             sync(device)
-            step_seconds.append(time.perf_counter())
+            gaps = [b - a for a, b in zip([started, *step_seconds], step_seconds)][2:]  # drop two warm-up steps
+            return statistics.median(gaps), peak_mib(device)
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        merging.adamerge(model, pretrained, taus, heads, lambda step: data, steps=args.repeats + 2,
-                         callback=record)
-        sync(device)
-        gaps = [b - a for a, b in zip([started, *step_seconds], step_seconds)][2:]  # drop two warm-up steps
-        step = statistics.median(gaps)
-        row |= {"AdaMerging step (ms)": 1000 * step, "AdaMerging / plain": 1000 * step / row[
-                    "plain forward+backward, same batches (ms)"], "AdaMerging peak (GiB)": peak_mib(device) / 1024,
-                f"AdaMerging {ADAMERGING_STEPS} steps (min)": step * ADAMERGING_STEPS / 60}
+        plain = row["plain forward+backward, same batches (ms)"]
+        step, peak = adamerging_step(per_batch_backward=False)
+        row |= {"AdaMerging step (ms)": 1000 * step, "AdaMerging / plain": 1000 * step / plain,
+                "AdaMerging peak (GiB)": peak / 1024, f"AdaMerging {ADAMERGING_STEPS} steps (min)": step * ADAMERGING_STEPS / 60}
+        step, peak = adamerging_step(per_batch_backward=True)  # the paper scale's default (the same gradient)
+        row |= {"per-batch backward: step (ms)": 1000 * step, "per-batch backward / plain": 1000 * step / plain,
+                "per-batch backward: peak (GiB)": peak / 1024}
         del data
 
     trainable = [p for p in model.parameters() if p.requires_grad]

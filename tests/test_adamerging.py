@@ -297,17 +297,106 @@ def _live_tensors() -> int:
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
-def test_nothing_accumulates_over_steps():
+@pytest.mark.parametrize("per_batch_backward", [False, True])
+def test_nothing_accumulates_over_steps(per_batch_backward):
     model, pretrained, experts, heads, batches = tiny_setup(num_tasks=2)
     taus = merging.task_vectors(pretrained, experts)
     counts = []
     result = merging.adamerge(model, pretrained, taus, heads, lambda s: batches, steps=12,
-                              callback=lambda step, params, lam: counts.append(_live_tensors()))
+                              callback=lambda step, params, lam: counts.append(_live_tensors()),
+                              per_batch_backward=per_batch_backward)
     assert len(set(counts[2:])) == 1, counts  # after Adam's state exists, the same tensors every step
     for record in result.history:
         assert isinstance(record["loss"], float)
         assert all(isinstance(h, float) for h in record["entropy"].values())
     assert not result.coefficients.requires_grad
+
+
+# ------------------------------------------------------------------- one backward per batch
+
+
+def two_batches_per_task(num_tasks=3, rows=5, dtype=torch.float64):
+    model, pretrained, experts, heads, _ = tiny_setup(num_tasks=num_tasks, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    batches = {t: [{"x": torch.randn(rows, 4, generator=g, dtype=dtype)} for _ in range(2)] for t in range(num_tasks)}
+    return model.eval(), pretrained, merging.task_vectors(pretrained, experts), heads, batches
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_per_batch_backward_gives_the_joint_gradient(layerwise):
+    model, pretrained, taus, heads, batches = two_batches_per_task()
+    adapted = {t: batches[t] for t in (0, 2)}  # adapting on some tasks only: task 1's τ still merged
+    keys = learned_keys(pretrained, taus)
+    start = 0.1 + 0.8 * torch.rand((3, len(keys)) if layerwise else (3,), dtype=torch.float64)
+    grads, losses = [], []
+    for per_batch in (False, True):
+        lam = start.clone().requires_grad_()
+        params = merged_state(pretrained, taus, lam)
+        if per_batch:
+            loss, per_task = merging.entropy_backward_per_batch(model, heads, params, adapted)
+        else:
+            loss, per_task = entropy_objective(model, heads, params, adapted)
+            loss.backward()
+        grads.append(lam.grad)
+        losses.append((float(loss.detach()), {t: float(h) for t, h in per_task.items()}))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-15)
+    assert grads[0].abs().min() > 0  # task 1's coefficients matter too (its τ is in θ), so nothing is vacuous
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-12)
+    assert losses[1][1] == pytest.approx(losses[0][1], rel=1e-12)
+
+
+def test_adamerge_with_per_batch_backward_follows_the_same_path():
+    model, pretrained, taus, heads, batches = two_batches_per_task()
+    runs = [merging.adamerge(model, pretrained, taus, heads, lambda s: batches, steps=6, lr=0.05,
+                             per_batch_backward=per_batch) for per_batch in (False, True)]
+    torch.testing.assert_close(runs[1].coefficients, runs[0].coefficients, rtol=1e-10, atol=1e-12)
+    assert [r["loss"] for r in runs[1].history] == pytest.approx([r["loss"] for r in runs[0].history], rel=1e-10)
+    assert not torch.equal(runs[0].coefficients, torch.full_like(runs[0].coefficients, merging.adamerging.INIT))
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd holds for backward, counted per storage (a weight saved by
+    several operations counts once), and their peak: activation memory, on any device."""
+
+    def __init__(self):
+        self.live, self.peak = {}, 0
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        nbytes, count = self.live.get(key, (storage.nbytes(), 0))
+        self.live[key] = (nbytes, count + 1)
+        self.peak = max(self.peak, sum(n for n, _ in self.live.values()))
+        return _Saved(self, key, tensor)
+
+    def release(self, key):
+        nbytes, count = self.live[key]
+        if count == 1:
+            del self.live[key]
+        else:
+            self.live[key] = (nbytes, count - 1)
+
+
+class _Saved:
+    def __init__(self, owner, key, tensor):
+        self.owner, self.key, self.tensor = owner, key, tensor
+
+    def __del__(self):  # the graph holding this tensor was freed
+        self.owner.release(self.key)
+
+
+def test_per_batch_backward_holds_one_batchs_activations_at_a_time():
+    model, pretrained, taus, heads, batches = two_batches_per_task(rows=400)  # activations ≫ weights
+    peaks = []
+    for per_batch in (False, True):
+        saved = SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda s: s.tensor):
+            merging.adamerge(model, pretrained, taus, heads, lambda s: batches, steps=2, per_batch_backward=per_batch)
+        gc.collect()
+        assert saved.live == {}  # everything saved was freed after the steps
+        peaks.append(saved.peak)
+    joint, per_batch = peaks
+    assert per_batch < joint / 4, peaks  # 6 batches held at once against one (plus the weights)
 
 
 # -------------------------------------------------------------------------------------- surgery

@@ -148,7 +148,10 @@ NOT_SHARED = ("spread_seeds", "dare_drop_rate", "dare_seed", "gradient_matching_
 # The paper scale (scale="paper"): notebook 01's paper profile (CLIP on the 8 vision tasks,
 # published experts) and the authors' full budget of 500 steps, which makes the separate
 # paper-budget check redundant.
-PAPER_SCALE = {**B.PAPER_SCALE, "vision_adamerging_steps": PAPER_STEPS, "paper_budget_track": ""}
+# One backward per input batch there: all 8 tasks' 2 × 16 images at once need 126 GiB for
+# ViT-L/14 (``make bench-gpu-paper``), one batch's activations at a time far less.
+PAPER_SCALE = {**B.PAPER_SCALE, "vision_adamerging_steps": PAPER_STEPS, "paper_budget_track": "",
+               "adamerging_per_batch_backward": True}
 
 
 @dataclass
@@ -166,6 +169,7 @@ class AdaMergingConfig(B.StatisticsSettings):
     adamerging_batches_per_step: int = 2
     adamerging_lr: float = 1e-3
     adamerging_init: float = 0.3
+    adamerging_per_batch_backward: bool = False  # the same gradient, one batch's activations at a time
     scale_lr_to_budget: bool = True  # lr × 500/steps below the paper's 500 steps: the same reach
     paper_budget_track: str = "vision"  # runs task-wise and layer-wise at paper_budget_steps; "" = none
     paper_budget_steps: int = PAPER_STEPS
@@ -353,7 +357,9 @@ def _adaptation_spec(ctx: TrackContext, variant: Variant, tasks: list[str], repo
             "tasks": tasks, "init": c.adamerging_init, "batch_size": c.adamerging_batch_size,
             "batches_per_step": c.adamerging_batches_per_step, "ties_density": c.ties_density, "seed": c.seed,
             "experts": {t: content_hash(ctx.setup.experts[t].encoder) for t in tasks},
-            "heads": {t: content_hash(ctx.setup.heads[t]) for t in tasks}, "cross_entropy_reported": report}
+            "heads": {t: content_hash(ctx.setup.heads[t]) for t in tasks}, "cross_entropy_reported": report,
+            # same gradient, other float rounding; like batchnorm, in the key only when not the default
+            **({"per_batch_backward": True} if c.adamerging_per_batch_backward else {})}
 
 
 def adapt(ctx: TrackContext, variant: Variant, data=None, report_labels: bool = True) -> Adapted:
@@ -374,7 +380,7 @@ def adapt(ctx: TrackContext, variant: Variant, data=None, report_labels: bool = 
         return _run_adamerging(ctx, variant, tasks, splits, pools, pre, taus, report_labels)
 
     code = (_run_adamerging, _mean_over_batches, input_stream, fraction_of, merging.adamerge, merging.merged_state,
-            merging.entropy_objective, merging.ties_task_vectors, LogitRecorder)
+            merging.entropy_objective, merging.entropy_backward_per_batch, merging.ties_task_vectors, LogitRecorder)
     stored = cached_tensors(f"adamerging/{ctx.track.name}", _adaptation_spec(ctx, variant, tasks, report_labels),
                             compute, code=code)
     coefficients = stored["coefficients"]
@@ -432,6 +438,7 @@ def _run_adamerging(ctx, variant, tasks, splits, pools, pre, taus, report_labels
                         enabled=getattr(encoder, "autocast_dtype", None) is not None):
         result = merging.adamerge(encoder, pre, taus, recorder.heads, batches, steps=variant.steps, lr=variant.lr,
                                   init=c.adamerging_init, layerwise=variant.layerwise, callback=report, progress=bar,
+                                  per_batch_backward=c.adamerging_per_batch_backward,
                                   **({"batchnorm": variant.batchnorm} if variant.batchnorm != "stored" else {}))
     encoder.cpu()
     return {"coefficients": result.coefficients, "entropy": torch.tensor(entropies),

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from ._common import BUFFER_SUFFIXES, averaged_buffers, buffer_keys
-from .adamerging import (AdaMergingResult, adamerge, entropy, entropy_objective, learned_keys, merged_state,
-                         ties_task_vectors, without_frozen)
+from .adamerging import (AdaMergingResult, adamerge, entropy, entropy_backward_per_batch, entropy_objective, learned_keys,
+                         merged_state, ties_task_vectors, without_frozen)
 from .averaging import SLERP_COLINEAR_THRESHOLD, slerp, weight_average
 from .dare import dare
 from .fisher import fisher_merging
@@ -35,6 +35,7 @@ __all__ = [
     "AdaMergingResult",
     "adamerge",
     "entropy",
+    "entropy_backward_per_batch",
     "entropy_objective",
     "learned_keys",
     "merged_state",

@@ -50,7 +50,12 @@ Conventions and deviations:
   contributes its own mean entropy and the contributions are summed (the authors' 2 batches of
   16 give 2× the mean over 32 examples; Adam is nearly invariant to that factor).
 - **Memory** stays flat over steps: the graph of a step is freed by its backward, and the
-  history holds Python floats only.
+  history holds Python floats only. Within a step, one backward over all tasks' batches keeps
+  every batch's activations alive at once (8 tasks × 2 × 16 images: 126 GiB for ViT-L/14 on an
+  H200, ``make bench-gpu-paper``). ``per_batch_backward=True`` splits the chain rule in two:
+  each batch's backward runs at once into g = ∂L/∂θ of a detached θ(λ) (its activations are
+  then freed), and one last backward carries g to λ (∂L/∂λt,k = ⟨gk, τt,k⟩). The same gradient
+  up to float summation order, one batch's activations at a time, for one θ-sized buffer g.
 """
 from __future__ import annotations
 
@@ -177,6 +182,15 @@ def encoder_forward(model: nn.Module, params: Mapping[str, Tensor], inputs: Batc
     return functional_call(model, tensors, args=(), kwargs=model_inputs(inputs))
 
 
+def _batch_entropies(model: nn.Module, heads: Mapping, params: Mapping[str, Tensor], task_batches: Mapping):
+    """(task, mean entropy of one batch) for every batch of every task, computed lazily, so a
+    caller can run each one's backward before the next forward."""
+    for task, batches in task_batches.items():
+        head = _frozen(heads[task])
+        for b in [batches] if isinstance(batches, Mapping) else list(batches):
+            yield task, entropy(head(encoder_forward(model, params, b))).mean()
+
+
 def entropy_objective(model: nn.Module, heads: Mapping, params: Mapping[str, Tensor],
                       task_batches: Mapping) -> tuple[Tensor, dict]:
     """(Σt Σ_batches mean entropy, {task: its detached tensor}) of the encoder at ``params``.
@@ -188,6 +202,26 @@ def entropy_objective(model: nn.Module, heads: Mapping, params: Mapping[str, Ten
         h = sum(entropy(head(encoder_forward(model, params, b))).mean() for b in batches)
         per_task[task] = h.detach()
         total = total + h
+    return total, per_task
+
+
+def entropy_backward_per_batch(model: nn.Module, heads: Mapping, params: Mapping[str, Tensor],
+                               task_batches: Mapping) -> tuple[Tensor, dict]:
+    """``entropy_objective``'s value, with its gradient already propagated to whatever
+    ``params`` depend on, one batch at a time (module docstring, Memory): each batch's backward
+    goes into g = ∂L/∂θ of a detached copy of the differentiable ``params``, then one backward
+    carries g through ``params`` to their leaves. Returns (detached loss, per task)."""
+    learned = [k for k, v in params.items() if v.requires_grad]
+    leaves = {k: params[k].detach().requires_grad_() for k in learned}
+    at = {**params, **leaves}
+    total, per_task = 0.0, {}
+    for task, h in _batch_entropies(model, heads, at, task_batches):
+        h.backward()  # this batch's activations are freed here
+        per_task[task] = per_task.get(task, 0.0) + h.detach()
+        total = total + h.detach()
+    reached = [k for k in learned if leaves[k].grad is not None]  # tensors the adapted tasks use
+    if reached:
+        torch.autograd.backward([params[k] for k in reached], [leaves[k].grad for k in reached])
     return total, per_task
 
 
@@ -212,7 +246,8 @@ BATCHNORM_MODES = ("stored", "batch")
 def adamerge(model: nn.Module, pretrained: StateDict, task_vectors: Sequence[StateDict], heads,
              batches, steps: int = 500, lr: float = 1e-3, init: float = INIT, layerwise: bool = True, *,
              buffers: Collection[str] | None = None, callback: Callable | None = None,
-             progress: Callable[[Iterable], Iterable] | None = None, batchnorm: str = "stored") -> AdaMergingResult:
+             progress: Callable[[Iterable], Iterable] | None = None, batchnorm: str = "stored",
+             per_batch_backward: bool = False) -> AdaMergingResult:
     """Learn AdaMerging's coefficients by entropy minimisation (module docstring).
 
     ``model``: an encoder of θ0's architecture (its own weights are never used where θ(λ) has a
@@ -229,7 +264,9 @@ def adamerge(model: nn.Module, pretrained: StateDict, task_vectors: Sequence[Sta
     ``lib.functional.batch_statistics``; evaluate the result with re-estimated statistics). On a
     BatchNorm network "stored" lets the entropy fall by inflating activations against stale
     statistics (notebook 02's collapse check); models with LayerNorm only (the paper's ViTs) run
-    the same either way.
+    the same either way. ``per_batch_backward``: one backward per input batch (module docstring,
+    Memory): the same gradient with one batch's activations alive at a time, for GPUs too small
+    for all tasks' batches at once.
     """
     _check_numbers("adamerge", lr=lr, init=init)
     if batchnorm not in BATCHNORM_MODES:
@@ -246,9 +283,12 @@ def adamerge(model: nn.Module, pretrained: StateDict, task_vectors: Sequence[Sta
     with (eval_mode if batchnorm == "stored" else batch_statistics)(model):
         for step in steps_range:
             params = merged_state(pretrained, task_vectors, raw, buffers=buffers)
-            loss, per_task = entropy_objective(model, heads, params, draw(step))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # frees this step's graph
+            if per_batch_backward:
+                loss, per_task = entropy_backward_per_batch(model, heads, params, draw(step))
+            else:
+                loss, per_task = entropy_objective(model, heads, params, draw(step))
+                loss.backward()  # frees this step's graph
             record = {"step": step, "loss": float(loss.detach()),
                       "entropy": {task: float(h) for task, h in per_task.items()}}
             if callback is not None:
