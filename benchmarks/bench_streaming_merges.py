@@ -238,6 +238,7 @@ def main(argv: Sequence[str] | None = None):
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return None
+    torch.set_num_threads(args.threads)  # the workers' count, so that run.json records it
     methods = [m for m in args.methods if not (args.no_stats and m in ("fisher", "regmean"))]
     repeats = args.repeats or (3 if args.size == "small" else 1)
     check = args.size == "small" if args.check is None else args.check
