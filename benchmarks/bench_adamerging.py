@@ -9,7 +9,8 @@ encoder and that task's frozen head, the entropy loss summed over tasks):
   the same forwards through ``functional_call``, ``backward()`` to λ, one Adam step.
 
 The two are measured alternately (plain, AdaMerging, plain, ...) after one warm-up each, and the
-median seconds of each are compared. Peak memory is the growth of the resident set during a call
+median seconds of each are compared; beside them, the same AdaMerging step with
+``per_batch_backward=True`` (one backward per input batch: the paper scale's default). Peak memory is the growth of the resident set during a call
 (``lib.experiments.cost.measure``). A second run of several AdaMerging steps records, per step,
 its time, the process's peak resident set during the step (VmHWM, reset after each step) and the
 resident set at its end: both must stay flat over the steps. Random weights: a MiniLM-L6-sized BERT (22.7M parameters; token embeddings frozen,
@@ -111,21 +112,25 @@ def bench(track: str, args) -> dict:
           f"of {args.batch}" + (f" × {args.seq_len} tokens" if track == "text" else " images")
           + f", layer-wise λ: {len(taus)} × {len(keys)}")
 
-    def ada_step():
-        return merging.adamerge(model, pretrained, taus, heads, lambda s: data, steps=1)
+    def ada_step(per_batch_backward=False):
+        return merging.adamerge(model, pretrained, taus, heads, lambda s: data, steps=1,
+                                per_batch_backward=per_batch_backward)
 
-    plain, ada = [], []
-    for repeat in range(args.repeats + 1):  # the first pair warms up and is dropped
-        p, a = measure(lambda: plain_step(model, heads, data)), measure(ada_step)
+    plain, ada, per_batch = [], [], []
+    for repeat in range(args.repeats + 1):  # the first triple warms up and is dropped
+        p, a, b = (measure(lambda: plain_step(model, heads, data)), measure(ada_step),
+                   measure(lambda: ada_step(per_batch_backward=True)))
         if repeat:
             plain.append(p)
             ada.append(a)
+            per_batch.append(b)
     model.zero_grad(set_to_none=True)
-    t_plain, t_ada = statistics.median(s for s, _ in plain), statistics.median(s for s, _ in ada)
-    m_plain, m_ada = statistics.median(m for _, m in plain), statistics.median(m for _, m in ada)
+    (t_plain, m_plain), (t_ada, m_ada), (t_batch, m_batch) = (
+        (statistics.median(s for s, _ in runs), statistics.median(m for _, m in runs)) for runs in (plain, ada, per_batch))
     print(f"{'':28s}{'seconds':>10s}{'peak MiB':>10s}")
     print(f"{'plain forward+backward':28s}{t_plain:10.3f}{m_plain:10.1f}")
     print(f"{'AdaMerging step':28s}{t_ada:10.3f}{m_ada:10.1f}")
+    print(f"{'  per-batch backward':28s}{t_batch:10.3f}{m_batch:10.1f}")
     print(f"ratio (AdaMerging / plain): {t_ada / t_plain:.2f}  (target ≤ 1.5; medians of {args.repeats})")
 
     # Per step over one run: the resident set must not grow.
@@ -146,7 +151,8 @@ def bench(track: str, args) -> dict:
         print(f"{step:5d}{seconds:10.3f}{peak:10.1f}{rss:10.1f}")
     summary = {"track": track, "parameters (M)": n_params / 1e6, "plain forward+backward s": t_plain,
                "AdaMerging step s": t_ada, "ratio (time)": t_ada / t_plain, "plain peak MiB": m_plain,
-               "AdaMerging peak MiB": m_ada}
+               "AdaMerging peak MiB": m_ada, "per-batch backward s": t_batch,
+               "per-batch ratio (time)": t_batch / t_plain, "per-batch peak MiB": m_batch}
     per_step = [{"track": track, "step": step, "seconds": seconds, "peak MiB": peak, "RSS MiB": rss}
                 for step, seconds, peak, rss in rows]
     return summary, per_step
@@ -178,7 +184,9 @@ def main(argv=None):
         run.table(summary.round(3), "step_cost",
                   f"One layer-wise AdaMerging step against a plain forward+backward of the same model on the same "
                   f"batches ({args.tasks} tasks × {args.batches_per_task} batches of {args.batch}; random weights); "
-                  f"medians of {args.repeats} alternating pairs; target ratio ≤ 1.5.")
+                  f"medians of {args.repeats} alternating triples; target ratio ≤ 1.5. Per-batch backward: the same "
+                  "step with adamerge(per_batch_backward=True), the paper scale's default (the same gradient, one "
+                  "batch's activations at a time). Peak = growth of the resident set during the call.")
         run.table(per_step.round(3), "memory_per_step",
                   f"One run of {args.steps} AdaMerging steps: the process's peak resident set during each step "
                   "and the resident set at its end (both must stay flat).")
