@@ -196,11 +196,8 @@ def entropy_objective(model: nn.Module, heads: Mapping, params: Mapping[str, Ten
     """(Σt Σ_batches mean entropy, {task: its detached tensor}) of the encoder at ``params``.
     ``task_batches[t]`` is one input batch or a list of them; ``heads[t]`` maps features to logits."""
     total, per_task = 0.0, {}
-    for task, batches in task_batches.items():
-        head = _frozen(heads[task])
-        batches = [batches] if isinstance(batches, Mapping) else list(batches)
-        h = sum(entropy(head(encoder_forward(model, params, b))).mean() for b in batches)
-        per_task[task] = h.detach()
+    for task, h in _batch_entropies(model, heads, params, task_batches):
+        per_task[task] = per_task.get(task, 0.0) + h.detach()
         total = total + h
     return total, per_task
 
