@@ -381,3 +381,14 @@ def test_notebook_05_runs_end_to_end_under_papermill(tmp_path):
     assert {"rank_sweep.csv", "router_size.csv", "stream_cost.csv", "task_counts.csv", "ablation.csv",
             "unseen_tasks.csv", "run.json", "stream_cost.png"} <= {p.name for p in out.iterdir()}
     assert not (out.parent / "figures").exists()  # nothing written beside the output folder
+
+
+def test_flop_bound_says_when_the_measured_gap_is_overhead():
+    def table(flops, measured):
+        return pd.DataFrame({"× low-rank (FLOPs)": [flops], "× low-rank": [measured]}, index=[T.PER_INPUT])
+
+    below = T._flop_bound(table(0.7, 5.9))  # less matrix work, yet slower: overhead
+    assert "0.7×" in below and "measured 5.9×" in below and "overhead" in below
+    above = T._flop_bound(table(2.9, 2.0))  # the measured gap within the arithmetic's
+    assert "2.9×" in above and "overhead" not in above
+    assert T._flop_bound(pd.DataFrame({"× low-rank": [3.0]}, index=[T.PER_INPUT])) == ""
