@@ -388,7 +388,7 @@ def test_flop_bound_says_when_the_measured_gap_is_overhead():
         return pd.DataFrame({"× low-rank (FLOPs)": [flops], "× low-rank": [measured]}, index=[T.PER_INPUT])
 
     below = T._flop_bound(table(0.7, 5.9))  # less matrix work, yet slower: overhead
-    assert "0.7×" in below and "measured 5.9×" in below and "overhead" in below
+    assert "0.7×" in below and "measured 5.9× exceeds it" in below and "overhead" in below
     above = T._flop_bound(table(2.9, 2.0))  # the measured gap within the arithmetic's
     assert "2.9×" in above and "overhead" not in above
     assert T._flop_bound(pd.DataFrame({"× low-rank": [3.0]}, index=[T.PER_INPUT])) == ""

@@ -1205,8 +1205,8 @@ def _flop_bound(table: pd.DataFrame) -> str:
             f"if every product ran at the same rate, and no more than about that is reachable by doing less "
             f"arithmetic. ")
     if measured > flops:
-        text += (f"The measured {measured:.1f}× beyond it is the per-input path's overhead (a model "
-                 f"materialised and run for each input), not its arithmetic. ")
+        text += (f"The measured {measured:.1f}× exceeds it: the rest is the per-input path's overhead (a "
+                 f"model materialised and run for each input), not its arithmetic. ")
     return text
 
 
