@@ -148,16 +148,28 @@ def evict(files: Sequence[str]) -> None:
             os.close(fd)
 
 
+def file_groups(paths: dict) -> dict[str, list[str]]:
+    """The input files by group: each group's read is timed once, and a method's baseline is the
+    sum of the groups it reads (``groups_read``)."""
+    return {"models": [paths["pretrained"], *paths["finetuned"]], "experts": list(paths["finetuned"]),
+            "fisher": list(paths["fisher"]), "gram": list(paths["gram"])}
+
+
+def groups_read(method: str) -> list[str]:
+    """The file groups a merge reads: averaging, Fisher and RegMean skip θ0; Fisher also reads
+    the Fishers, RegMean the Grams."""
+    return (["models"] if method in READS_THETA0 else ["experts"]) + (
+        ["fisher"] if method == "fisher" else ["gram"] if method == "regmean" else [])
+
+
 def inputs_of(spec: dict) -> list[str]:
     """The files a measurement reads."""
-    paths = spec["paths"]
     if "read" in spec:
         return list(spec["read"])
     if spec.get("write"):
         return []
-    method = spec["method"]
-    return ([paths["pretrained"]] if method in READS_THETA0 else []) + list(paths["finetuned"]) + (
-        list(paths["fisher"]) if method == "fisher" else list(paths["gram"]) if method == "regmean" else [])
+    groups = file_groups(spec["paths"])
+    return [f for g in groups_read(spec["method"]) for f in groups[g]]
 
 
 def worker(spec: dict) -> dict:
@@ -253,15 +265,13 @@ def main(argv: Sequence[str] | None = None):
               f"{args.threads} thread(s); every measurement from the page cache, then from the disk")
         base = {"paths": paths, "threads": args.threads, "repeats": repeats}
         read_inputs([paths["pretrained"], *paths["finetuned"], *paths["fisher"], *paths["gram"]])  # into the page cache
-        groups = {"models": [paths["pretrained"], *paths["finetuned"]], "experts": paths["finetuned"],
-                  "fisher": paths["fisher"], "gram": paths["gram"]}
-        # seconds to read each group of files once, from the page cache and from the disk
-        # the baseline of every ratio: read at least 5 times
+        groups = file_groups(paths)
+        # every ratio's baseline: each group of files read once, from the page cache and from the disk (≥ 5 runs)
         reads = {(group, cold): run_worker({**base, "repeats": max(repeats, 5), "read": files, "cold": cold})
                  for group, files in groups.items() if files for cold in (False, True)}
 
-        def row(name: str, cached: dict, cold: dict, groups_read: Sequence[str]) -> dict:
-            read_cached, read_cold = (sum(reads[(g, c)]["seconds"] for g in groups_read) for c in (False, True))
+        def row(name: str, cached: dict, cold: dict, groups: Sequence[str]) -> dict:
+            read_cached, read_cold = (sum(reads[(g, c)]["seconds"] for g in groups) for c in (False, True))
             return {"method": name, "seconds (cached)": cached["seconds"], "× read (cached)": cached["seconds"] / read_cached,
                     "seconds (disk)": cold["seconds"], "× read (disk)": cold["seconds"] / read_cold,
                     "peak MiB": max(cached["peak_mib"], cold["peak_mib"])}
@@ -275,10 +285,9 @@ def main(argv: Sequence[str] | None = None):
         rows.append(row("write one model (part of every merge below)", write, write, ["models"]))
         for method in methods:
             spec = {**base, "method": method, "out": str(folder / f"merged_{method}.safetensors")}
-            groups_read = (["models"] if method in READS_THETA0 else ["experts"]) + (
-                ["fisher"] if method == "fisher" else ["gram"] if method == "regmean" else [])
             rows.append(row(method + (" (reads the Fishers too)" if method == "fisher" else
-                                      " (reads the Grams too)" if method == "regmean" else ""), *both(spec), groups_read))
+                                      " (reads the Grams too)" if method == "regmean" else ""), *both(spec),
+                            groups_read(method)))
         for i, r in enumerate(rows):
             r["peak × model"] = r["peak MiB"] * 2**20 / model_bytes
             # issue 12's target, judged against the disk read (the first two rows are no merges)

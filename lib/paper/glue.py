@@ -299,12 +299,11 @@ def load_glue_task(name: str, data_dir: str | os.PathLike | None = None, seed: i
 
 def _task_folder(spec: GlueTaskSpec, mirror: Path | None) -> Path:
     """The task's folder: the mirror's (it must exist), or the download folder, filled once."""
-    relative = Path(MIRROR_FOLDER) / "huggingface" / spec.name
-    parent = (mirror if mirror is not None else download_dir()) / relative.parent
-    return hub_folder_of(mirror, relative,
-                         f"{spec.title} is read from there. Put the {HUB_DATASET} configuration {spec.config!r} in it "
-                         f"(DatasetDict.save_to_disk, or its parquet files: `huggingface-cli download {HUB_DATASET} "
-                         f"--repo-type dataset --local-dir {parent}` fetches every task), or unset DATA_DIR to download.",
+    return hub_folder_of(mirror, Path(MIRROR_FOLDER) / "huggingface" / spec.name,
+                         lambda folder: f"{spec.title} is read from there. Put the {HUB_DATASET} configuration "
+                         f"{spec.config!r} in it (DatasetDict.save_to_disk, or its parquet files: `huggingface-cli "
+                         f"download {HUB_DATASET} --repo-type dataset --local-dir {folder.parent}` fetches every task), "
+                         "or unset DATA_DIR to download.",
                          lambda folder: _download(spec, folder))
 
 

@@ -36,12 +36,13 @@ def download_to_folder(repo: str, config: str | None, folder: Path, offline_hint
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def hub_folder_of(mirror: Path | None, relative: str | Path, missing: str, download: Callable[[Path], None]) -> Path:
-    """The folder ``relative`` under the mirror, which must exist (``missing`` says what to put
-    there), or without a mirror under ``download_dir()``, filled once by ``download(folder)``."""
+def hub_folder_of(mirror: Path | None, relative: str | Path, missing: Callable[[Path], str],
+                  download: Callable[[Path], None]) -> Path:
+    """The folder ``relative`` under the mirror, which must exist (``missing(folder)`` says what
+    to put there), or without a mirror under ``download_dir()``, filled once by ``download(folder)``."""
     folder = (mirror if mirror is not None else download_dir()) / relative
     if not folder.is_dir():
         if mirror is not None:
-            raise FileNotFoundError(f"{folder} not found: {missing}")
+            raise FileNotFoundError(f"{folder} not found: {missing(folder)}")
         download(folder)
     return folder

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..paths import REPO_ROOT, data_mirror, download_dir
+from ..paths import REPO_ROOT, data_mirror
 from .glue import MIRROR_FOLDER, GlueSplit, PaperTextTask, _open_task_folder
 from .hub import download_to_folder, hub_folder_of
 from .task_files import read_task_file
@@ -249,11 +249,10 @@ def _split(spec: SentimentTaskSpec, dataset, labels: np.ndarray, rows: np.ndarra
 
 def _task_folder(spec: SentimentTaskSpec, mirror: Path | None) -> Path:
     """The dataset's folder: the mirror's (it must exist), or the download folder, filled once."""
-    relative = Path(MIRROR_FOLDER) / "huggingface" / spec.name
-    folder = (mirror if mirror is not None else download_dir()) / relative
-    return hub_folder_of(mirror, relative,
-                         f"{spec.title} is read from there. Put {_source(spec)} in it (DatasetDict.save_to_disk, or "
-                         f"its parquet files: {_download_command(spec, folder)}), or unset DATA_DIR to download.",
+    return hub_folder_of(mirror, Path(MIRROR_FOLDER) / "huggingface" / spec.name,
+                         lambda folder: f"{spec.title} is read from there. Put {_source(spec)} in it "
+                         f"(DatasetDict.save_to_disk, or its parquet files: {_download_command(spec, folder)}), or "
+                         "unset DATA_DIR to download.",
                          lambda folder: download_to_folder(
                              spec.hub, spec.config, folder, f"Offline, put it in <mirror>/{MIRROR_FOLDER}/huggingface/"
                              f"{spec.name} (save_to_disk or its parquet files) and set DATA_DIR to <mirror>."))
