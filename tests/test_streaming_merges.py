@@ -3,6 +3,7 @@ from safetensors files read one key at a time; TIES's exact threshold search; me
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from lib import merging as M
 from lib.merging import _common
 from lib.merging import streaming as S
-from lib.merging.dare import _key_seed, dare_tensor
+from lib.merging.dare import _key_seed, dare_keep_mask, dare_tensor
 from lib.merging.ties import KthLargest, sample_bracket
 from lib.merging.ties import _ties_thresholds as memory_thresholds
 from lib.merging.ties import ties_merge_tensor
@@ -141,8 +142,13 @@ def _public(hyper):
     return {k: v for k, v in hyper.items() if not k.startswith("_")}
 
 
+@pytest.mark.parametrize("piece", [None, 7], ids=["whole-keys", "pieces-of-7"])
 @pytest.mark.parametrize("method,hyper", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-def test_streamed_merge_equals_the_in_memory_method_bit_for_bit(files, tmp_path, method, hyper):
+def test_streamed_merge_equals_the_in_memory_method_bit_for_bit(files, tmp_path, monkeypatch, method, hyper, piece):
+    """Also with keys cut into pieces of 7 entries (odd: DARE's masks start mid-draw), the
+    element-wise merges' unit of work."""
+    if piece is not None:
+        monkeypatch.setattr(S, "PIECE", piece)
     paths, memory = files
     expected = M.REGISTRY[method](memory["pretrained"], memory["finetuned"], memory["stats"], **_public(hyper))
     with S.stream_merge(method, paths["pretrained"], paths["finetuned"], file_stats(method, paths, hyper),
@@ -366,11 +372,34 @@ def test_dare_tensor_equals_the_masked_form_bit_for_bit():
     g = torch.Generator().manual_seed(5)
     theta0, thetas = _signed_zero_case(g, experts=3)
     for t, x in enumerate(thetas):
-        generator = torch.Generator().manual_seed(_key_seed(9, t, "w"))
-        keep = torch.rand(theta0.shape, generator=generator) >= 0.6
+        keep = dare_keep_mask(theta0.shape, 0.6, 9, t, "w").bool()
         tau = x - theta0
         expected = tau.masked_fill_(~keep, 0).div_(0.4).add_(theta0)
         assert torch.equal(bits(dare_tensor(theta0, x, 0.6, 9, t, "w")), bits(expected))
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3, 0.9])
+def test_dare_mask_follows_its_stated_rule_and_keeps_one_minus_p(drop_rate):
+    """The mask is the documented rule (the PCG64-DXSM stream of (seed, task, key), low 32 bits
+    of each raw draw first, kept where u >= round(p·2^32)), written here with shifts instead of
+    a view; a piece at any offset is that piece of the whole mask; it keeps 1 − p of the
+    entries, and each (task, key) draws its own mask."""
+    shape, n = (301, 7), 301 * 7  # odd: the last raw draw's high half is unused
+    raw = np.random.PCG64DXSM(_key_seed(3, 1, "layer.weight")).random_raw((n + 1) // 2)
+    draws = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[:n]
+    expected = (draws >= round(drop_rate * 2**32)).reshape(shape)
+    mask = dare_keep_mask(shape, drop_rate, 3, 1, "layer.weight")
+    assert mask.dtype == torch.float32 and torch.equal(mask, torch.from_numpy(expected).float())
+    flat = mask.reshape(-1)
+    for start, count in [(0, 5), (1, 6), (2, 1), (999, 1000), (n - 3, 3)]:  # even and odd offsets and ends
+        piece = dare_keep_mask((count,), drop_rate, 3, 1, "layer.weight", offset=start)
+        assert torch.equal(piece, flat[start:start + count]), (start, count)
+    big = dare_keep_mask((1000, 1000), drop_rate, 0, 0, "w")
+    assert abs(big.mean().item() - (1 - drop_rate)) < 5 * math.sqrt(drop_rate * (1 - drop_rate) / 1e6) + 1e-12
+    if drop_rate:
+        assert not torch.equal(big, dare_keep_mask((1000, 1000), drop_rate, 0, 1, "w"))
+        assert not torch.equal(big, dare_keep_mask((1000, 1000), drop_rate, 0, 0, "v"))
+    assert dare_keep_mask((4,), 1 - 1e-12, 0, 0, "w").shape == (4,)  # p·2^32 rounding up to 2^32 stays a uint32
 
 
 def test_finite_check_by_sum_catches_nan_and_inf_and_allows_overflowing_sums():

@@ -15,14 +15,26 @@ Deviations / conventions:
   a tensor's mask does not depend on which other keys are passed or in which order; the
   streaming merge (``lib.merging.streaming``), which sees one key at a time, draws the same
   masks through ``dare_tensor``.
+- The generator is numpy's PCG64-DXSM bit generator, read raw (``dare_keep_mask``): an entry
+  is kept where its 32-bit draw u satisfies u >= round(p·2^32), i.e. with probability 1 − p to
+  within 2^-33. Not torch's CPU generator: the raw stream and the comparison cost ~1.5 ns an
+  entry against ~3.7 for ``torch.rand``, which had made DARE's mask several times the cost of
+  reading the experts (issue 12's streaming benchmark), and the stream can jump ahead, so a
+  piece of a tensor gets its mask without drawing the rest. numpy keeps a bit generator's raw
+  stream fixed across versions (NEP 19), and the mask is drawn on the CPU whatever the
+  tensor's device, so a merge on a GPU draws the masks a CPU merge does (torch's CUDA
+  generator would not). Commits before this one drew from torch's CPU generator: their DARE
+  masks, and so their DARE numbers, differ.
 - Buffers (BatchNorm running statistics) are copied unchanged from each fine-tuned model:
   never dropped or rescaled. The merge that follows averages them.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Collection, Sequence
 
+import numpy as np
 import torch
 
 from ._common import (StateDict, _check_models, _check_numbers, _float_keys, _in_order, _passthrough,
@@ -66,21 +78,40 @@ def dare(
     return out
 
 
+def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task: int, key: str,
+                   offset: int = 0) -> torch.Tensor:
+    """The keep mask m ~ Bernoulli(1 − p) of one (seed, task, key), as float32 1 (kept) and
+    0 (dropped) of ``shape``: entry i of the flattened tensor is kept where the i-th 32-bit
+    draw of the PCG64-DXSM stream seeded by (seed, task, key) is at least round(p·2^32) (the
+    low half of each raw 64-bit draw first: a little-endian machine's order, which every CPU
+    torch supports has). ``offset``: the mask of entries offset, offset + 1, ... of the key,
+    the same bits the whole key's mask has there (the stream jumps ahead, ``advance``), so a
+    merge can work through a large tensor piece by piece."""
+    n = math.prod(shape)
+    stream = np.random.PCG64DXSM(_key_seed(seed, task, key))
+    stream.advance(offset // 2)
+    skip = offset % 2
+    draws = stream.random_raw((skip + n + 1) // 2).view(np.uint32)[skip:skip + n]
+    cutoff = np.uint32(min(round(drop_rate * 2**32), 2**32 - 1))  # p < 1, but p·2^32 may round up to 2^32
+    keep = np.empty(n, dtype=np.float32)
+    np.greater_equal(draws, cutoff, out=keep, casting="unsafe")  # compared straight into floats: one pass
+    return torch.from_numpy(keep).reshape(tuple(shape))
+
+
 @torch.no_grad()
 def dare_tensor(theta0: torch.Tensor, finetuned: torch.Tensor, drop_rate: float, seed: int, task: int,
-                key: str) -> torch.Tensor:
-    """One tensor of task ``task``'s sparsified model: θ0 + m ⊙ τ / (1 − p), in the input dtype.
+                key: str, offset: int = 0) -> torch.Tensor:
+    """One tensor of task ``task``'s sparsified model: θ0 + m ⊙ τ / (1 − p), in the input dtype
+    (or, with ``offset``, the flat piece of it that starts at entry ``offset`` of ``key``).
 
-    The mask comes from the generator of (seed, task, key) alone, so the streaming merge,
-    which sees one key at a time, draws exactly the masks ``dare`` draws. The mask is kept
-    as floats (1 kept, 0 dropped) and multiplied in: ``masked_fill`` costs about as much as
-    drawing the random numbers. The dropped entries' ±0 is made +0 before θ0 is added, so
-    the result equals the masked form bit for bit (θ0 = −0 included).
+    The mask (``dare_keep_mask``) depends on (seed, task, key) alone, so the streaming merge,
+    which sees one key at a time, draws exactly the masks ``dare`` draws. It is kept as floats
+    (1 kept, 0 dropped) and multiplied in: ``masked_fill`` costs more than drawing the mask.
+    The dropped entries' ±0 is made +0 before θ0 is added, so the result equals the masked
+    form bit for bit (θ0 = −0 included).
     """
     work = _work(theta0)
-    generator = torch.Generator(device=work.device).manual_seed(_key_seed(seed, task, key))
-    keep = torch.rand(work.shape, generator=generator, device=work.device)
-    torch.ge(keep, drop_rate, out=keep)  # 1.0 where kept, 0.0 where dropped
+    keep = dare_keep_mask(work.shape, drop_rate, seed, task, key, offset).to(work.device, work.dtype)
     tau = _work(finetuned) - work
     tau.mul_(keep).div_(1.0 - drop_rate).add_(0.0)
     return tau.add_(work).to(finetuned.dtype)
