@@ -25,7 +25,7 @@ from lib.experiments import baselines as B
 from lib.experiments.evaluation import evaluate
 from lib.experiments.findings import paired_bootstrap, paired_difference
 from lib.experiments.paper_tracks import GLUE_RECIPE, GlueTextTrack
-from lib.experiments.training import initial_heads
+from lib.experiments.training import initial_heads, training_loss
 from lib.heads import SequenceClassificationHead, TaskHead, head_module
 from lib.paper import glue as G
 
@@ -221,16 +221,28 @@ def test_the_text_track_merges_and_evaluates_end_to_end_with_bootstrap_verdicts(
     assert "average GLUE score" in text and "Twin-Merging" in text and "not comparable (3 GLUE tasks" in text
 
 
-def test_experts_can_be_fine_tuned_with_the_recipe_and_stsb_is_refused(fakes):
-    track = _track(fakes, tasks=["cola"], experts="finetune")
+def test_experts_can_be_fine_tuned_with_the_recipe_stsb_included(fakes):
+    track = _track(fakes, tasks=["cola", "stsb"], experts="finetune")
     recipe = dataclasses.replace(GLUE_RECIPE, epochs=1, batch_size=8)
     heads = initial_heads(track)
-    assert set(heads["cola"]) == set(G.HEAD_KEYS)
+    assert set(heads["cola"]) == set(G.HEAD_KEYS) and heads["stsb"]["out_proj.weight"].shape[0] == 1
     setup = B.prepare_track(track, recipe, None, progress=False)
-    expert = setup.experts["cola"]
-    assert expert.info["steps"] == 5 and "source" not in expert.info  # 36 training rows, batch 8: one epoch
-    assert not torch.equal(expert.heads["cola"]["dense.weight"], heads["cola"]["dense.weight"])  # trained jointly
+    for task in ("cola", "stsb"):
+        expert = setup.experts[task]
+        assert expert.info["steps"] == 5 and "source" not in expert.info  # 36 training rows, batch 8: one epoch
+        assert not torch.equal(expert.heads[task]["dense.weight"], heads[task]["dense.weight"])  # trained jointly
+        # the epoch is chosen by the official validation score (STS-B's correlations), not by accuracy
+        encoder = track.pretrained_encoder()
+        official = evaluate(track, encoder, expert.encoder, {task: expert.heads[task]}, [task], split="validation")
+        assert expert.info["best_validation_accuracy"] == pytest.approx(official[task]["score"] / 100, abs=1e-6)
     again = B.prepare_track(track, recipe, None, progress=False).experts["cola"]  # from the cache
-    assert all(torch.equal(again.heads["cola"][k], v) for k, v in expert.heads["cola"].items())
-    with pytest.raises(ValueError, match="cannot train 'stsb': it is a regression.*paper_experts='published'"):
-        B.prepare_track(_track(fakes, tasks=["stsb"], experts="finetune"), recipe, None, progress=False)
+    assert all(torch.equal(again.heads["cola"][k], v) for k, v in setup.experts["cola"].heads["cola"].items())
+
+
+def test_a_regression_trains_with_mean_squared_error_and_a_classification_with_cross_entropy():
+    outputs = torch.tensor([[0.5], [2.0], [4.0]])
+    scores = torch.tensor([1.0, 2.0, 2.5])
+    assert training_loss(outputs, scores).item() == pytest.approx((0.25 + 0 + 2.25) / 3)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    classes = torch.tensor([0, 0])
+    assert training_loss(logits, classes).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, classes).item())

@@ -322,4 +322,4 @@ def test_the_recipe_is_dares_and_fits_the_projects_training_loop():
     assert recipe.warmup_steps(2241) == 85  # ceil(0.06 x 1410 = 84.6)
     config = FinetuneConfig(**recipe.finetune_settings(2241, 249, seed=3))
     assert (config.max_steps, config.warmup_steps, config.eval_every, config.patience, config.max_eval_examples,
-            config.lr, config.seed) == (1410, 85, 141, 10, 249, 1e-5, 3)
+            config.lr, config.seed, config.max_grad_norm) == (1410, 85, 141, 10, 249, 1e-5, 3, 1.0)

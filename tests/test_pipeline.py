@@ -137,6 +137,25 @@ def test_finetune_depends_on_seed_and_data(tmp_path, monkeypatch):
     assert torch.equal(one.heads["a"]["weight"], heads["a"]["weight"])
 
 
+def test_finetune_clips_the_gradient_norm_when_asked(tmp_path, monkeypatch):
+    """One step of AdamW moves each weight by about lr whatever the gradient's scale, unless the
+    gradient is clipped so far below Adam's eps (1e-8) that the step all but vanishes."""
+    monkeypatch.setenv("MERGE_CACHE_DIR", str(tmp_path))
+    track = TinyTrack(["a"])
+    heads = probe_heads(track, max_examples=64)
+    one_step = dict(max_steps=1, eval_every=1, warmup_steps=1, lr=1e-2)
+    theta0 = track.pretrained_encoder().state_dict()["conv1.weight"]
+    moved = {}
+    for clip in (None, 1e-12):
+        config = FinetuneConfig(**{**CONFIG.__dict__, **one_step, "max_grad_norm": clip})
+        expert = finetune(track, ["a"], heads, config, progress=False)
+        moved[clip] = (expert.encoder["conv1.weight"] - theta0).abs().max().item()
+    assert moved[None] > 1e-3 and moved[1e-12] < moved[None] / 100, moved  # what is left: weight decay
+    assert "max_grad_norm" not in CONFIG.key() and config.key()["max_grad_norm"] == 1e-12  # old keys stay valid
+    with pytest.raises(ValueError, match="max_grad_norm = 0"):
+        FinetuneConfig(max_grad_norm=0)
+
+
 # ----------------------------------------------------------------------------- evaluation
 def test_evaluation_scores_the_given_state_and_recomputes_exactly_when_it_changes(monkeypatch, tmp_path):
     monkeypatch.setenv("MERGE_CACHE_DIR", str(tmp_path))

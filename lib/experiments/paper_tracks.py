@@ -36,7 +36,8 @@ is a seeded 10% of train (``lib.paper.vision_data``).
 - Each task's head is its expert's own two-layer classifier (dense, tanh, out_proj; ``lib.heads``),
   trained with the expert and never merged (the papers exclude ``classifier.*``); STS-B's has one
   output, a regression. ``experts="finetune"`` trains them here from ``glue.initial_head`` with
-  DARE's recipe (``GlueFinetuneRecipe``: 10 epochs, lr 1e-5, batch 16, 6% warm-up, best epoch).
+  DARE's recipe (``GlueFinetuneRecipe``: 10 epochs, lr 1e-5, batch 16, 6% warm-up, the epoch with
+  the best official validation score kept; cross-entropy, STS-B mean squared error).
 - The test split is GLUE's validation split, its first ``max_test`` examples (Twin-Merging: 1,000);
   validation is DARE's held-out 10% of train.
 - A task's score is its official GLUE score (``glue_scores``: the mean of its metrics, e.g. CoLA's
@@ -63,11 +64,11 @@ EXPERT_SOURCES = ("published", "finetune")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
-# METHODS.md §8: the CLIP fine-tuning recipe (experts="finetune"); max_steps is ours (module
-# docstring); patience as long as the run: trained to the end, as the papers do, validation only
-# choosing the best checkpoint.
+# METHODS.md §8: the CLIP fine-tuning recipe (experts="finetune"), with the gradient clipped to
+# norm 1 as task_vectors' finetune.py does; max_steps is ours (module docstring); patience as long
+# as the run: trained to the end, as the papers do, validation only choosing the best checkpoint.
 CLIP_RECIPE = FinetuneConfig(max_steps=2000, batch_size=128, lr=1e-5, weight_decay=0.1, warmup_steps=500,
-                             schedule="cosine", eval_every=250, patience=2000)
+                             schedule="cosine", eval_every=250, patience=2000, max_grad_norm=1.0)
 
 
 def run_device(device: str = "auto") -> torch.device:
@@ -281,11 +282,6 @@ class GlueTextTrack(Track):
         ready ``FinetuneConfig``, used as it is)."""
         if isinstance(config, FinetuneConfig):
             return config
-        if glue.glue_task_spec(task).regression is not None:
-            raise ValueError(f"experts='finetune' cannot train {task!r}: it is a regression (mean squared error), "
-                             "and the project's training loop (lib.experiments.training.finetune) trains with "
-                             "cross-entropy. Use the published experts (paper_experts='published') or leave "
-                             f"{task!r} out of text_tasks.")
         n_train, n_validation = len(self.split(task, "train")), len(self.split(task, "validation"))
         return FinetuneConfig(**config.finetune_settings(n_train, n_validation, seed=self.seed))
 

@@ -31,7 +31,7 @@ from ..heads import MINILM_TEMPERATURE, head_module, random_head, zero_shot_head
 from .selection import Selection, select
 from . import cache
 from .cache import code_hash, content_hash, load_cached, load_metadata, save_tensors_atomic
-from .tracks import PreparedSplit, Track, model_inputs
+from .tracks import PreparedSplit, Track, model_inputs, scored_officially
 
 
 # ----------------------------------------------------------------------------- cache access
@@ -84,6 +84,7 @@ class FinetuneConfig:
     max_eval_examples: int = 256
     seed: int = 0
     schedule: str = "linear"  # after the warm-up: "linear" decay to 0, or "cosine" (the CLIP papers')
+    max_grad_norm: float | None = None  # clip the gradient's global norm to this (the paper recipes: 1.0)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "eval_every", "warmup_steps", "max_eval_examples", "patience"):
@@ -95,13 +96,17 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.weight_decay = {self.weight_decay}: pass a finite value >= 0.")
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"FinetuneConfig.schedule = {self.schedule!r}: choose 'linear' or 'cosine'.")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"FinetuneConfig.max_grad_norm = {self.max_grad_norm}: pass a positive norm, or None "
+                             "not to clip.")
 
     def key(self) -> dict:
         """The settings as a cache key; a setting added later enters it only when it is not its
         default, so the experts cached before it existed are found again."""
         settings = asdict(self)
-        if settings["schedule"] == "linear":
-            del settings["schedule"]
+        for name, default in (("schedule", "linear"), ("max_grad_norm", None)):
+            if settings[name] == default:
+                del settings[name]
         return settings
 
 
@@ -287,14 +292,28 @@ def _lr_factor(step: int, config: FinetuneConfig) -> float:
     return max(0.0, min(warmup, decay))
 
 
+def training_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the classes; for a regression (float labels and one output: GLUE's
+    STS-B) the mean squared error, as transformers' sequence classifiers train with one label."""
+    if labels.is_floating_point():
+        return F.mse_loss(outputs.float().squeeze(-1), labels.float())
+    return F.cross_entropy(outputs.float(), labels)
+
+
 @torch.no_grad()
 def validation_score(encoder, heads, track, tasks, max_examples, seed) -> float:
-    """Mean validation accuracy over ``tasks``; ``heads`` maps each task to a head module."""
+    """Mean validation score over ``tasks`` in [0, 1]; ``heads`` maps each task to a head module.
+    The score is accuracy, or on a track scored by official metrics (GLUE) each task's official
+    score (``track.task_results``: CoLA's Matthews correlation, STS-B's correlations), the
+    score DARE's recipe chooses its best epoch by."""
     scores = []
     for task in tasks:
         split = track.split(task, "validation").subset(max_examples, seed)
-        logits = heads[task](encode(encoder, split).to(heads[task].weight.device)).cpu()
-        scores.append((logits.argmax(1).numpy() == split.labels).mean())
+        outputs = heads[task](encode(encoder, split).to(heads[task].weight.device)).float().cpu()
+        if scored_officially(track):
+            scores.append(track.task_results(task, outputs.numpy(), split.labels)["score"] / 100)
+        else:
+            scores.append((outputs.argmax(1).numpy() == split.labels).mean())
     return float(np.mean(scores))
 
 
@@ -307,7 +326,7 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     (``heads[tasks[0]]``) for every task, as a model fine-tuned on several datasets of one task is.
     """
     spec = {**track.identity(tasks), "tasks": list(tasks), "config": config.key(), "kind": "finetune",
-            "code": code_hash(finetune, _train_indices, _lr_factor, validation_score, encode),
+            "code": code_hash(finetune, _train_indices, _lr_factor, training_loss, validation_score, encode),
             "frozen": list(track.frozen_parameters),
             "heads": {t: content_hash(heads[t]) for t in tasks}}
     # only non-default options enter the key
@@ -366,13 +385,15 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
         model.train()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = head_of[task](model.encoder(**model_inputs(batch)))
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        loss = training_loss(logits, batch["labels"])
         if not torch.isfinite(loss):  # never train on (or cache) a diverged model
             raise FloatingPointError(
                 f"{label}: the training loss became {loss.item()} at step {step}. Lower lr (now {config.lr}) or "
                 f"check the data of task {task!r}; the partial checkpoint {partial.name} holds the last good evaluation.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, config)
         optimizer.step()
@@ -392,6 +413,7 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
             if state["bad_evals"] >= config.patience:
                 break
     bar.close()
+    # "accuracy" by its old name: on a track scored officially it is the official score
     info = {"steps": step, "best_step": state["best_step"], "best_validation_accuracy": state["best_score"],
             "seconds": time.perf_counter() - started, "history": state["history"],
             "stopped_early": step < config.max_steps}

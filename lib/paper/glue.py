@@ -58,8 +58,9 @@ Experts come from ``<models>/<repo>/<task>/roberta-base_lr1e-05`` (Twin-Merging'
 ``lu-vae/roberta-glue`` by default; sources in the YAML) or are downloaded once.
 
 **Recipe.** :class:`GlueFinetuneRecipe` states DARE's fine-tuning settings (AdamW, lr 1e-5,
-batch 16, 10 epochs, linear schedule with 6% warm-up, weight decay 0.01, best epoch on
-validation) and converts them to the fields of the project's training loop
+batch 16, 10 epochs, linear schedule with 6% warm-up, weight decay 0.01, gradient norm clipped
+to 1, cross-entropy or STS-B's mean squared error, best epoch by the official validation score)
+and converts them to the fields of the project's training loop
 (``lib.experiments.training.FinetuneConfig``); it trains nothing itself.
 """
 from __future__ import annotations
@@ -671,7 +672,7 @@ class GlueFinetuneRecipe:
         return {"max_steps": self.total_steps(n_train), "batch_size": self.batch_size, "lr": self.lr,
                 "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps(n_train),
                 "eval_every": self.steps_per_epoch(n_train), "patience": self.epochs,
-                "max_eval_examples": n_validation, "seed": seed}
+                "max_eval_examples": n_validation, "seed": seed, "max_grad_norm": self.max_grad_norm}
 
 
 __all__ = [
