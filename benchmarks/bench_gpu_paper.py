@@ -20,7 +20,9 @@ paper-scale tracks do on CUDA (``autocast="auto"``). Measured, per tower:
   same step with ``per_batch_backward=True`` (the paper scale's default: the same gradient, one
   batch's activations alive at a time);
 - **fine-tuning step** (``paper_experts="finetune"``, ``CLIP_RECIPE``): AdamW on the tower at
-  batch 128, head frozen; × 2,000 = one expert;
+  batch 128, head frozen; × 2,000 = one expert; and the same step with the batch's gradient
+  accumulated over parts (``CLIP_MICRO_BATCH``'s size for the tower, else 16), as
+  ``training.finetune`` does with ``micro_batch_size``;
 - **FS-Merge step** (notebook 03, a second table): a rank-12 SuperNet over two ViT-B-16 towers,
   batch 128 per task, with one backward per step (``micro_batches=1``) and in chunks of 16
   (``micro_batches=8``, the paper scale's default: the same gradient).
@@ -50,7 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import merging  # noqa: E402
 from lib.archs import ViT  # noqa: E402
 from lib.fs_merge import build_supernet, train_supernet  # noqa: E402
+from lib.experiments.paper_tracks import CLIP_MICRO_BATCH  # noqa: E402
 from lib.experiments.report import Run  # noqa: E402
+from lib.experiments.training import _micro_batches  # noqa: E402
 
 # open_clip's image towers: (width, blocks, heads, patch, output width)
 TOWERS = {"ViT-B-32": (768, 12, 12, 32, 512), "ViT-B-16": (768, 12, 12, 16, 512), "ViT-L-14": (1024, 24, 16, 14, 768)}
@@ -164,10 +168,22 @@ def bench(spec: str, args, device: torch.device) -> dict:
         loss.backward()
         optimizer.step()
 
+    parts = CLIP_MICRO_BATCH.get(name) or 16
+
+    def finetune_step_in_parts():  # training.finetune's gradient accumulation (paper_micro_batch)
+        optimizer.zero_grad(set_to_none=True)
+        for part, weight in _micro_batches({"x": x, "labels": y}, parts):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(heads[0](model(part["x"])), part["labels"]) * weight
+            loss.backward()
+        optimizer.step()
+
     model.train()
     s, m = timed(finetune_step, device, args.repeats)
     row |= {"fine-tuning step (ms)": 1000 * s, "fine-tuning peak (GiB)": m / 1024,
             f"one expert, {EXPERT_STEPS} steps (min)": s * EXPERT_STEPS / 60}
+    s, m = timed(finetune_step_in_parts, device, args.repeats)
+    row |= {"fine-tuning in parts (images)": parts, "in parts: step (ms)": 1000 * s, "in parts: peak (GiB)": m / 1024}
     del model, optimizer, taus, pretrained
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -161,3 +161,14 @@ def test_experts_can_be_fine_tuned_here_with_the_recipe(fakes):
     assert expert.info["steps"] == 3 and "source" not in expert.info
     moved = [k for k in setup.pretrained if not torch.equal(setup.pretrained[k], expert.encoder[k])]
     assert moved and all(torch.equal(expert.heads["mnist"][k], setup.heads["mnist"][k]) for k in setup.heads["mnist"])
+
+
+def test_vit_l14_is_fine_tuned_in_parts_that_fit_a_24_gb_card_unless_told_otherwise():
+    def micro(**settings):
+        return B.BaselinesConfig(scale="paper", **settings).finetune_configs("vision", 8)[0].micro_batch_size
+
+    assert micro() is None and micro(paper_vision_arch="ViT-B-16") is None  # whole batches fit (bench-gpu-paper)
+    assert micro(paper_vision_arch="ViT-L-14") == 16 and micro(paper_vision_arch="ViT-L-14", paper_micro_batch=32) == 32
+    assert B.BaselinesConfig(scale="paper", paper_vision_arch="ViT-L-14").finetune_configs("vision", 8)[0].batch_size == 128
+    with pytest.raises(ValueError, match="paper_micro_batch = -1"):
+        B.BaselinesConfig(scale="paper", paper_micro_batch=-1)

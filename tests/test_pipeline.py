@@ -156,6 +156,45 @@ def test_finetune_clips_the_gradient_norm_when_asked(tmp_path, monkeypatch):
         FinetuneConfig(max_grad_norm=0)
 
 
+class _NoBatchNormEncoder(torch.nn.Module):
+    """TinyEncoder without its BatchNorm, whose statistics would differ per micro-batch."""
+
+    feature_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, pixel_values):
+        return torch.relu(self.conv1(pixel_values)).mean((2, 3))
+
+
+class _NoBatchNormTrack(TinyTrack):
+    def backbone_id(self) -> str:
+        return "tiny-conv-no-bn"
+
+    def pretrained_encoder(self):
+        with torch.random.fork_rng():
+            torch.manual_seed(1234)
+            return _NoBatchNormEncoder()
+
+
+def test_micro_batches_take_the_whole_batchs_steps(tmp_path, monkeypatch):
+    """Gradient accumulation over parts of 5 rows (16 = 5 + 5 + 5 + 1: unequal parts, weighted
+    by their share) trains the model the whole batch does, up to float rounding."""
+    monkeypatch.setenv("MERGE_CACHE_DIR", str(tmp_path))
+    track = _NoBatchNormTrack(["a"], name="tiny-no-bn")
+    heads = probe_heads(track, max_examples=64)
+    whole = finetune(track, ["a"], heads, CONFIG, progress=False)
+    parts = finetune(track, ["a"], heads, FinetuneConfig(**{**CONFIG.__dict__, "micro_batch_size": 5}), progress=False)
+    assert parts.info["steps"] == whole.info["steps"] == CONFIG.max_steps
+    for k in whole.encoder:
+        assert not torch.equal(whole.encoder[k], track.pretrained_encoder().state_dict()[k])  # it trained
+        torch.testing.assert_close(parts.encoder[k], whole.encoder[k], rtol=1e-5, atol=1e-6)
+    assert [p for p, _ in training._micro_batches({"labels": torch.arange(16)}, None)][0]["labels"].numel() == 16
+    assert [w for _, w in training._micro_batches({"labels": torch.arange(16)}, 5)] == [5 / 16] * 3 + [1 / 16]
+
+
 # ----------------------------------------------------------------------------- evaluation
 def test_evaluation_scores_the_given_state_and_recomputes_exactly_when_it_changes(monkeypatch, tmp_path):
     monkeypatch.setenv("MERGE_CACHE_DIR", str(tmp_path))

@@ -36,7 +36,7 @@ from .evaluation import evaluate
 from .findings import (Claim, Estimate, findings_markdown, held, mean_accuracy, over_seeds, paired_bootstrap,
                        paired_difference, verdict)
 from .selection import Selection, select
-from .paper_tracks import CLIP_RECIPE, GLUE_MAX_TEST, GLUE_RECIPE, ClipVisionTrack, GlueTextTrack
+from .paper_tracks import CLIP_MICRO_BATCH, CLIP_RECIPE, GLUE_MAX_TEST, GLUE_RECIPE, ClipVisionTrack, GlueTextTrack
 from .tracks import TextTrack, Track, VisionTrack, scored_officially
 from .training import (Expert, FinetuneConfig, head_module, initial_heads, reestimate_batchnorm, run_device_of,
                        train_experts, train_multitask)
@@ -126,6 +126,7 @@ class TrackSettings:
     # paper scale (scale="paper"): the CLIP image tower, its experts, and where it runs
     paper_vision_arch: str = "ViT-B-32"  # or "ViT-B-16", "ViT-L-14"
     paper_experts: str = "published"  # "published" (the hub's) or "finetune" (METHODS.md §8's recipe, here)
+    paper_micro_batch: int = 0      # "finetune": images per forward/backward (0: what fits a 24 GB card, CLIP_MICRO_BATCH)
     device: str = "auto"            # "auto": CUDA when there is one (paper scale)
     autocast: str = "auto"          # paper-scale inference: "auto" (bf16 on CUDA), "bf16", "fp16" or "off"
 
@@ -138,6 +139,9 @@ class TrackSettings:
         if self.benchmark not in ("v1", "v2"):
             raise ValueError(f"benchmark={self.benchmark!r}: choose 'v2' (the calibrated default, notebook 00) "
                              "or 'v1' (the first design: probe heads, four vision tasks).")
+        if self.paper_micro_batch < 0:
+            raise ValueError(f"paper_micro_batch = {self.paper_micro_batch}: pass the images per forward/backward, "
+                             "or 0 for the architecture's default (CLIP_MICRO_BATCH).")
         if self.benchmark == "v1":
             take_unchanged(self, BENCHMARK_V1)
         if self.scale == "paper":
@@ -205,8 +209,10 @@ class BaselinesConfig(StatisticsSettings):
         if self.scale == "paper" and name == "text":
             return dataclasses.replace(GLUE_RECIPE, batch_size=common["batch_size"], lr=common["lr"]), None
         if self.scale == "paper":  # the CLIP recipe (weight decay, warm-up, cosine, trained to the end)
+            micro = self.paper_micro_batch or CLIP_MICRO_BATCH.get(self.paper_vision_arch)
             recipe = dataclasses.replace(CLIP_RECIPE, max_steps=self.vision_max_steps, eval_every=self.eval_every,
-                                         batch_size=common["batch_size"], lr=common["lr"], seed=common["seed"])
+                                         batch_size=common["batch_size"], lr=common["lr"], seed=common["seed"],
+                                         micro_batch_size=micro)
             return recipe, None
         experts = FinetuneConfig(max_steps=getattr(self, f"{name}_max_steps"), eval_every=self.eval_every, **common)
         multitask = FinetuneConfig(max_steps=self.multitask_steps_per_task * num_tasks,

@@ -70,6 +70,13 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 CLIP_RECIPE = FinetuneConfig(max_steps=2000, batch_size=128, lr=1e-5, weight_decay=0.1, warmup_steps=500,
                              schedule="cosine", eval_every=250, patience=2000, max_grad_norm=1.0)
 
+# Examples per forward/backward when an architecture is fine-tuned with CLIP_RECIPE's batch of 128,
+# so that it fits a 24 GB card (the gradients of the parts add up to the batch's: the same steps).
+# make bench-gpu-paper measured whole batches at 7.1 (B/32), 18.2 (B/16) and 66.4 GiB (L/14); for
+# L/14 that is ~4.9 GiB of weights, gradients and Adam's moments plus ~0.48 GiB of activations per
+# image, so parts of 16 should need ~13 GiB. An estimate, not measured.
+CLIP_MICRO_BATCH = {"ViT-B-32": None, "ViT-B-16": None, "ViT-L-14": 16}
+
 
 def run_device(device: str = "auto") -> torch.device:
     """The device inference runs on: ``"auto"`` is CUDA when there is one, else the CPU."""

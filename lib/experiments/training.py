@@ -85,6 +85,10 @@ class FinetuneConfig:
     seed: int = 0
     schedule: str = "linear"  # after the warm-up: "linear" decay to 0, or "cosine" (the CLIP papers')
     max_grad_norm: float | None = None  # clip the gradient's global norm to this (the paper recipes: 1.0)
+    # examples per forward/backward, the gradients of a batch's parts accumulated before the step:
+    # the whole batch's step in less memory (the same up to float rounding, unless the model has
+    # BatchNorm, whose statistics are per part). None: the whole batch at once.
+    micro_batch_size: int | None = None
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "eval_every", "warmup_steps", "max_eval_examples", "patience"):
@@ -96,6 +100,9 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.weight_decay = {self.weight_decay}: pass a finite value >= 0.")
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"FinetuneConfig.schedule = {self.schedule!r}: choose 'linear' or 'cosine'.")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"FinetuneConfig.micro_batch_size = {self.micro_batch_size}: pass a positive integer, "
+                             "or None for the whole batch at once.")
         if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
             raise ValueError(f"FinetuneConfig.max_grad_norm = {self.max_grad_norm}: pass a positive norm, or None "
                              "not to clip.")
@@ -104,7 +111,7 @@ class FinetuneConfig:
         """The settings as a cache key; a setting added later enters it only when it is not its
         default, so the experts cached before it existed are found again."""
         settings = asdict(self)
-        for name, default in (("schedule", "linear"), ("max_grad_norm", None)):
+        for name, default in (("schedule", "linear"), ("max_grad_norm", None), ("micro_batch_size", None)):
             if settings[name] == default:
                 del settings[name]
         return settings
@@ -317,6 +324,19 @@ def validation_score(encoder, heads, track, tasks, max_examples, seed) -> float:
     return float(np.mean(scores))
 
 
+def _micro_batches(batch: dict[str, torch.Tensor], size: int | None):
+    """(part, weight) pairs covering ``batch`` in rows of at most ``size`` (None: the batch
+    itself, weight 1), each weighted by its share of the rows, so that the parts' weighted mean
+    losses add up to the batch's mean loss and their gradients to its gradient."""
+    n = len(batch["labels"])
+    if size is None or size >= n:
+        yield batch, 1.0
+        return
+    for start in range(0, n, size):
+        part = {k: v[start:start + size] for k, v in batch.items()}
+        yield part, len(part["labels"]) / n
+
+
 def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig, progress: bool = True, *,
              init: Expert | None = None, train_head: bool = False, shared_head: bool = False) -> Expert:
     """Fine-tune an encoder on ``tasks`` (one task: an expert; all: the multi-task model).
@@ -326,7 +346,8 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     (``heads[tasks[0]]``) for every task, as a model fine-tuned on several datasets of one task is.
     """
     spec = {**track.identity(tasks), "tasks": list(tasks), "config": config.key(), "kind": "finetune",
-            "code": code_hash(finetune, _train_indices, _lr_factor, training_loss, validation_score, encode),
+            "code": code_hash(finetune, _train_indices, _lr_factor, _micro_batches, training_loss, validation_score,
+                              encode),
             "frozen": list(track.frozen_parameters),
             "heads": {t: content_hash(heads[t]) for t in tasks}}
     # only non-default options enter the key
@@ -383,15 +404,19 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
         batch = {k: v.to(device) for k, v in batch.items()}
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks, reproducible on resume
         model.train()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = head_of[task](model.encoder(**model_inputs(batch)))
-        loss = training_loss(logits, batch["labels"])
-        if not torch.isfinite(loss):  # never train on (or cache) a diverged model
-            raise FloatingPointError(
-                f"{label}: the training loss became {loss.item()} at step {step}. Lower lr (now {config.lr}) or "
-                f"check the data of task {task!r}; the partial checkpoint {partial.name} holds the last good evaluation.")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for part, weight in _micro_batches(batch, config.micro_batch_size):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = head_of[task](model.encoder(**model_inputs(part)))
+            part_loss = training_loss(logits, part["labels"]) * weight  # weight: its share of the batch
+            if not torch.isfinite(part_loss):  # never train on (or cache) a diverged model
+                raise FloatingPointError(
+                    f"{label}: the training loss became {part_loss.item()} at step {step}. Lower lr (now {config.lr}) "
+                    f"or check the data of task {task!r}; the partial checkpoint {partial.name} holds the last good "
+                    "evaluation.")
+            part_loss.backward()  # gradients add up over the parts: the whole batch's gradient
+            loss = loss + part_loss.detach()
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         for group in optimizer.param_groups:
