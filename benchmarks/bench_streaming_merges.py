@@ -26,7 +26,7 @@ the reads that every ratio divides by at least 5):
   dirty), so the first pass reads the disk, as a merge of experts just downloaded, or too large
   to stay cached, does. A merge that reads twice (TIES) finds its second pass cached, as it would.
   The median run counts: a disk's speed varies from read to read (a virtual machine's disk is
-  cached by its host too; one run of DARE + TA once took 9.7 s where three took a median of 5.4).
+  cached by its host too: one run of DARE + TA took 9.7 s where medians of three took 4.4-5.4).
 
 The ratio against the disk read is the one issue 12's "at most 3× the time to read its inputs
 once" is judged by; both are shown.
