@@ -302,18 +302,21 @@ def _label(what: str, reader: SafetensorsReader) -> str:
     return f"{what} ({reader.path})"
 
 
-def _load_checked(reader: SafetensorsReader, key: str, what: str) -> torch.Tensor:
-    """``reader.read(key)``, refusing a float tensor with a NaN or ±Inf entry (as every merge
-    refuses one in memory), the message naming ``what`` (e.g. "finetuned[2]") and the file."""
-    x = reader.read(key)
+def _load_checked(reader: SafetensorsReader, key: str, what: str,
+                  piece: tuple[int, int] | None = None) -> torch.Tensor:
+    """``reader.read(key)`` (or, with ``piece`` = (start, count), ``reader.read_flat(key, start,
+    count)``), refusing a float tensor with a NaN or ±Inf entry (as every merge refuses one in
+    memory), the message naming ``what`` (e.g. "finetuned[2]") and the file."""
+    x = reader.read(key) if piece is None else reader.read_flat(key, *piece)
     if torch.is_floating_point(x) and not _all_finite(x):
         _check_finite({key: x}, _label(what, reader))
     return x
 
 
-def _expert_tensors(inputs: _Inputs, key: str) -> Iterator[torch.Tensor]:
-    """The experts' tensors of ``key``, read one at a time as the consumer asks for them."""
-    return (_load_checked(r, key, f"finetuned[{t}]") for t, r in enumerate(inputs.finetuned))
+def _expert_tensors(inputs: _Inputs, key: str, piece: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+    """The experts' tensors of ``key`` (or their ``piece``), read one at a time as the consumer
+    asks for them."""
+    return (_load_checked(r, key, f"finetuned[{t}]", piece) for t, r in enumerate(inputs.finetuned))
 
 
 # Element-wise merges (averaging, Task Arithmetic, TIES, DARE) work through a key PIECE entries
@@ -329,19 +332,6 @@ def _pieces(numel: int) -> Iterator[tuple[int, int]]:
     """(start, count) of each piece of a flat tensor of ``numel`` entries."""
     for start in range(0, numel, PIECE):
         yield start, min(PIECE, numel - start)
-
-
-def _load_piece(reader: SafetensorsReader, key: str, start: int, count: int, what: str) -> torch.Tensor:
-    """``reader.read_flat(key, start, count)``, refusing a NaN or ±Inf like ``_load_checked``."""
-    x = reader.read_flat(key, start, count)
-    if torch.is_floating_point(x) and not _all_finite(x):
-        _check_finite({key: x}, _label(what, reader))
-    return x
-
-
-def _expert_pieces(inputs: _Inputs, key: str, start: int, count: int) -> Iterator[torch.Tensor]:
-    """The experts' pieces ``start:start + count`` of ``key``, read one at a time."""
-    return (_load_piece(r, key, start, count, f"finetuned[{t}]") for t, r in enumerate(inputs.finetuned))
 
 
 def _by_piece(like: torch.Tensor, merge_piece: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
@@ -541,12 +531,12 @@ def _ties_thresholds(inputs: _Inputs, keys: Sequence[str], density: float, vecto
     while not all(s.done for s in selections):
         for k in keys:
             for start, count in _pieces(layout[k].numel()):
-                theta0 = _load_piece(inputs.pretrained, k, start, count, "pretrained")
+                theta0 = _load_checked(inputs.pretrained, k, "pretrained", (start, count))
                 theta0_work = _work(theta0)
                 for t, (reader, selection) in enumerate(zip(inputs.finetuned, selections)):
                     if selection.done:
                         continue
-                    x = _load_piece(reader, k, start, count, f"finetuned[{t}]")
+                    x = _load_checked(reader, k, f"finetuned[{t}]", (start, count))
                     x = vectors.expert(theta0, x, t, k, start)
                     selection.observe(vectors.magnitudes(theta0_work, x).to(work))
                     del x
@@ -594,7 +584,7 @@ def _stream_weight_average(inputs: _Inputs, hyper) -> Iterator[tuple[str, torch.
     for k in ref.keys:
         if k in floats:
             yield k, _by_piece(ref.layout[k], lambda start, count, k=k: _average(
-                _expert_pieces(inputs, k, start, count), weights))
+                _expert_tensors(inputs, k, (start, count)), weights))
         else:
             yield k, ref.read(k)
 
@@ -610,10 +600,10 @@ def _stream_with_theta0(inputs: _Inputs, hyper, merge_piece: Callable[[str, torc
     for k in ref.keys:
         if k in buffer_set:
             yield k, _by_piece(ref.layout[k], lambda start, count, k=k: _average(
-                _expert_pieces(inputs, k, start, count), weights))
+                _expert_tensors(inputs, k, (start, count)), weights))
         elif k in merged:
             yield k, _by_piece(ref.layout[k], lambda start, count, k=k: merge_piece(
-                k, _load_piece(ref, k, start, count, "pretrained"), start, count))
+                k, _load_checked(ref, k, "pretrained", (start, count)), start, count))
         else:
             yield k, ref.read(k)
 
@@ -622,7 +612,7 @@ def _sparse_experts(inputs: _Inputs, key: str, theta0: torch.Tensor, start: int,
                     seed: int):
     """Each expert's DARE piece ``start:start + count`` of ``key``, one at a time; like the
     in-memory merge that follows ``dare``, it refuses a sparse tensor that is not finite."""
-    for t, x in _in_step(_expert_pieces(inputs, key, start, count)):
+    for t, x in _in_step(_expert_tensors(inputs, key, (start, count))):
         sparse = dare_tensor(theta0, x, drop_rate, seed, t, key, start)
         del x
         if not _all_finite(sparse):
@@ -633,7 +623,7 @@ def _sparse_experts(inputs: _Inputs, key: str, theta0: torch.Tensor, start: int,
 def _stream_task_arithmetic(inputs, hyper):
     scale = hyper["scale"]
     return _stream_with_theta0(inputs, hyper, lambda k, theta0, start, count: _task_arithmetic(
-        theta0, _expert_pieces(inputs, k, start, count), scale))
+        theta0, _expert_tensors(inputs, k, (start, count)), scale))
 
 
 def _stream_dare_ta(inputs, hyper):
@@ -650,7 +640,7 @@ def _stream_ties_family(inputs, hyper, vectors: _TaskVectors):
 
     def merge_piece(k, theta0, start, count):
         if vectors.drop_rate is None:
-            experts = _expert_pieces(inputs, k, start, count)
+            experts = _expert_tensors(inputs, k, (start, count))
         else:
             experts = _sparse_experts(inputs, k, theta0, start, count, vectors.drop_rate, vectors.seed)
         return ties_merge_tensor(theta0, experts, thresholds, disjoint, scale)
