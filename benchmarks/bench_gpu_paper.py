@@ -54,7 +54,7 @@ from lib.archs import ViT  # noqa: E402
 from lib.fs_merge import build_supernet, train_supernet  # noqa: E402
 from lib.experiments.paper_tracks import CLIP_MICRO_BATCH  # noqa: E402
 from lib.experiments.report import Run  # noqa: E402
-from lib.experiments.training import _micro_batches  # noqa: E402
+from lib.experiments.training import micro_batches  # noqa: E402
 
 # open_clip's image towers: (width, blocks, heads, patch, output width)
 TOWERS = {"ViT-B-32": (768, 12, 12, 32, 512), "ViT-B-16": (768, 12, 12, 16, 512), "ViT-L-14": (1024, 24, 16, 14, 768)}
@@ -172,7 +172,7 @@ def bench(spec: str, args, device: torch.device) -> dict:
 
     def finetune_step_in_parts():  # training.finetune's gradient accumulation (paper_micro_batch)
         optimizer.zero_grad(set_to_none=True)
-        for part, weight in _micro_batches({"x": x, "labels": y}, parts):
+        for part, weight in micro_batches({"x": x, "labels": y}, parts):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = F.cross_entropy(heads[0](model(part["x"])), part["labels"]) * weight
             loss.backward()

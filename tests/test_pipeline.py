@@ -191,8 +191,8 @@ def test_micro_batches_take_the_whole_batchs_steps(tmp_path, monkeypatch):
     for k in whole.encoder:
         assert not torch.equal(whole.encoder[k], track.pretrained_encoder().state_dict()[k])  # it trained
         torch.testing.assert_close(parts.encoder[k], whole.encoder[k], rtol=1e-5, atol=1e-6)
-    assert [p for p, _ in training._micro_batches({"labels": torch.arange(16)}, None)][0]["labels"].numel() == 16
-    assert [w for _, w in training._micro_batches({"labels": torch.arange(16)}, 5)] == [5 / 16] * 3 + [1 / 16]
+    assert [p for p, _ in training.micro_batches({"labels": torch.arange(16)}, None)][0]["labels"].numel() == 16
+    assert [w for _, w in training.micro_batches({"labels": torch.arange(16)}, 5)] == [5 / 16] * 3 + [1 / 16]
 
 
 # ----------------------------------------------------------------------------- evaluation

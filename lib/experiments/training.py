@@ -324,7 +324,7 @@ def validation_score(encoder, heads, track, tasks, max_examples, seed) -> float:
     return float(np.mean(scores))
 
 
-def _micro_batches(batch: dict[str, torch.Tensor], size: int | None):
+def micro_batches(batch: dict[str, torch.Tensor], size: int | None):
     """(part, weight) pairs covering ``batch`` in rows of at most ``size`` (None: the batch
     itself, weight 1), each weighted by its share of the rows, so that the parts' weighted mean
     losses add up to the batch's mean loss and their gradients to its gradient."""
@@ -346,7 +346,7 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
     (``heads[tasks[0]]``) for every task, as a model fine-tuned on several datasets of one task is.
     """
     spec = {**track.identity(tasks), "tasks": list(tasks), "config": config.key(), "kind": "finetune",
-            "code": code_hash(finetune, _train_indices, _lr_factor, _micro_batches, training_loss, validation_score,
+            "code": code_hash(finetune, _train_indices, _lr_factor, micro_batches, training_loss, validation_score,
                               encode),
             "frozen": list(track.frozen_parameters),
             "heads": {t: content_hash(heads[t]) for t in tasks}}
@@ -406,7 +406,7 @@ def finetune(track: Track, tasks: list[str], heads: dict, config: FinetuneConfig
         model.train()
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
-        for part, weight in _micro_batches(batch, config.micro_batch_size):
+        for part, weight in micro_batches(batch, config.micro_batch_size):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = head_of[task](model.encoder(**model_inputs(part)))
             part_loss = training_loss(logits, part["labels"]) * weight  # weight: its share of the batch
