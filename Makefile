@@ -10,6 +10,7 @@
 # make bench-streaming               streaming merges from safetensors files vs one read (time, peak memory)
 # make bench-cold [DATA_DIR=...]      predict notebook 01's cold run time from unit costs measured here
 # make bench-gpu-paper               on a CUDA machine: the paper-scale vision notebooks' unit costs on CLIP-sized towers
+# make bench-gpu-memory              on any machine: those steps' GPU memory predicted on fake tensors, checked against the H200's
 # make lab                           open the notebooks in JupyterLab
 #
 # Without DATA_DIR, data is downloaded from the public sources into data/downloads/.
@@ -40,7 +41,7 @@ NOTEBOOKS := $(PAPER_NOTEBOOKS)
 override PAPERMILL_ARGS += -p scale paper
 endif
 
-.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming bench-cold bench-gpu-paper lab clean-cache $(ALL_NOTEBOOKS)
+.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming bench-cold bench-gpu-paper bench-gpu-memory lab clean-cache $(ALL_NOTEBOOKS)
 
 venv: $(VENV)/.installed
 
@@ -93,6 +94,9 @@ bench-cold: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 
 bench-gpu-paper: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_gpu_paper.py
+
+bench-gpu-memory: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/bench_gpu_memory.py
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

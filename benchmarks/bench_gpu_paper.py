@@ -5,7 +5,10 @@ The README's paper-scale section needs GPU hours and memory per notebook. Downlo
 not needed to measure them: the cost of a forward or backward depends on the shapes, not the
 weights. So the towers here are ``lib.archs.ViT`` with open_clip's shapes for ``ViT-B-32``,
 ``ViT-B-16`` and ``ViT-L-14`` (224-pixel inputs, QuickGELU; the same operations as open_clip's
-``VisionTransformer``, which ``ViT.from_open_clip`` loads bit for bit), with 8 tasks whose
+``VisionTransformer``, which ``ViT.from_open_clip`` loads bit for bit, except that its attention is
+an explicit softmax where open_clip's calls ``scaled_dot_product_attention``: the same values, but
+attention maps kept for the backward, so more memory than the notebooks' open_clip towers need;
+``make bench-gpu-memory`` predicts both), with 8 tasks whose
 frozen heads have the 8 datasets' class counts. Everything runs under bf16 autocast, as the
 paper-scale tracks do on CUDA (``autocast="auto"``). Measured, per tower:
 
@@ -64,10 +67,12 @@ CLASSES = (397, 196, 45, 10, 10, 43, 10, 47)
 ADAMERGING_STEPS, EXPERT_STEPS = 500, 2000  # the authors' AdaMerging budget; CLIP_RECIPE's steps
 
 
-def tower(shape: tuple[int, ...], image: int, device: torch.device) -> ViT:
+def tower(shape: tuple[int, ...], image: int, device: torch.device | None) -> ViT:
+    """A ViT of ``shape`` on ``device`` (None: where it is built, as on bench_gpu_memory's fake tensors)."""
     width, blocks, heads, patch, out = shape
-    return ViT(image_size=image, patch_size=patch, in_channels=3, width=width, depth=blocks, heads=heads,
-               mlp_ratio=4.0, output_dim=out, num_classes=10, activation="quick_gelu").to(device).eval()
+    model = ViT(image_size=image, patch_size=patch, in_channels=3, width=width, depth=blocks, heads=heads,
+                mlp_ratio=4.0, output_dim=out, num_classes=10, activation="quick_gelu")
+    return (model if device is None else model.to(device)).eval()
 
 
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:

@@ -428,3 +428,15 @@ def test_notebook_02_runs_end_to_end_under_papermill(study, tmp_path):
         assert (out / name).exists(), name
     assert pd.read_csv(out / "vision_main.csv").shape[0] == 16
     assert not (out.parent / "figures").exists()  # nothing written beside the output folder
+
+
+def test_theta0_on_the_device_shares_the_encoders_tensors_where_their_values_agree():
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    pre = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with torch.no_grad():
+        encoder[1].weight.add_(1.0)  # the encoder no longer holds θ0 here: that key must be a copy
+    shared = A.theta0_sharing_encoder(encoder, pre)
+    own = encoder.state_dict()
+    same_storage = {k: v.data_ptr() == own[k].data_ptr() for k, v in shared.items()}
+    assert same_storage == {"0.weight": True, "0.bias": True, "1.weight": False, "1.bias": True}
+    assert all(torch.equal(shared[k], pre[k]) for k in pre)

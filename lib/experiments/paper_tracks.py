@@ -72,9 +72,10 @@ CLIP_RECIPE = FinetuneConfig(max_steps=2000, batch_size=128, lr=1e-5, weight_dec
 
 # Examples per forward/backward when an architecture is fine-tuned with CLIP_RECIPE's batch of 128,
 # so that it fits a 24 GB card (the gradients of the parts add up to the batch's: the same steps).
-# make bench-gpu-paper measured whole batches at 7.1 (B/32), 18.2 (B/16) and 66.4 GiB (L/14); for
-# L/14 that is ~4.9 GiB of weights, gradients and Adam's moments plus ~0.48 GiB of activations per
-# image, so parts of 16 should need ~13 GiB. An estimate, not measured.
+# make bench-gpu-paper measured whole batches at 7.1 (B/32), 18.2 (B/16) and 66.4 GiB (L/14) on
+# lib.archs towers with 8 task vectors still alive; make bench-gpu-memory predicts the fine-tuning
+# alone on open_clip's towers: whole batches fit 24 GB on B/32 and B/16, not on L/14, where parts
+# of 16 fit with room to spare. Predicted, not yet measured on a GPU.
 CLIP_MICRO_BATCH = {"ViT-B-32": None, "ViT-B-16": None, "ViT-L-14": 16}
 
 

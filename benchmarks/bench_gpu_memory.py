@@ -1,0 +1,238 @@
+"""GPU memory of the paper-scale steps, predicted on a CPU, and checked against an H200.
+
+``lib.experiments.gpu_memory.predicted_cuda_peak`` runs a step on fake tensors and counts the
+bytes of the tensors alive at once, with CUDA autocast's dtypes. This script
+
+1. **checks the prediction** against every peak ``make bench-gpu-paper`` measured on an H200
+   (``figures/bench_gpu_paper/*.csv``, read as data): the same steps on the same towers
+   (``lib.archs.ViT`` with open_clip's shapes), with the same tensors alive as that script had
+   (its fine-tuning rows, for example, ran with the AdaMerging rows' θ0 copy and 8 task vectors
+   still in memory, so they are predicted that way too). Predicted / measured near 1 says the
+   model of memory holds;
+2. **predicts the notebooks' own steps at their paper-scale defaults**, on open_clip's image
+   towers (what notebooks 01, 02 and 05 run; open_clip's attention goes through
+   ``scaled_dot_product_attention``, which keeps no attention matrix, unlike the explicit
+   softmax of ``lib.archs.ViT`` above):
+   - notebook 02's AdaMerging step: layer-wise, 8 tasks × 2 batches of 16 images, bf16
+     autocast, one backward per batch (``adamerging_per_batch_backward``, the paper scale's
+     default) and, beside it, one backward per step; with what ``_run_adamerging`` holds on the
+     device: the encoder (θ0, which ``theta0_sharing_encoder`` also passes as θ0: no second
+     copy), 8 task vectors, 8 frozen heads;
+   - an expert's fine-tuning step (``paper_experts finetune``, ``CLIP_RECIPE``: AdamW, batch
+     128, gradient clipped) in parts of ``CLIP_MICRO_BATCH`` images, and as one batch.
+
+A 24 GB card holds about 22 GiB of tensors once the CUDA context and the allocator's slack
+are taken off; the column "fits 24 GB" applies that margin.
+
+    python benchmarks/bench_gpu_memory.py            # ~10 min on 2 cores; writes figures/bench_gpu_memory/
+    python benchmarks/bench_gpu_memory.py --tiny --no-record   # a quick check of the script
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from bench_gpu_paper import CLASSES, TINY, TOWERS, tower  # noqa: E402  (this folder: the measured steps' towers)
+from lib import merging  # noqa: E402
+from lib.experiments.gpu_memory import predicted_cuda_peak  # noqa: E402
+from lib.experiments.paper_tracks import CLIP_MICRO_BATCH, CLIP_RECIPE  # noqa: E402
+from lib.experiments.report import Run  # noqa: E402
+from lib.experiments.training import micro_batches  # noqa: E402
+from lib.fs_merge import build_supernet, train_supernet  # noqa: E402
+
+GIB = 2**30
+CARD_24GB = 22.0  # GiB of tensors a 24 GB card holds after the CUDA context and allocator slack
+MEASURED = ROOT / "figures" / "bench_gpu_paper"
+BF16 = torch.bfloat16
+
+
+# ------------------------------------------------------------------ the steps, as bench_gpu_paper runs them
+
+
+def adamerging_run(model: nn.Module, pretrained: dict, heads: list, batch: int, image: int, per_batch_backward: bool,
+                   input_name: str = "x"):
+    """Task vectors, 8 tasks × 2 batches of inputs, and two layer-wise AdaMerging steps under autocast."""
+    taus = [{k: torch.randn_like(v) for k, v in pretrained.items()} for _ in heads]
+    data = {t: [{input_name: torch.randn(batch, 3, image, image)} for _ in range(2)] for t in range(len(heads))}
+    with torch.autocast("cpu", dtype=BF16):
+        merging.adamerge(model, pretrained, taus, heads, lambda step: data, steps=2, per_batch_backward=per_batch_backward)
+    return taus
+
+
+def finetune_steps(model: nn.Module, head: nn.Module, batch: int, image: int, part: int | None, clip: bool = True,
+                   steps: int = 2):
+    """``steps`` AdamW steps of CLIP_RECIPE on one batch, in parts of ``part`` images (None: whole), the
+    gradient clipped as ``training.finetune`` clips it (``clip``; bench_gpu_paper's step does not)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=CLIP_RECIPE.lr,
+                                  weight_decay=CLIP_RECIPE.weight_decay)
+    x, y = torch.randn(batch, 3, image, image), torch.randint(0, head.out_features, (batch,))
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        for chunk, weight in micro_batches({"x": x, "labels": y}, part or batch):
+            with torch.autocast("cpu", dtype=BF16):
+                loss = F.cross_entropy(head(model(chunk["x"])), chunk["labels"]) * weight
+            loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_RECIPE.max_grad_norm)
+        optimizer.step()
+
+
+def frozen_heads(width: int, tasks: int) -> list[nn.Module]:
+    return [nn.Linear(width, c).requires_grad_(False) for c in CLASSES[:tasks]]
+
+
+def measured_bench_tower(spec: str, args) -> tuple[nn.Module, dict, list]:
+    """bench_gpu_paper's setup: a tower, its θ0 cloned, its head replaced by the 8 frozen heads."""
+    name, _, _ = spec.partition(":")
+    model = tower({**TOWERS, **TINY}[name], args.image, None)
+    heads = frozen_heads(model.feature_dim, args.tasks)
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    model.head = nn.Identity()
+    return model, pretrained, heads
+
+
+def adamerging_batch(spec: str, args) -> int:
+    return int(spec.partition(":")[2] or args.adamerging_batch)
+
+
+def validation_rows(args) -> list[dict]:
+    """Each peak bench_gpu_paper measured, predicted by running its step on fake tensors."""
+    costs = pd.read_csv(MEASURED / "gpu_unit_costs.csv", index_col=0)
+    fs_merge = pd.read_csv(MEASURED / "fs_merge_step.csv", index_col="micro_batches")
+    rows = []
+    for spec in args.towers:
+        def adamerging(per_batch: bool):
+            model, pretrained, heads = measured_bench_tower(spec, args)
+            adamerging_run(model, pretrained, heads, adamerging_batch(spec, args), args.image, per_batch)
+
+        def finetuning():  # after the AdaMerging rows: θ0's clone and the τ's were still alive
+            model, pretrained, heads = measured_bench_tower(spec, args)
+            taus = [{k: torch.randn_like(v) for k, v in pretrained.items()} for _ in heads]  # noqa: F841
+            finetune_steps(model, heads[0], args.finetune_batch, args.image, part=None, clip=False)
+
+        for step, row_name, fn in [("AdaMerging step, one backward", "AdaMerging peak (GiB)", lambda: adamerging(False)),
+                                   ("AdaMerging step, per-batch backward", "per-batch backward: peak (GiB)",
+                                    lambda: adamerging(True)),
+                                   ("fine-tuning step, batch 128", "fine-tuning peak (GiB)", finetuning)]:
+            if spec.endswith(":8") and step.startswith("fine-tuning"):
+                continue  # the same fine-tuning as the tower's own column
+            measured = costs.at[row_name, spec] if row_name in costs.index and spec in costs.columns else float("nan")
+            rows.append(predicted_row(f"{spec} (lib.archs.ViT)", step, fn, measured))
+    tower_name = "tiny" if args.tiny else "ViT-B-16"
+    for chunks in (1, 8):
+        def fs_merge_step(chunks=chunks):
+            towers = [tower({**TOWERS, **TINY}[tower_name], args.image, None) for _ in range(2)]
+            loaders = [[torch.randn(args.finetune_batch, 3, args.image, args.image)] for _ in towers]
+            supernet = build_supernet(towers, rank=12, init="first")
+            train_supernet(supernet, loaders, steps=1, progress=False, autocast=BF16, micro_batches=chunks)
+
+        measured = fs_merge.at[chunks, "peak (GiB)"] if chunks in fs_merge.index and not args.tiny else float("nan")
+        rows.append(predicted_row(f"2 × {tower_name} (lib.archs.ViT)", f"FS-Merge step, micro_batches {chunks}",
+                                  fs_merge_step, measured))
+    return rows
+
+
+def predicted_row(model: str, step: str, fn, measured_gib: float = float("nan")) -> dict:
+    started = time.perf_counter()
+    predicted = predicted_cuda_peak(fn) / GIB
+    row = {"model": model, "step": step, "predicted peak (GiB)": predicted, "measured on H200 (GiB)": measured_gib,
+           "predicted / measured": predicted / measured_gib, "fits 24 GB": "yes" if predicted <= CARD_24GB else "no"}
+    print(f"{model:32s} {step:40s} {predicted:7.2f} GiB  ({time.perf_counter() - started:.0f} s)", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------- the notebooks' own steps
+
+
+def open_clip_tower(arch: str, tiny: bool) -> nn.Module:
+    """open_clip's image tower of ``arch`` (random weights; QuickGELU as OpenAI's tag needs)."""
+    import open_clip
+    from lib.paper.clip import CLIPImageEncoder
+
+    if tiny:
+        vision = {"image_size": 64, "layers": 2, "width": 64, "patch_size": 32, "head_width": 16}
+        model = open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg={"layers": 1, "width": 32, "heads": 2},
+                                     quick_gelu=True)
+    else:
+        config = open_clip.get_model_config(arch)
+        model = open_clip.model.CLIP(**{**config, "quick_gelu": True})
+    return CLIPImageEncoder(model.visual)
+
+
+def notebook_rows(args) -> list[dict]:
+    rows = []
+    for arch in (["tiny"] if args.tiny else list(TOWERS)):
+        def adamerging(per_batch: bool, arch=arch):  # notebook 02: _run_adamerging's tensors on the device
+            encoder = open_clip_tower(arch, args.tiny).eval()
+            pretrained = {k: v.detach() for k, v in encoder.state_dict().items()}  # theta0_sharing_encoder: no copy
+            heads = frozen_heads(encoder.feature_dim, args.tasks)
+            adamerging_run(encoder, pretrained, heads, args.adamerging_batch, encoder.image_size, per_batch,
+                           input_name="pixel_values")
+
+        def finetuning(part, arch=arch):
+            encoder = open_clip_tower(arch, args.tiny)
+            head = frozen_heads(encoder.feature_dim, 1)[0]
+            finetune_steps(encoder, head, args.finetune_batch, encoder.image_size, part)
+
+        model = f"{arch} (open_clip)"
+        rows.append(predicted_row(model, "AdaMerging step, per-batch backward (default)", lambda: adamerging(True)))
+        rows.append(predicted_row(model, "AdaMerging step, one backward", lambda: adamerging(False)))
+        part = CLIP_MICRO_BATCH.get(arch)
+        if part:
+            rows.append(predicted_row(model, f"fine-tuning step, batch 128 in parts of {part} (default)",
+                                      lambda: finetuning(part)))
+        rows.append(predicted_row(model, "fine-tuning step, batch 128" + ("" if part else " (default)"),
+                                  lambda: finetuning(None)))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--towers", nargs="+", default=[*TOWERS, "ViT-L-14:8"],
+                        help="bench_gpu_paper's columns to check (NAME:B: AdaMerging on batches of B images)")
+    parser.add_argument("--tiny", action="store_true", help="2-block towers: tests the script")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--adamerging-batch", type=int, default=16)
+    parser.add_argument("--finetune-batch", type=int, default=128)
+    parser.add_argument("--out", help="output folder (default figures/bench_gpu_memory)")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.towers, args.image, args.adamerging_batch, args.finetune_batch = ["tiny", "tiny:1"], 64, 2, 4
+    run = None if args.no_record else Run("bench_gpu_memory", dict(vars(args)), out_dir=args.out,
+                                          source="benchmarks/bench_gpu_memory.py")
+    print(f"torch {torch.__version__}; predicting CUDA peaks on fake tensors", flush=True)
+    validation = pd.DataFrame(validation_rows(args))
+    notebooks = pd.DataFrame(notebook_rows(args))
+    notebooks = notebooks.drop(columns=["measured on H200 (GiB)", "predicted / measured"])  # none measured yet
+    print(validation.to_string(float_format=lambda v: f"{v:.2f}"))
+    print(notebooks.to_string(float_format=lambda v: f"{v:.2f}"))
+    if run is not None:
+        run.table(validation.round(2), "predicted_vs_measured",
+                  "GPU memory predicted on a CPU (fake tensors, live tensor bytes, CUDA autocast's float32 layer "
+                  "norm and softmax; lib.experiments.gpu_memory) against torch.cuda.max_memory_allocated on an "
+                  "H200 (make bench-gpu-paper, figures/bench_gpu_paper/), for the same steps with the same tensors "
+                  "alive. bf16 autocast; AdaMerging: layer-wise, 8 tasks × 2 batches; fine-tuning: AdamW.")
+        run.table(notebooks.round(2), "notebook_steps",
+                  "Predicted GPU memory of the paper-scale notebooks' steps on open_clip's image towers at their "
+                  f"defaults (bf16 autocast; AdaMerging 8 tasks × 2 × {args.adamerging_batch} images with θ0, "
+                  f"8 task vectors and 8 heads on the device; fine-tuning CLIP_RECIPE at batch "
+                  f"{args.finetune_batch}). 'fits 24 GB': at most {CARD_24GB:g} GiB of tensors.")
+        run.finish()
+    return validation, notebooks
+
+
+if __name__ == "__main__":
+    main()
