@@ -18,6 +18,8 @@ bytes of the tensors alive at once, with CUDA autocast's dtypes. This script
      default) and, beside it, one backward per step; with what ``_run_adamerging`` holds on the
      device: the encoder (θ0, which ``theta0_sharing_encoder`` also passes as θ0: no second
      copy), 8 task vectors, 8 frozen heads;
+   - notebook 01's diagonal Fisher of an expert (float32, per-example gradients by vmap over a
+     batch of 16) in chunks of ``CLIP_FISHER_CHUNK`` examples, and of 16;
    - an expert's fine-tuning step (``paper_experts finetune``, ``CLIP_RECIPE``: AdamW, batch
      128, gradient clipped) in parts of ``CLIP_MICRO_BATCH`` images, and as one batch.
 
@@ -45,7 +47,9 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from bench_gpu_paper import CLASSES, TINY, TOWERS, tower  # noqa: E402  (this folder: the measured steps' towers)
 from lib import merging  # noqa: E402
 from lib.experiments.gpu_memory import predicted_cuda_peak  # noqa: E402
-from lib.experiments.paper_tracks import CLIP_MICRO_BATCH, CLIP_RECIPE  # noqa: E402
+from lib import statistics  # noqa: E402
+from lib.experiments.paper_tracks import CLIP_FISHER_CHUNK, CLIP_MICRO_BATCH, CLIP_RECIPE  # noqa: E402
+from lib.models import Classifier  # noqa: E402
 from lib.experiments.report import Run  # noqa: E402
 from lib.experiments.training import micro_batches  # noqa: E402
 from lib.fs_merge import build_supernet, train_supernet  # noqa: E402
@@ -124,7 +128,7 @@ def validation_rows(args) -> list[dict]:
         for step, row_name, fn in [("AdaMerging step, one backward", "AdaMerging peak (GiB)", lambda: adamerging(False)),
                                    ("AdaMerging step, per-batch backward", "per-batch backward: peak (GiB)",
                                     lambda: adamerging(True)),
-                                   ("fine-tuning step, batch 128", "fine-tuning peak (GiB)", finetuning)]:
+                                   (f"fine-tuning step, batch {args.finetune_batch}", "fine-tuning peak (GiB)", finetuning)]:
             if spec.endswith(":8") and step.startswith("fine-tuning"):
                 continue  # the same fine-tuning as the tower's own column
             measured = costs.at[row_name, spec] if row_name in costs.index and spec in costs.columns else float("nan")
@@ -185,14 +189,28 @@ def notebook_rows(args) -> list[dict]:
             head = frozen_heads(encoder.feature_dim, 1)[0]
             finetune_steps(encoder, head, args.finetune_batch, encoder.image_size, part)
 
+        def fisher(chunk, arch=arch):  # notebook 01's statistics: float32, per-example gradients by vmap
+            encoder = open_clip_tower(arch, args.tiny)
+            classifier = Classifier(encoder, frozen_heads(encoder.feature_dim, 1)[0].requires_grad_(True))
+            size = encoder.image_size
+            batch = {"pixel_values": torch.randn(args.fisher_batch, 3, size, size),
+                     "labels": torch.randint(0, CLASSES[0], (args.fisher_batch,))}
+            statistics.diagonal_fisher(classifier, [batch], label_mode="sample", method="vmap", chunk_size=chunk,
+                                       disable=True)
+
         model = f"{arch} (open_clip)"
         rows.append(predicted_row(model, "AdaMerging step, per-batch backward (default)", lambda: adamerging(True)))
         rows.append(predicted_row(model, "AdaMerging step, one backward", lambda: adamerging(False)))
+        chunk = CLIP_FISHER_CHUNK.get(arch, 16)
+        rows.append(predicted_row(model, f"Fisher, batch {args.fisher_batch}, vmap chunks of {chunk} (default)",
+                                  lambda: fisher(chunk)))
+        if chunk != 16:
+            rows.append(predicted_row(model, f"Fisher, batch {args.fisher_batch}, vmap chunks of 16", lambda: fisher(16)))
         part = CLIP_MICRO_BATCH.get(arch)
         if part:
-            rows.append(predicted_row(model, f"fine-tuning step, batch 128 in parts of {part} (default)",
+            rows.append(predicted_row(model, f"fine-tuning step, batch {args.finetune_batch} in parts of {part} (default)",
                                       lambda: finetuning(part)))
-        rows.append(predicted_row(model, "fine-tuning step, batch 128" + ("" if part else " (default)"),
+        rows.append(predicted_row(model, f"fine-tuning step, batch {args.finetune_batch}" + ("" if part else " (default)"),
                                   lambda: finetuning(None)))
     return rows
 
@@ -206,11 +224,12 @@ def main(argv=None):
     parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--adamerging-batch", type=int, default=16)
     parser.add_argument("--finetune-batch", type=int, default=128)
+    parser.add_argument("--fisher-batch", type=int, default=16, help="notebook 01's fisher_batch_size")
     parser.add_argument("--out", help="output folder (default figures/bench_gpu_memory)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.towers, args.image, args.adamerging_batch, args.finetune_batch = ["tiny", "tiny:1"], 64, 2, 4
+        args.towers, args.image, args.adamerging_batch, args.finetune_batch, args.fisher_batch = ["tiny", "tiny:1"], 64, 2, 4, 4
     run = None if args.no_record else Run("bench_gpu_memory", dict(vars(args)), out_dir=args.out,
                                           source="benchmarks/bench_gpu_memory.py")
     print(f"torch {torch.__version__}; predicting CUDA peaks on fake tensors", flush=True)
@@ -228,8 +247,9 @@ def main(argv=None):
         run.table(notebooks.round(2), "notebook_steps",
                   "Predicted GPU memory of the paper-scale notebooks' steps on open_clip's image towers at their "
                   f"defaults (bf16 autocast; AdaMerging 8 tasks × 2 × {args.adamerging_batch} images with θ0, "
-                  f"8 task vectors and 8 heads on the device; fine-tuning CLIP_RECIPE at batch "
-                  f"{args.finetune_batch}). 'fits 24 GB': at most {CARD_24GB:g} GiB of tensors.")
+                  f"8 task vectors and 8 heads on the device; Fisher: float32, vmap over a batch of {args.fisher_batch}; "
+                  f"fine-tuning CLIP_RECIPE at batch {args.finetune_batch}). 'fits 24 GB': at most {CARD_24GB:g} GiB "
+                  "of tensors.")
         run.finish()
     return validation, notebooks
 

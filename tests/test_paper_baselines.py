@@ -172,3 +172,29 @@ def test_vit_l14_is_fine_tuned_in_parts_that_fit_a_24_gb_card_unless_told_otherw
     assert B.BaselinesConfig(scale="paper", paper_vision_arch="ViT-L-14").finetune_configs("vision", 8)[0].batch_size == 128
     with pytest.raises(ValueError, match="paper_micro_batch = -1"):
         B.BaselinesConfig(scale="paper", paper_micro_batch=-1)
+
+
+def test_vit_l14_fisher_vmaps_fewer_examples_at_once_so_that_it_fits_a_24_gb_card(monkeypatch):
+    def chunk(**settings):
+        return B.BaselinesConfig(scale="paper", **settings).track("vision").fisher_chunk
+
+    # bench-gpu-memory: chunks of 16 need ~33 GiB on L/14 (16 per-example gradients of 1.1 GiB)
+    assert chunk() == 16 and chunk(paper_vision_arch="ViT-B-16") == 16 and chunk(paper_vision_arch="ViT-L-14") == 4
+    assert chunk(paper_vision_arch="ViT-L-14", paper_fisher_chunk=2) == 2
+    assert B.BaselinesConfig().track("vision").fisher_chunk == 16  # the small scale: as before
+    with pytest.raises(ValueError, match="paper_fisher_chunk = -1"):
+        B.BaselinesConfig(scale="paper", paper_fisher_chunk=-1)
+    seen = {}
+    monkeypatch.setattr(B, "_classifier", lambda *args: None)
+    monkeypatch.setattr(B.statistics, "diagonal_fisher", lambda *args, **kwargs: seen.update(kwargs) or {})
+
+    class Split:
+        def subset(self, n, seed):
+            return self
+
+        def batches(self, size):
+            return []
+
+    track = B.BaselinesConfig(scale="paper", paper_vision_arch="ViT-L-14").track("vision")
+    B._fisher(track, {}, {}, Split(), [], B.BaselinesConfig(), 8)
+    assert seen["chunk_size"] == 4  # what the statistics are computed with

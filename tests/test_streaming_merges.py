@@ -524,17 +524,23 @@ _RSS_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
 def test_peak_memory_does_not_grow_with_the_number_or_size_of_the_models(tmp_path):
     """In a fresh process: merging 8 experts of 16 MiB (1 MiB per tensor) costs about the
-    resident memory that merging 2 experts of 4 MiB does: some 10-20 MiB (the tensors of one
-    key, the selection's sample and bracket, and the allocator's slack), not the 144 MiB of
-    inputs, nor the ~50 MiB of streaming whole models one at a time."""
+    resident memory that merging 2 experts of 4 MiB does: some 4 (Task Arithmetic) to 11 MiB
+    (TIES: the tensors of one key, the selection's sample and bracket), not the 144 MiB of
+    inputs, nor the ~50 MiB of streaming whole models one at a time.
+
+    glibc's malloc raises its mmap threshold as large blocks are freed, after which freed
+    memory stays resident by chance: that made the same run read 10 to 24 MiB. A fixed
+    threshold (MALLOC_MMAP_THRESHOLD_) returns every large block when freed, so the resident
+    set follows what the merge holds, to within ~1 MiB from run to run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          cwd=REPO, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     peak = json.loads(done.stdout.strip().splitlines()[-1])
     for method in ("ties", "task_arithmetic"):
         small, large = peak[f"{method} 4 keys, 2 experts"], peak[f"{method} 16 keys, 8 experts"]
-        assert large < 24, peak  # MiB
-        assert large < small + 8, peak  # no growth beyond noise (±3 MiB) with 4× the keys and 4× the experts
+        assert large < 16, peak  # MiB: one model of the large case is 16 MiB
+        assert large < small + 3, peak  # no growth beyond noise (~1 MiB) with 4× the keys and 4× the experts
 
 
 # ------------------------------------------------------------------ files and errors

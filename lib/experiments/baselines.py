@@ -164,10 +164,17 @@ class StatisticsSettings(TrackSettings):
 
     fisher_examples: int = 256
     fisher_batch_size: int = 16
+    paper_fisher_chunk: int = 0     # paper scale, vision: per-example gradients alive at once (0: what fits 24 GB)
     regmean_examples: int = 512
     regmean_alpha: float = 0.9
     regmean_gram: str = "mean"      # Gram = mean over rows (public code) or "sum"
     regmean_ridge: float = 1e-6     # relative; dead ReLU channels make the summed Gram singular
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.paper_fisher_chunk < 0:
+            raise ValueError(f"paper_fisher_chunk = {self.paper_fisher_chunk}: pass the examples whose per-example "
+                             "gradients are vmapped at once, or 0 for the architecture's default (CLIP_FISHER_CHUNK).")
 
 
 @dataclass
@@ -193,7 +200,7 @@ class BaselinesConfig(StatisticsSettings):
         if self.scale == "paper":
             return ClipVisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None,
                                    arch=self.paper_vision_arch, experts=self.paper_experts, device=self.device,
-                                   autocast=self.autocast, **common)
+                                   autocast=self.autocast, fisher_chunk=self.paper_fisher_chunk, **common)
         if name == "text":
             return TextTrack(tasks=list(self.text_tasks), **common)
         return VisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None,
@@ -288,7 +295,7 @@ def _fisher(track: Track, encoder_state: dict, head_state: dict, split, names, c
     data = split.subset(n, config.seed)
     return _encoder_stats(statistics.diagonal_fisher(
         model, data.batches(config.fisher_batch_size), param_names=names, seed=config.seed,
-        method=track.fisher_method, label_mode="sample", disable=True))
+        method=track.fisher_method, chunk_size=track.fisher_chunk, label_mode="sample", disable=True))
 
 
 COUNT_PREFIX = "rows:"
@@ -303,7 +310,10 @@ def compute_statistics(track: Track, setup: Setup, config: BaselinesConfig, prog
     parameters = {n for n, _ in track.pretrained_encoder().named_parameters()}
     names = [f"encoder.{k}" for k in setup.mergeable if k in parameters]
     fisher_settings = {"method": track.fisher_method, "label_mode": "sample", "batch_size": config.fisher_batch_size,
-                       "n": config.fisher_examples, "seed": config.seed, "names": _names_hash(names)}
+                       "n": config.fisher_examples, "seed": config.seed, "names": _names_hash(names),
+                       # the chunk changes only the order of a float sum; 16, every small track's, is left
+                       # out of the key so that the caches made before it was a setting stay valid
+                       **({"chunk": track.fisher_chunk} if track.fisher_chunk != 16 else {})}
     fisher_code = (_fisher, statistics.diagonal_fisher, statistics.sum_sq_grads)
     fishers, grams, counts, sizes = {}, {}, {}, {}
     for task in tqdm(track.tasks, desc=f"{track.name} statistics", disable=not progress):

@@ -78,6 +78,11 @@ CLIP_RECIPE = FinetuneConfig(max_steps=2000, batch_size=128, lr=1e-5, weight_dec
 # of 16 fit with room to spare. Predicted, not yet measured on a GPU.
 CLIP_MICRO_BATCH = {"ViT-B-32": None, "ViT-B-16": None, "ViT-L-14": 16}
 
+# Examples whose per-example gradients (float32, one encoder's size each) are alive at once in the
+# vmap Fisher of notebook 01's statistics, so that it fits a 24 GB card: make bench-gpu-memory
+# predicts chunks of 16 over it on L/14 (16 × 1.1 GiB of gradients) and 4 well under it.
+CLIP_FISHER_CHUNK = {"ViT-B-32": 16, "ViT-B-16": 16, "ViT-L-14": 4}
+
 
 def run_device(device: str = "auto") -> torch.device:
     """The device inference runs on: ``"auto"`` is CUDA when there is one, else the CPU."""
@@ -109,6 +114,7 @@ class ClipVisionTrack(Track):
     experts: str = "published"
     device: str = "auto"
     autocast: str = "auto"
+    fisher_chunk: int = 0  # per-example gradients alive at once in a Fisher (0: CLIP_FISHER_CHUNK's for the arch)
     decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # image-decoding threads
     head_kind: str = "zero_shot"
     max_validation: int | None = 500
@@ -125,6 +131,10 @@ class ClipVisionTrack(Track):
             raise ValueError(f"experts = {self.experts!r}: choose 'published' (the hub's) or 'finetune' (the papers' "
                              "recipe, here).")
         autocast_dtype(self.autocast, run_device(self.device))  # an unknown setting fails here, not mid-run
+        if self.fisher_chunk < 0:
+            raise ValueError(f"fisher_chunk = {self.fisher_chunk}: pass the examples per vmapped chunk, or 0 for "
+                             "the architecture's default (CLIP_FISHER_CHUNK).")
+        self.fisher_chunk = self.fisher_chunk or CLIP_FISHER_CHUNK.get(self.arch, 16)
 
     frozen_parameters: tuple[str, ...] = ()
     # per-example gradients by vmap over functional_call (open_clip's attention has no masks)

@@ -134,6 +134,9 @@ class Track:
     # analytic), or "official" (GLUE's official metrics of the predictions, lib.paper.glue: the
     # track turns head outputs into results itself, and uncertainties come from a bootstrap).
     task_score: str = field(default="accuracy", init=False, repr=False)
+    # Examples whose per-example gradients exist at once when a Fisher is computed
+    # (lib.statistics' chunk_size): memory grows with it times the model's size.
+    fisher_chunk = 16
 
     def expert_config(self, task: str, config):
         """The training settings of ``task``'s expert: ``config`` itself, unless the track's
