@@ -239,12 +239,14 @@ def main(argv=None):
     print(validation.to_string(float_format=lambda v: f"{v:.2f}"))
     print(notebooks.to_string(float_format=lambda v: f"{v:.2f}"))
     if run is not None:
-        run.table(validation.round(2), "predicted_vs_measured",
+        shown = validation.set_index("model")
+        shown["predicted / measured"] = [f"{v:.2f}" if v == v else "not measured" for v in shown["predicted / measured"]]
+        run.table(shown, "predicted_vs_measured",
                   "GPU memory predicted on a CPU (fake tensors, live tensor bytes, CUDA autocast's float32 layer "
                   "norm and softmax; lib.experiments.gpu_memory) against torch.cuda.max_memory_allocated on an "
                   "H200 (make bench-gpu-paper, figures/bench_gpu_paper/), for the same steps with the same tensors "
                   "alive. bf16 autocast; AdaMerging: layer-wise, 8 tasks × 2 batches; fine-tuning: AdamW.")
-        run.table(notebooks.round(2), "notebook_steps",
+        run.table(notebooks.set_index("model"), "notebook_steps",
                   "Predicted GPU memory of the paper-scale notebooks' steps on open_clip's image towers at their "
                   f"defaults (bf16 autocast; AdaMerging 8 tasks × 2 × {args.adamerging_batch} images with θ0, "
                   f"8 task vectors and 8 heads on the device; Fisher: float32, vmap over a batch of {args.fisher_batch}; "
