@@ -23,10 +23,13 @@ bytes of the tensors alive at once, with CUDA autocast's dtypes. This script
    - an expert's fine-tuning step (``paper_experts finetune``, ``CLIP_RECIPE``: AdamW, batch
      128, gradient clipped) in parts of ``CLIP_MICRO_BATCH`` images, and as one batch.
 
+3. **on a CUDA machine**, instead: runs the notebooks' steps of 2. for real and puts the
+   measured peaks beside the committed predictions (``figures/bench_gpu_memory_measured/``).
+
 A 24 GB card holds about 22 GiB of tensors once the CUDA context and the allocator's slack
 are taken off; the column "fits 24 GB" applies that margin.
 
-    python benchmarks/bench_gpu_memory.py            # ~10 min on 2 cores; writes figures/bench_gpu_memory/
+    python benchmarks/bench_gpu_memory.py            # ~11 min on 2 cores; writes figures/bench_gpu_memory/
     python benchmarks/bench_gpu_memory.py --tiny --no-record   # a quick check of the script
 """
 from __future__ import annotations
@@ -64,17 +67,18 @@ BF16 = torch.bfloat16
 
 
 def adamerging_run(model: nn.Module, pretrained: dict, heads: list, batch: int, image: int, per_batch_backward: bool,
-                   input_name: str = "x"):
-    """Task vectors, 8 tasks × 2 batches of inputs, and two layer-wise AdaMerging steps under autocast."""
+                   input_name: str = "x", autocast: str = "cpu"):
+    """Task vectors, 8 tasks × 2 batches of inputs, and two layer-wise AdaMerging steps under
+    ``autocast``'s autocast ("cpu" on fake tensors: ``cuda_autocast_policy`` gives it CUDA's dtypes)."""
     taus = [{k: torch.randn_like(v) for k, v in pretrained.items()} for _ in heads]
     data = {t: [{input_name: torch.randn(batch, 3, image, image)} for _ in range(2)] for t in range(len(heads))}
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(autocast, dtype=BF16):
         merging.adamerge(model, pretrained, taus, heads, lambda step: data, steps=2, per_batch_backward=per_batch_backward)
     return taus
 
 
 def finetune_steps(model: nn.Module, head: nn.Module, batch: int, image: int, part: int | None, clip: bool = True,
-                   steps: int = 2):
+                   steps: int = 2, autocast: str = "cpu"):
     """``steps`` AdamW steps of CLIP_RECIPE on one batch, in parts of ``part`` images (None: whole), the
     gradient clipped as ``training.finetune`` clips it (``clip``; bench_gpu_paper's step does not)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=CLIP_RECIPE.lr,
@@ -84,7 +88,7 @@ def finetune_steps(model: nn.Module, head: nn.Module, batch: int, image: int, pa
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         for chunk, weight in micro_batches({"x": x, "labels": y}, part or batch):
-            with torch.autocast("cpu", dtype=BF16):
+            with torch.autocast(autocast, dtype=BF16):
                 loss = F.cross_entropy(head(model(chunk["x"])), chunk["labels"]) * weight
             loss.backward()
         if clip:
@@ -147,9 +151,21 @@ def validation_rows(args) -> list[dict]:
     return rows
 
 
-def predicted_row(model: str, step: str, fn, measured_gib: float = float("nan")) -> dict:
+def measured_cuda_peak(fn) -> int:
+    """``torch.cuda.max_memory_allocated`` over ``fn()``, run with CUDA as the default device, less
+    what was allocated before it."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.device("cuda"):
+        fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def predicted_row(model: str, step: str, fn, measured_gib: float = float("nan"), peak=predicted_cuda_peak) -> dict:
     started = time.perf_counter()
-    predicted = predicted_cuda_peak(fn) / GIB
+    predicted = peak(fn) / GIB
     row = {"model": model, "step": step, "predicted peak (GiB)": predicted, "measured on H200 (GiB)": measured_gib,
            "predicted / measured": predicted / measured_gib, "fits 24 GB": "yes" if predicted <= CARD_24GB else "no"}
     print(f"{model:32s} {step:40s} {predicted:7.2f} GiB  ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -174,7 +190,11 @@ def open_clip_tower(arch: str, tiny: bool) -> nn.Module:
     return CLIPImageEncoder(model.visual)
 
 
-def notebook_rows(args) -> list[dict]:
+def notebook_rows(args, peak=predicted_cuda_peak) -> list[dict]:
+    """The notebooks' steps, predicted on fake tensors (``peak``), or measured on CUDA
+    (``measured_cuda_peak``, with CUDA autocast)."""
+    autocast = "cuda" if peak is measured_cuda_peak else "cpu"
+    row = lambda model, step, fn: predicted_row(model, step, fn, peak=peak)  # noqa: E731
     rows = []
     for arch in (["tiny"] if args.tiny else list(TOWERS)):
         def adamerging(per_batch: bool, arch=arch):  # notebook 02: _run_adamerging's tensors on the device
@@ -182,12 +202,12 @@ def notebook_rows(args) -> list[dict]:
             pretrained = {k: v.detach() for k, v in encoder.state_dict().items()}  # theta0_sharing_encoder: no copy
             heads = frozen_heads(encoder.feature_dim, args.tasks)
             adamerging_run(encoder, pretrained, heads, args.adamerging_batch, encoder.image_size, per_batch,
-                           input_name="pixel_values")
+                           input_name="pixel_values", autocast=autocast)
 
         def finetuning(part, arch=arch):
             encoder = open_clip_tower(arch, args.tiny)
             head = frozen_heads(encoder.feature_dim, 1)[0]
-            finetune_steps(encoder, head, args.finetune_batch, encoder.image_size, part)
+            finetune_steps(encoder, head, args.finetune_batch, encoder.image_size, part, autocast=autocast)
 
         def fisher(chunk, arch=arch):  # notebook 01's statistics: float32, per-example gradients by vmap
             encoder = open_clip_tower(arch, args.tiny)
@@ -199,20 +219,47 @@ def notebook_rows(args) -> list[dict]:
                                        disable=True)
 
         model = f"{arch} (open_clip)"
-        rows.append(predicted_row(model, "AdaMerging step, per-batch backward (default)", lambda: adamerging(True)))
-        rows.append(predicted_row(model, "AdaMerging step, one backward", lambda: adamerging(False)))
+        rows.append(row(model, "AdaMerging step, per-batch backward (default)", lambda: adamerging(True)))
+        rows.append(row(model, "AdaMerging step, one backward", lambda: adamerging(False)))
         chunk = CLIP_FISHER_CHUNK.get(arch, 16)
-        rows.append(predicted_row(model, f"Fisher, batch {args.fisher_batch}, vmap chunks of {chunk} (default)",
+        rows.append(row(model, f"Fisher, batch {args.fisher_batch}, vmap chunks of {chunk} (default)",
                                   lambda: fisher(chunk)))
         if chunk != 16:
-            rows.append(predicted_row(model, f"Fisher, batch {args.fisher_batch}, vmap chunks of 16", lambda: fisher(16)))
+            rows.append(row(model, f"Fisher, batch {args.fisher_batch}, vmap chunks of 16", lambda: fisher(16)))
         part = CLIP_MICRO_BATCH.get(arch)
         if part:
-            rows.append(predicted_row(model, f"fine-tuning step, batch {args.finetune_batch} in parts of {part} (default)",
+            rows.append(row(model, f"fine-tuning step, batch {args.finetune_batch} in parts of {part} (default)",
                                       lambda: finetuning(part)))
-        rows.append(predicted_row(model, f"fine-tuning step, batch {args.finetune_batch}" + ("" if part else " (default)"),
+        rows.append(row(model, f"fine-tuning step, batch {args.finetune_batch}" + ("" if part else " (default)"),
                                   lambda: finetuning(None)))
     return rows
+
+
+def measure_notebook_steps(args) -> pd.DataFrame:
+    """On a CUDA machine: the notebooks' steps measured, beside the predictions committed in
+    figures/bench_gpu_memory/notebook_steps.csv (read as data: predicting takes minutes of CPU)."""
+    where = torch.cuda.get_device_name(0)
+    run = None if args.no_record else Run("bench_gpu_memory_measured", dict(vars(args)),
+                                          out_dir=args.out or ROOT / "figures" / "bench_gpu_memory_measured",
+                                          source="benchmarks/bench_gpu_memory.py")
+    print(f"{where}; torch {torch.__version__}; measuring the notebooks' steps", flush=True)
+    measured = pd.DataFrame(notebook_rows(args, peak=measured_cuda_peak))
+    measured = measured.rename(columns={"predicted peak (GiB)": f"measured on {where} (GiB)"})
+    predicted = pd.read_csv(ROOT / "figures" / "bench_gpu_memory" / "notebook_steps.csv")
+    table = measured[["model", "step", f"measured on {where} (GiB)"]].merge(
+        predicted[["model", "step", "predicted peak (GiB)"]], on=["model", "step"], how="left")
+    table["predicted / measured"] = table["predicted peak (GiB)"] / table[f"measured on {where} (GiB)"]
+    table["fits 24 GB"] = ["yes" if v <= CARD_24GB else "no" for v in table[f"measured on {where} (GiB)"]]
+    print(table.to_string(float_format=lambda v: f"{v:.2f}"))
+    if run is not None:
+        shown = table.set_index("model")
+        shown["predicted / measured"] = [f"{v:.2f}" for v in shown["predicted / measured"]]
+        run.table(shown, "notebook_steps_measured",
+                  f"The paper-scale notebooks' steps on open_clip's image towers (random weights), measured on {where} "
+                  "(torch.cuda.max_memory_allocated), beside the prediction on a CPU (figures/bench_gpu_memory/"
+                  "notebook_steps.md); the same code, bf16 CUDA autocast.")
+        run.finish()
+    return table
 
 
 def main(argv=None):
@@ -230,6 +277,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tiny:
         args.towers, args.image, args.adamerging_batch, args.finetune_batch, args.fisher_batch = ["tiny", "tiny:1"], 64, 2, 4, 4
+    if torch.cuda.is_available():
+        return measure_notebook_steps(args)
     run = None if args.no_record else Run("bench_gpu_memory", dict(vars(args)), out_dir=args.out,
                                           source="benchmarks/bench_gpu_memory.py")
     print(f"torch {torch.__version__}; predicting CUDA peaks on fake tensors", flush=True)

@@ -311,9 +311,7 @@ def compute_statistics(track: Track, setup: Setup, config: BaselinesConfig, prog
     names = [f"encoder.{k}" for k in setup.mergeable if k in parameters]
     fisher_settings = {"method": track.fisher_method, "label_mode": "sample", "batch_size": config.fisher_batch_size,
                        "n": config.fisher_examples, "seed": config.seed, "names": _names_hash(names),
-                       # the chunk changes only the order of a float sum; 16, every small track's, is left
-                       # out of the key so that the caches made before it was a setting stay valid
-                       **({"chunk": track.fisher_chunk} if track.fisher_chunk != 16 else {})}
+                       "chunk": track.fisher_chunk}  # the chunk changes only the order of a float sum
     fisher_code = (_fisher, statistics.diagonal_fisher, statistics.sum_sq_grads)
     fishers, grams, counts, sizes = {}, {}, {}, {}
     for task in tqdm(track.tasks, desc=f"{track.name} statistics", disable=not progress):
