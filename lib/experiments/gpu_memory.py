@@ -23,7 +23,9 @@ attention workspaces, and the allocator's fragmentation (the reserved pool can e
 allocated peak). Attention: CPU fake mode picks ``_scaled_dot_product_flash_attention_for_cpu``,
 which saves what CUDA's flash kernel saves (the output and the log-sum-exp). ``.item()`` on a
 fake tensor has no value to return; it returns 1 (1.0, True), which is enough for the control
-flow of the steps measured here (Adam's step counter, a loss printed to a history).
+flow of the steps measured here (Adam's step counter, a loss printed to a history). Two shims
+keep ordinary code running on fake tensors: ``module.to`` a device and dtype the module already
+has returns it untouched, and ``copy.deepcopy`` of a fake tensor clones it in the same fake mode.
 
 ``make bench-gpu-memory`` checks the prediction against the peaks measured on an H200
 (``make bench-gpu-paper``) and predicts the paper-scale notebooks' steps on open_clip's towers.
