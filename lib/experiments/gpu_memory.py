@@ -161,12 +161,19 @@ def _fake_deepcopy(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
     return memo[id(tensor)]
 
 
+def _deepcopy_fakes_in_mode(original: Callable) -> Callable:
+    """``original`` (a ``__deepcopy__``) for real tensors, ``_fake_deepcopy`` for fake ones."""
+    def deepcopy(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
+        data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+        return _fake_deepcopy(tensor, memo) if isinstance(data, FakeTensor) else original(tensor, memo)
+    return deepcopy
+
+
 @contextlib.contextmanager
 def _deepcopies_in_mode() -> Iterator[None]:
     originals = [(cls, cls.__deepcopy__) for cls in (torch.Tensor, nn.Parameter)]
     for cls, original in originals:
-        cls.__deepcopy__ = (lambda original: lambda t, memo: _fake_deepcopy(t, memo) if isinstance(
-            t.data if isinstance(t, nn.Parameter) else t, FakeTensor) else original(t, memo))(original)
+        cls.__deepcopy__ = _deepcopy_fakes_in_mode(original)
     try:
         yield
     finally:
