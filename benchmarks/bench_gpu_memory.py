@@ -47,7 +47,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench_gpu_paper import CLASSES, TINY, TOWERS, tower  # noqa: E402  (this folder: the measured steps' towers)
+from bench_gpu_paper import CLASSES, TINY, TOWERS, adamerging_setup, tower  # noqa: E402  (this folder: the measured steps' towers)
 from lib import merging  # noqa: E402
 from lib.experiments.gpu_memory import predicted_cuda_peak  # noqa: E402
 from lib import statistics  # noqa: E402
@@ -100,20 +100,6 @@ def frozen_heads(width: int, tasks: int) -> list[nn.Module]:
     return [nn.Linear(width, c).requires_grad_(False) for c in CLASSES[:tasks]]
 
 
-def measured_bench_tower(spec: str, args) -> tuple[nn.Module, dict, list]:
-    """bench_gpu_paper's setup: a tower, its θ0 cloned, its head replaced by the 8 frozen heads."""
-    name, _, _ = spec.partition(":")
-    model = tower({**TOWERS, **TINY}[name], args.image, None)
-    heads = frozen_heads(model.feature_dim, args.tasks)
-    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    model.head = nn.Identity()
-    return model, pretrained, heads
-
-
-def adamerging_batch(spec: str, args) -> int:
-    return int(spec.partition(":")[2] or args.adamerging_batch)
-
-
 def validation_rows(args) -> list[dict]:
     """Each peak bench_gpu_paper measured, predicted by running its step on fake tensors."""
     costs = pd.read_csv(MEASURED / "gpu_unit_costs.csv", index_col=0)
@@ -121,11 +107,11 @@ def validation_rows(args) -> list[dict]:
     rows = []
     for spec in args.towers:
         def adamerging(per_batch: bool):
-            model, pretrained, heads = measured_bench_tower(spec, args)
-            adamerging_run(model, pretrained, heads, adamerging_batch(spec, args), args.image, per_batch)
+            model, pretrained, heads, batch = adamerging_setup(spec, args, None)
+            adamerging_run(model, pretrained, heads, batch, args.image, per_batch)
 
         def finetuning():  # after the AdaMerging rows: θ0's clone and the τ's were still alive
-            model, pretrained, heads = measured_bench_tower(spec, args)
+            model, pretrained, heads, _ = adamerging_setup(spec, args, None)
             taus = [{k: torch.randn_like(v) for k, v in pretrained.items()} for _ in heads]  # noqa: F841
             finetune_steps(model, heads[0], args.finetune_batch, args.image, part=None, clip=False)
 

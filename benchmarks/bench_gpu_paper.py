@@ -67,12 +67,28 @@ CLASSES = (397, 196, 45, 10, 10, 43, 10, 47)
 ADAMERGING_STEPS, EXPERT_STEPS = 500, 2000  # the authors' AdaMerging budget; CLIP_RECIPE's steps
 
 
+def _on(module: nn.Module, device: torch.device | None) -> nn.Module:
+    """``module`` on ``device`` (None: where it was built, as on bench_gpu_memory's fake tensors)."""
+    return module if device is None else module.to(device)
+
+
 def tower(shape: tuple[int, ...], image: int, device: torch.device | None) -> ViT:
-    """A ViT of ``shape`` on ``device`` (None: where it is built, as on bench_gpu_memory's fake tensors)."""
+    """A ViT of ``shape`` on ``device`` (None: where it is built)."""
     width, blocks, heads, patch, out = shape
-    model = ViT(image_size=image, patch_size=patch, in_channels=3, width=width, depth=blocks, heads=heads,
-                mlp_ratio=4.0, output_dim=out, num_classes=10, activation="quick_gelu")
-    return (model if device is None else model.to(device)).eval()
+    return _on(ViT(image_size=image, patch_size=patch, in_channels=3, width=width, depth=blocks, heads=heads,
+                   mlp_ratio=4.0, output_dim=out, num_classes=10, activation="quick_gelu"), device).eval()
+
+
+def adamerging_setup(spec: str, args, device: torch.device | None) -> tuple[ViT, dict, list, int]:
+    """(tower, a clone of its θ0, the tasks' frozen heads, AdaMerging's batch size) for ``spec``
+    (a tower name, or ``name:B`` for batches of B images); the tower's own head is replaced by
+    ``nn.Identity``, so that ``model(x)`` gives the features each task's head reads."""
+    name, _, batch_size = spec.partition(":")
+    model = tower({**TOWERS, **TINY}[name], args.image, device)
+    heads = [_on(nn.Linear(model.feature_dim, c), device).requires_grad_(False) for c in CLASSES[:args.tasks]]
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    model.head = nn.Identity()
+    return model, pretrained, heads, int(batch_size or args.adamerging_batch)
 
 
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
@@ -101,14 +117,10 @@ def peak_mib(device: torch.device) -> float:
 
 def bench(spec: str, args, device: torch.device) -> dict:
     """One row: ``spec`` is a tower name, or ``name:B`` for AdaMerging batches of B images."""
-    name, _, batch_size = spec.partition(":")
-    shape, adamerging_batch = {**TOWERS, **TINY}[name], int(batch_size or args.adamerging_batch)
+    name = spec.partition(":")[0]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    model = tower(shape, args.image, device)
-    heads = [nn.Linear(model.feature_dim, c).to(device).requires_grad_(False) for c in CLASSES[:args.tasks]]
-    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    model.head = nn.Identity()  # model(x) = features; each task's frozen head is applied after it
+    model, pretrained, heads, adamerging_batch = adamerging_setup(spec, args, device)
     taus = [{k: 1e-3 * torch.randn_like(v) for k, v in pretrained.items()} for _ in heads]
     images = lambda n: torch.randn(n, 3, args.image, args.image, device=device)  # noqa: E731
     row = {"tower": spec, "AdaMerging batch (images)": adamerging_batch, "parameters (M)": sum(v.numel() for v in pretrained.values()) / 1e6}
