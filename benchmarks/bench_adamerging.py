@@ -159,6 +159,7 @@ def bench(track: str, args) -> dict:
 
 
 def main(argv=None):
+    started = time.perf_counter()  # run.json's wall time counts from here, not from when the table is written
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--track", choices=["text", "vision", "both"], default="both")
     parser.add_argument("--tasks", type=int, default=2, help="tasks adapted on (the ratio does not depend on it: "
@@ -180,7 +181,7 @@ def main(argv=None):
     summary = pd.DataFrame([s for s, _ in results]).set_index("track")
     per_step = pd.DataFrame([row for _, rows in results for row in rows]).set_index(["track", "step"])
     if not args.no_record:
-        run = Run("bench_adamerging", vars(args), source="benchmarks/bench_adamerging.py")
+        run = Run("bench_adamerging", vars(args), source="benchmarks/bench_adamerging.py", started=started)
         run.table(summary.round(3), "step_cost",
                   f"One layer-wise AdaMerging step against a plain forward+backward of the same model on the same "
                   f"batches ({args.tasks} tasks × {args.batches_per_task} batches of {args.batch}; random weights); "

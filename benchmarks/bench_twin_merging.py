@@ -177,6 +177,7 @@ def stream_rows(model, shared, exclusive, stacked, length: int, args) -> list[di
 
 
 def main(argv=None) -> pd.DataFrame:
+    started = time.perf_counter()  # run.json's wall time counts from here, not from when the table is written
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inputs", type=int, default=64)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 128],
@@ -213,7 +214,7 @@ def main(argv=None) -> pd.DataFrame:
         print(f"{length} tokens: per-input / low-rank = {per_input['× low-rank (time)']:.1f}× in time, "
               f"{per_input['× low-rank (FLOPs)']:.1f}× in FLOPs (the speed-up the matrix work allows).")
     if not args.no_record:
-        run = Run("bench_twin_merging", {**vars(args), "model": what}, source="benchmarks/bench_twin_merging.py")
+        run = Run("bench_twin_merging", {**vars(args), "model": what}, source="benchmarks/bench_twin_merging.py", started=started)
         run.table(table.round(3), "inference_cost",
                   f"Twin-Merging inference on mixed streams: {what}. Times are the best of {args.repeats} runs "
                   "(per-input paths: one); FLOPs count the matrix work (2 × multiply-adds), so the FLOP ratio "

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,6 +229,25 @@ def test_run_record_holds_no_absolute_paths(tmp_path):
     assert os.path.normpath(REPO_ROOT / p["nested"]["models"]) == "/opt/models"
     assert p["tasks"][0] == "a" and p["relative"] == "../shared/data" and record["seed"] == 3
 
+
+
+def test_run_wall_time_counts_from_the_start_it_is_given(tmp_path):
+    """A benchmark measures first and records after: its wall time must count from its start."""
+    record = Run("00_test", {}, out_dir=tmp_path, started=time.perf_counter() - 5.0).finish()
+    assert record["wall_time_seconds"] >= 5.0
+    assert Run("00_test", {}, out_dir=tmp_path).finish()["wall_time_seconds"] < 5.0
+
+
+def test_committed_run_records_have_a_wall_time_and_a_clean_commit():
+    """Every committed run.json says how long its run took and which commit made it, with no
+    uncommitted changes in lib/, notebooks/ or benchmarks/ (run_times.md shows both)."""
+    records = sorted((REPO_ROOT / "figures").glob("*/run.json"))
+    assert records
+    for path in records:
+        record = json.loads(path.read_text())
+        name = path.relative_to(REPO_ROOT)
+        assert record["wall_time_seconds"] > 0, f"{name}: wall time 0; re-run it (its Run must be given started=)"
+        assert "+" not in record["git_commit"], f"{name} was written from a dirty tree: re-run it on a clean one"
 
 # ----------------------------------------------------------------------------- README
 HEADER = "<!-- written by notebooks/00.ipynb; parameters, seed, commit and wall time in run.json -->\n"

@@ -29,7 +29,7 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lib", "notebooks"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lib", "notebooks", "benchmarks"], cwd=REPO_ROOT,
                                capture_output=True, text=True).stdout.strip()
         return commit + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -49,15 +49,18 @@ def relative_paths(value):
 
 
 class Run:
-    def __init__(self, notebook: str, parameters: dict, out_dir: str | Path | None = None, source: str | None = None):
+    def __init__(self, notebook: str, parameters: dict, out_dir: str | Path | None = None, source: str | None = None,
+                 started: float | None = None):
         """``source``: the file that writes the outputs (default ``notebooks/<notebook>.ipynb``;
-        a benchmark passes its script)."""
+        a benchmark passes its script). ``started``: the ``time.perf_counter()`` reading when the
+        work began, for a script that measures first and only then decides to record (default:
+        now); the wall time in run.json counts from it."""
         self.notebook = notebook
         self.source = source or f"notebooks/{notebook}.ipynb"
         self.parameters = parameters
         self.dir = Path(out_dir or REPO_ROOT / "figures" / notebook)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
         self.outputs: list[str] = []
         self.timings: dict[str, float] = {}
 
