@@ -72,7 +72,9 @@ $(ALL_NOTEBOOKS): $(if $(filter $(PY),$(VENV)/bin/python),venv)
 readme: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) -m lib.experiments.readme
 
-bench: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+# Each closed-form merge's cost against one read of its inputs: streamed from safetensors files
+# on 8 ViT-B/32-sized experts (issue 12's target; bench-streaming), then in memory on the 8 text experts.
+bench: bench-streaming
 	$(PY) benchmarks/bench_merges.py
 
 bench-grads: $(if $(filter $(PY),$(VENV)/bin/python),venv)

@@ -194,7 +194,8 @@ def text_experts():
     defaults = notebook_defaults(Path(__file__).resolve().parent.parent / "notebooks" / "01_merging_baselines.ipynb")
     config = notebook_config(BaselinesConfig, {**defaults, "data_dir": os.environ.get("DATA_DIR", ""), "progress": False})
     track = config.track("text")
-    setup = prepare_track(track, *config.finetune_configs("text", len(track.tasks)))
+    expert_config, _ = config.finetune_configs("text", len(track.tasks))
+    setup = prepare_track(track, expert_config, None)  # no multi-task model: no merge uses it
     stats = compute_statistics(track, setup, config)
     pretrained = setup.restrict(setup.pretrained)
     finetuned = [setup.restrict(s) for s in setup.finetuned()]

@@ -253,6 +253,19 @@ def test_committed_run_records_have_a_wall_time_and_a_clean_commit():
 HEADER = "<!-- written by notebooks/00.ipynb; parameters, seed, commit and wall time in run.json -->\n"
 
 
+def test_run_times_table_names_each_runs_commit_time_and_machine(tmp_path):
+    from lib.experiments.readme import run_times
+    for name, machine, commit in [("a", {"device": "cpu", "cpu": "Some Xeon", "threads": 2}, "abcdef0123"),
+                                  ("b", {"device": "NVIDIA H200", "cpu": "Some EPYC", "threads": 16}, "1234567+x"),
+                                  ("c", {"device": "cpu", "threads": 1}, "fedcba9876")]:
+        (tmp_path / "figures" / name).mkdir(parents=True)
+        (tmp_path / "figures" / name / "run.json").write_text(json.dumps(
+            {"notebook": f"benchmarks/{name}.py", "git_commit": commit, "wall_time_seconds": 90, "machine": machine}))
+    rows = run_times(tmp_path).splitlines()[2:]
+    assert rows[0].startswith("| `figures/a/` | `benchmarks/a.py` | abcdef0 | 1.5 min | cpu (Some Xeon) | 2 |")
+    assert "| 1234567+ | 1.5 min | NVIDIA H200 | 16 |" in rows[1]  # an accelerator is named, not the host's CPU
+    assert "| cpu | 1 |" in rows[2]  # an old record without the CPU's name
+
 def test_readme_sync_rewrites_stale_blocks(tmp_path):
     (tmp_path / "figures" / "nb").mkdir(parents=True)
     (tmp_path / "figures" / "nb" / "table.md").write_text(HEADER + "| a |\n|---|\n| 2 |\n")

@@ -69,10 +69,13 @@ def run_times(root: Path) -> str:
     for path in sorted(Path(root).glob("figures/*/run.json")):
         record = json.loads(path.read_text())
         minutes = record.get("wall_time_seconds", float("nan")) / 60
+        machine = record.get("machine", {})
+        device = machine.get("device", "?")
+        if device == "cpu" and machine.get("cpu"):  # records from before the CPU's name was kept say "cpu"
+            device = f"cpu ({machine['cpu']})"
         rows.append(f"| `{path.parent.relative_to(root)}/` | `{record.get('notebook', '?')}` | "
                     f"{str(record.get('git_commit', '?'))[:7]}{'+' if '+' in str(record.get('git_commit')) else ''} | "
-                    f"{minutes:.1f} min | {record.get('machine', {}).get('device', '?')} | "
-                    f"{record.get('machine', {}).get('threads', '?')} | "
+                    f"{minutes:.1f} min | {device} | {machine.get('threads', '?')} | "
                     f"{record.get('finished_utc', '?')} |")
     return "\n".join(rows) + "\n"
 

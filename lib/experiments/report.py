@@ -48,6 +48,18 @@ def relative_paths(value):
     return value
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), or the platform's processor string: timings
+    differ between machines, and a run record says which one made them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 class Run:
     def __init__(self, notebook: str, parameters: dict, out_dir: str | Path | None = None, source: str | None = None,
                  started: float | None = None):
@@ -102,7 +114,8 @@ class Run:
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_time_seconds": round(time.perf_counter() - self.started, 1),
             "timings_seconds": self.timings,
-            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+            "machine": {"platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(),
+                        "python": platform.python_version(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
                         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
             "outputs": sorted(set(self.outputs)),
