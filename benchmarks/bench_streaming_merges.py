@@ -305,6 +305,8 @@ def main(argv: Sequence[str] | None = None):
 
         def row(name: str, cached: dict, cold: dict, groups: Sequence[str]) -> dict:
             read_cached, read_cold = (sum(reads[(g, c)]["seconds"] for g in groups) for c in (False, True))
+            print(f"  {name}: {cached['seconds']:.1f} s cached ({cached['seconds'] / read_cached:.1f}× a read), "
+                  f"{cold['seconds']:.1f} s from the disk ({cold['seconds'] / read_cold:.1f}×)", flush=True)
             return {"method": name, "seconds (cached)": cached["seconds"], "× read (cached)": cached["seconds"] / read_cached,
                     "seconds (disk)": cold["seconds"], "× read (disk)": cold["seconds"] / read_cold,
                     "peak MiB": max(cached["peak_mib"], cold["peak_mib"])}
