@@ -21,7 +21,13 @@ bytes of the tensors alive at once, with CUDA autocast's dtypes. This script
    - notebook 01's diagonal Fisher of an expert (float32, per-example gradients by vmap over a
      batch of 16) in chunks of ``CLIP_FISHER_CHUNK`` examples, and of 16;
    - an expert's fine-tuning step (``paper_experts finetune``, ``CLIP_RECIPE``: AdamW, batch
-     128, gradient clipped) in parts of ``CLIP_MICRO_BATCH`` images, and as one batch.
+     128, gradient clipped) in parts of ``CLIP_MICRO_BATCH`` images, and as one batch;
+   - notebook 03's distillation baseline on two ViT-B-16 experts (``lib.archs.ViT``, as FS-Merge
+     runs them; FS-Merge's own step is among the checked rows of 1.), batch 128 per task, its
+     backward in ``fs_micro_batches`` = 8 chunks and in one;
+   - notebook 04's RoBERTa-base steps at 384 tokens: a fine-tuning step of ``SentimentRecipe``
+     (batch 16, bf16 autocast) and the Fisher's exact per-example gradients (hooks, float32,
+     ``fisher_batch_size`` 32).
 
 3. **on a CUDA machine**, instead: runs the notebooks' steps of 2. for real and puts the
    measured peaks beside the committed predictions (``figures/bench_gpu_memory_measured/``).
@@ -49,13 +55,13 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench_gpu_paper import CLASSES, TINY, TOWERS, adamerging_setup, tower  # noqa: E402  (this folder: the measured steps' towers)
 from lib import merging  # noqa: E402
-from lib.experiments.gpu_memory import predicted_cuda_peak  # noqa: E402
+from lib.experiments.gpu_memory import embedding_sums_at_their_largest, predicted_cuda_peak  # noqa: E402
 from lib import statistics  # noqa: E402
 from lib.experiments.paper_tracks import CLIP_FISHER_CHUNK, CLIP_MICRO_BATCH, CLIP_RECIPE  # noqa: E402
 from lib.models import Classifier  # noqa: E402
 from lib.experiments.report import Run  # noqa: E402
 from lib.experiments.training import micro_batches  # noqa: E402
-from lib.fs_merge import build_supernet, train_supernet  # noqa: E402
+from lib.fs_merge import Distillation, build_supernet, train_supernet  # noqa: E402
 
 GIB = 2**30
 CARD_24GB = 22.0  # GiB of tensors a 24 GB card holds after the CUDA context and allocator slack
@@ -176,6 +182,59 @@ def open_clip_tower(arch: str, tiny: bool) -> nn.Module:
     return CLIPImageEncoder(model.visual)
 
 
+def roberta_classifier(tiny: bool) -> Classifier:
+    """Notebook 04's model at paper scale: RoBERTa-base (random weights; eager attention, as
+    ``glue.load_roberta`` loads it) read at ``<s>``, with a trainable two-class dense-tanh-out_proj
+    head (the whole model is trained and merged there)."""
+    from transformers import RobertaConfig
+
+    from lib.paper import glue
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if tiny else {}
+    config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           **shape)  # roberta-base's shape where not tiny; dropout 0 as SentimentRecipe trains
+    encoder, _ = glue.load_roberta(config=config)
+    head = glue.classification_head_module(glue.initial_head(encoder.feature_dim, 2, seed=0), dropout=0.0)
+    return Classifier(encoder, head.requires_grad_(True))
+
+
+def roberta_fisher(tiny: bool, batch: dict, label_mode: str, method: str, chunk_size) -> None:
+    """Notebook 04's Fisher of one batch (float32), its embedding sums at their largest
+    (``embedding_sums_at_their_largest``: every token of the batch distinct)."""
+    with embedding_sums_at_their_largest():
+        statistics.diagonal_fisher(roberta_classifier(tiny), [batch], label_mode=label_mode, method=method,
+                                   chunk_size=chunk_size, disable=True)
+
+
+def token_batch(batch: int, tokens: int, vocab: int = 50265) -> dict:
+    return {"input_ids": torch.randint(3, vocab, (batch, tokens)), "attention_mask": torch.ones(batch, tokens,
+            dtype=torch.long), "labels": torch.randint(0, 2, (batch,))}
+
+
+def text_finetune_steps(model: Classifier, batch: dict, autocast: str, steps: int = 2):
+    """``steps`` steps of notebook 04's recipe (``SentimentRecipe``: AdamW lr 1e-5, weight decay 0,
+    gradient norm clipped to 1) on one batch, its forward under bf16 autocast."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(autocast, dtype=BF16):
+            loss = F.cross_entropy(model(**inputs), batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+
+def distillation_step(towers: list[nn.Module], batch: int, image: int, chunks: int, autocast: torch.dtype | None):
+    """One step of notebook 03's distillation baseline (a trainable copy of expert 1 against both
+    experts' features, FS-Merge's loss and schedule) on ``batch`` images per task, its backward in
+    ``chunks`` parts (``fs_micro_batches``)."""
+    loaders = [[torch.randn(batch, 3, image, image)] for _ in towers]
+    student = Distillation(towers, rank=12, seed=0)
+    train_supernet(student, loaders, steps=1, progress=False, autocast=autocast, micro_batches=chunks)
+
+
 def notebook_rows(args, peak=predicted_cuda_peak) -> list[dict]:
     """The notebooks' steps, predicted on fake tensors (``peak``), or measured on CUDA
     (``measured_cuda_peak``, with CUDA autocast)."""
@@ -218,6 +277,34 @@ def notebook_rows(args, peak=predicted_cuda_peak) -> list[dict]:
                                       lambda: finetuning(part)))
         rows.append(row(model, f"fine-tuning step, batch {args.finetune_batch}" + ("" if part else " (default)"),
                                   lambda: finetuning(None)))
+    rows += other_notebook_rows(args, row, autocast)
+    return rows
+
+
+def other_notebook_rows(args, row, autocast: str) -> list[dict]:
+    """Notebook 03's distillation baseline (2 × ViT-B-16, lib.archs.ViT as FS-Merge runs them;
+    its FS-Merge step is among the validation rows) and notebook 04's RoBERTa-base steps."""
+    from lib.experiments.fs_merge import PAPER_SCALE as FS_PAPER
+    from lib.experiments.gradient_matching import (FISHER_CHUNK, FISHER_LABELS, FISHER_METHOD, PAPER_RECIPE,
+                                                   GradientMatchingConfig)
+
+    rows = []
+    name = "tiny" if args.tiny else "ViT-B-16"
+    chunks, fs_batch = FS_PAPER["fs_micro_batches"], args.finetune_batch if args.tiny else FS_PAPER["fs_batch_size"]
+    for parts, label in ((chunks, f"in {chunks} chunks (default)"), (1, "one backward")):
+        # train_supernet takes the autocast dtype and runs it on the parameters' device type
+        rows.append(row(f"2 × {name} (lib.archs.ViT)", f"distillation step, batch {fs_batch} per task {label}",
+                        lambda parts=parts: distillation_step([tower({**TOWERS, **TINY}[name], args.image, None)
+                                                               for _ in range(2)], fs_batch, args.image, parts, BF16)))
+    tokens, train_batch = (16, 2) if args.tiny else (PAPER_RECIPE.max_length, PAPER_RECIPE.batch_size)
+    fisher_batch = 2 if args.tiny else GradientMatchingConfig.fisher_batch_size
+    model = "RoBERTa-base (transformers)" if not args.tiny else "tiny RoBERTa (transformers)"
+    rows.append(row(model, f"fine-tuning step, batch {train_batch} × {tokens} tokens (default)",
+                    lambda: text_finetune_steps(roberta_classifier(args.tiny), token_batch(train_batch, tokens),
+                                                autocast)))
+    rows.append(row(model, f"Fisher, batch {fisher_batch} × {tokens} tokens, per-example gradients by hooks (default)",
+                    lambda: roberta_fisher(args.tiny, token_batch(fisher_batch, tokens), FISHER_LABELS, FISHER_METHOD,
+                                           FISHER_CHUNK)))
     return rows
 
 
@@ -282,11 +369,12 @@ def main(argv=None):
                   "H200 (make bench-gpu-paper, figures/bench_gpu_paper/), for the same steps with the same tensors "
                   "alive. bf16 autocast; AdaMerging: layer-wise, 8 tasks × 2 batches; fine-tuning: AdamW.")
         run.table(notebooks.set_index("model"), "notebook_steps",
-                  "Predicted GPU memory of the paper-scale notebooks' steps on open_clip's image towers at their "
-                  f"defaults (bf16 autocast; AdaMerging 8 tasks × 2 × {args.adamerging_batch} images with θ0, "
-                  f"8 task vectors and 8 heads on the device; Fisher: float32, vmap over a batch of {args.fisher_batch}; "
-                  f"fine-tuning CLIP_RECIPE at batch {args.finetune_batch}). 'fits 24 GB': at most {CARD_24GB:g} GiB "
-                  "of tensors.")
+                  "Predicted GPU memory of the paper-scale notebooks' steps at their defaults: notebooks 01, 02 and "
+                  f"05 on open_clip's image towers (bf16 autocast; AdaMerging 8 tasks × 2 × {args.adamerging_batch} "
+                  "images with θ0, 8 task vectors and 8 heads on the device; Fisher: float32, vmap over a batch of "
+                  f"{args.fisher_batch}; fine-tuning CLIP_RECIPE at batch {args.finetune_batch}), notebook 03's "
+                  "distillation baseline (bf16 autocast) and notebook 04's RoBERTa-base (fine-tuning under bf16 "
+                  f"autocast, Fisher in float32). 'fits 24 GB': at most {CARD_24GB:g} GiB of tensors.")
         run.finish()
     return validation, notebooks
 

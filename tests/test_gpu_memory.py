@@ -1,5 +1,6 @@
 """GPU memory predicted on a CPU (lib.experiments.gpu_memory): the byte count, fake = real, and
 CUDA autocast's float32 policy."""
+import contextlib
 import copy
 import gc
 
@@ -85,3 +86,48 @@ def test_fake_runs_take_item_module_moves_and_deep_copies():
 
     predicted_cuda_peak(run)
     assert seen == {"item": 1.0, "twin": (True, True)}
+
+
+def test_embedding_sums_stand_in_is_the_original_at_its_largest_and_runs_on_fake_tensors():
+    """The Fisher's per-example embedding sums call torch.unique, which fake tensors cannot run.
+    The stand-in allocates what the original does when every (example, token) pair is distinct,
+    with the same result there, and more than the original when tokens repeat."""
+    from lib import statistics
+    from lib.experiments.gpu_memory import embedding_sums_at_their_largest
+
+    torch.manual_seed(0)
+    module, batch, tokens = nn.Embedding(1000, 64), 8, 32
+    cases = {"distinct": torch.randperm(1000)[:batch * tokens].reshape(batch, tokens),
+             "repeated": torch.randint(0, 20, (batch, tokens))}
+    g, weights = torch.randn(batch, tokens, 64), torch.rand(batch)
+    original = statistics._embedding_sq_sum_
+    for name, ids in cases.items():
+        runs = {}
+        for kind in ("original", "stand-in"):
+            total = torch.zeros(1000, 64)
+            with contextlib.nullcontext() if kind == "original" else embedding_sums_at_their_largest():
+                with LiveTensorBytes() as live:
+                    statistics._embedding_sq_sum_(total, module, ids, g, weights)
+            runs[kind] = live.peak, total
+        if name == "distinct":
+            assert runs["stand-in"][0] == runs["original"][0]
+            assert torch.allclose(runs["stand-in"][1], runs["original"][1], rtol=1e-6, atol=0)
+        else:
+            assert runs["stand-in"][0] > runs["original"][0]
+    assert statistics._embedding_sq_sum_ is original  # restored
+
+    class MeanOfEmbeddings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.out = nn.Embedding(50, 16), nn.Linear(16, 3)
+
+        def forward(self, input_ids):
+            return self.out(self.embedding(input_ids).mean(1))
+
+    def fisher_through_an_embedding():
+        statistics.diagonal_fisher(MeanOfEmbeddings(), [{"input_ids": torch.randint(0, 50, (4, 6)),
+                                                         "labels": torch.randint(0, 3, (4,))}], method="hooks",
+                                   disable=True)
+
+    with embedding_sums_at_their_largest():
+        assert predicted_cuda_peak(fisher_through_an_embedding) > 0

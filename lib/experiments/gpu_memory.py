@@ -26,6 +26,9 @@ fake tensor has no value to return; it returns 1 (1.0, True), which is enough fo
 flow of the steps measured here (Adam's step counter, a loss printed to a history). Two shims
 keep ordinary code running on fake tensors: ``module.to`` a device and dtype the module already
 has returns it untouched, and ``copy.deepcopy`` of a fake tensor clones it in the same fake mode.
+An operation whose output size depends on values (``torch.unique``, boolean-mask indexing) cannot
+run on fake tensors; ``embedding_sums_at_their_largest`` stands in for the one such step the
+notebooks' statistics take (the Fisher's per-example sums over embedding rows), at its largest.
 
 ``make bench-gpu-memory`` checks the prediction against the peaks measured on an H200
 (``make bench-gpu-paper``) and predicts the paper-scale notebooks' steps on open_clip's towers.
@@ -181,6 +184,48 @@ def _deepcopies_in_mode() -> Iterator[None]:
             cls.__deepcopy__ = original
 
 
+def _distinct_pairs(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(pairs, return_inverse=True)``'s outputs (new tensors of the same sizes) when
+    every entry of ``pairs`` is distinct: the keys are the pairs, the inverse 0, 1, 2, ..."""
+    return pairs.clone(), torch.arange(pairs.shape[0], device=pairs.device)
+
+
+def _embedding_sq_sum_every_pair_distinct(total: torch.Tensor, module: nn.Embedding, ids: torch.Tensor,
+                                          g: torch.Tensor, weights: torch.Tensor | None) -> None:
+    """``statistics._embedding_sq_sum_`` when every (example, token id) pair is distinct and no id
+    is padding: step for step the same tensors, at their largest, and the same ``total``. Where
+    the original indexes with a boolean mask and calls ``torch.unique`` (output sizes that depend
+    on values), this reshapes and copies: with every pair distinct, unique's keys are the pairs
+    (in another order, which the final sums do not depend on) and its inverse is 0, 1, 2, ..."""
+    batch, vocabulary = g.shape[0], module.num_embeddings
+    ids = ids.reshape(batch, -1)
+    g = g.reshape(batch, ids.shape[1], -1).float()
+    example = torch.arange(batch, device=ids.device)[:, None].expand_as(ids)
+    keep = torch.ones_like(ids, dtype=torch.bool)  # noqa: F841  (the original's mask, allocated as it is there)
+    keys, where = _distinct_pairs((example * vocabulary + ids).reshape(-1).clone())  # [keep] is a copy
+    rows = torch.zeros(keys.shape[0], g.shape[-1], device=g.device).index_add_(
+        0, where, g.reshape(-1, g.shape[-1]).clone())  # g[keep]: a copy
+    sq = rows.square_()
+    if weights is not None:
+        sq = sq * weights.float()[keys // vocabulary, None]
+    total.index_add_(0, keys % vocabulary, sq)
+
+
+@contextlib.contextmanager
+def embedding_sums_at_their_largest() -> Iterator[None]:
+    """While active, the Fisher's per-example embedding sums (``lib.statistics``, method "hooks")
+    allocate what they allocate when every (example, token) pair is distinct, their largest case,
+    so that a step through them runs on fake tensors and is predicted from above."""
+    from lib import statistics
+
+    original = statistics._embedding_sq_sum_
+    statistics._embedding_sq_sum_ = _embedding_sq_sum_every_pair_distinct
+    try:
+        yield
+    finally:
+        statistics._embedding_sq_sum_ = original
+
+
 def predicted_cuda_peak(fn: Callable[[], object]) -> int:
     """The peak bytes of live tensors while ``fn()`` runs on fake tensors: a prediction of
     ``torch.cuda.max_memory_allocated`` for the same code on CUDA (module docstring).
@@ -195,4 +240,5 @@ def predicted_cuda_peak(fn: Callable[[], object]) -> int:
     return tracker.peak
 
 
-__all__ = ["BLOCK", "LiveTensorBytes", "allocated_bytes", "cuda_autocast_policy", "predicted_cuda_peak"]
+__all__ = ["BLOCK", "LiveTensorBytes", "allocated_bytes", "cuda_autocast_policy", "embedding_sums_at_their_largest",
+           "predicted_cuda_peak"]
