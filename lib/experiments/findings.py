@@ -35,10 +35,16 @@ class Estimate:
     se: float
 
     def __str__(self) -> str:
-        return f"{self.value:+.1f} ± {self.se:.1f}"
+        return f"{_shown(self.value):+.1f} ± {self.se:.1f}"
 
     def plain(self) -> str:
-        return f"{self.value:.1f} ± {self.se:.1f}"
+        return f"{_shown(self.value):.1f} ± {self.se:.1f}"
+
+
+def _shown(value: float) -> float:
+    """``value`` rounded as it is shown (one decimal), with a negative zero made +0: a difference
+    of −0.0001 (float rounding, which differs between CPUs) reads "+0.0", not "-0.0"."""
+    return round(value, 1) + 0.0
 
 
 def _as_bool(outcomes) -> np.ndarray:
