@@ -22,6 +22,8 @@ bytes of the tensors alive at once, with CUDA autocast's dtypes. This script
      batch of 16) in chunks of ``CLIP_FISHER_CHUNK`` examples, and of 16;
    - an expert's fine-tuning step (``paper_experts finetune``, ``CLIP_RECIPE``: AdamW, batch
      128, gradient clipped) in parts of ``CLIP_MICRO_BATCH`` images, and as one batch;
+   - notebook 05's evaluation of θ(x) by the exact low-rank path (``low_rank_predictions``: float32,
+     batches of 128, the encoder, θ_shared and 8 tasks' stacked factors at rank ratio 0.1);
    - notebook 03's distillation baseline on two ViT-B-16 experts (``lib.archs.ViT``, as FS-Merge
      runs them; FS-Merge's own step is among the checked rows of 1.), batch 128 per task, its
      backward in ``fs_micro_batches`` = 8 chunks and in one;
@@ -235,6 +237,44 @@ def distillation_step(towers: list[nn.Module], batch: int, image: int, chunks: i
     train_supernet(student, loaders, steps=1, progress=False, autocast=autocast, micro_batches=chunks)
 
 
+def stacked_exclusive(shared: dict, tasks: int, rank_ratio: float):
+    """What notebook 05 puts on the device beside θ_shared: ``twin_merging.stack`` of ``tasks``
+    exclusive parts as ``compress`` shapes them (U·S and Vᵀ at rank ``rank_for`` for every tensor
+    of two or more dimensions, dense differences for the rest; the tower's output projection at
+    rank 0, shared as it is by the published experts), built stacked: the per-task parts stay on
+    the CPU there."""
+    from lib.merging import twin_merging as tw
+
+    factors, dense = {}, {}
+    for k, v in shared.items():
+        if not v.is_floating_point():
+            continue
+        if v.dim() >= 2:
+            rank = 0 if k.split(".")[-1] == "proj" else tw.rank_for(v.shape, rank_ratio)
+            if rank:
+                columns = tasks * rank
+                factors[k] = (torch.randn(v.shape[0], columns), torch.randn(columns, v[0].numel()),
+                              torch.arange(tasks).repeat_interleave(rank))
+        else:
+            dense[k] = torch.randn(tasks, *v.shape)
+    return tw.Stacked(factors, dense, tasks)
+
+
+def twin_low_rank_inference(arch: str, tiny: bool, batch: int, tasks: int) -> None:
+    """Notebook 05's evaluation of θ(x) (``low_rank_predictions``): the exact low-rank path over a
+    batch of images, float32, no autocast, with the encoder, θ_shared and the stacked exclusive
+    parts on the device."""
+    from lib.merging import twin_merging as tw
+
+    encoder = open_clip_tower(arch, tiny).eval()
+    shared = {k: v.detach().clone() for k, v in encoder.state_dict().items()}  # to_device(base): its own copy
+    stacked = stacked_exclusive(shared, tasks, tw.RANK_RATIO)
+    size = encoder.image_size
+    with torch.no_grad():
+        tw.low_rank_forward(encoder, shared, stacked, torch.softmax(torch.randn(batch, tasks), 1),
+                            {"pixel_values": torch.randn(batch, 3, size, size)})
+
+
 def notebook_rows(args, peak=predicted_cuda_peak) -> list[dict]:
     """The notebooks' steps, predicted on fake tensors (``peak``), or measured on CUDA
     (``measured_cuda_peak``, with CUDA autocast)."""
@@ -277,6 +317,8 @@ def notebook_rows(args, peak=predicted_cuda_peak) -> list[dict]:
                                       lambda: finetuning(part)))
         rows.append(row(model, f"fine-tuning step, batch {args.finetune_batch}" + ("" if part else " (default)"),
                                   lambda: finetuning(None)))
+        rows.append(row(model, f"Twin-Merging low-rank inference, batch {args.twin_batch}, {args.tasks} tasks (default)",
+                        lambda arch=arch: twin_low_rank_inference(arch, args.tiny, args.twin_batch, args.tasks)))
     rows += other_notebook_rows(args, row, autocast)
     return rows
 
@@ -345,11 +387,13 @@ def main(argv=None):
     parser.add_argument("--adamerging-batch", type=int, default=16)
     parser.add_argument("--finetune-batch", type=int, default=128)
     parser.add_argument("--fisher-batch", type=int, default=16, help="notebook 01's fisher_batch_size")
+    parser.add_argument("--twin-batch", type=int, default=128, help="notebook 05's evaluation batch (low_rank_predictions)")
     parser.add_argument("--out", help="output folder (default figures/bench_gpu_memory)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny:
         args.towers, args.image, args.adamerging_batch, args.finetune_batch, args.fisher_batch = ["tiny", "tiny:1"], 64, 2, 4, 4
+        args.twin_batch = 4
     if torch.cuda.is_available():
         return measure_notebook_steps(args)
     run = None if args.no_record else Run("bench_gpu_memory", dict(vars(args)), out_dir=args.out,
