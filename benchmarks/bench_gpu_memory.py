@@ -214,17 +214,18 @@ def token_batch(batch: int, tokens: int, vocab: int = 50265) -> dict:
             dtype=torch.long), "labels": torch.randint(0, 2, (batch,))}
 
 
-def text_finetune_steps(model: Classifier, batch: dict, autocast: str, steps: int = 2):
-    """``steps`` steps of notebook 04's recipe (``SentimentRecipe``: AdamW lr 1e-5, weight decay 0,
-    gradient norm clipped to 1) on one batch, its forward under bf16 autocast."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+def text_finetune_steps(model: Classifier, batch: dict, recipe, autocast: str, steps: int = 2):
+    """``steps`` steps of notebook 04's ``recipe`` (``SentimentRecipe``: AdamW, gradient norm
+    clipped) on one batch, its forward under bf16 autocast."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                  betas=recipe.adam_betas, eps=recipe.adam_epsilon)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(autocast, dtype=BF16):
             loss = F.cross_entropy(model(**inputs), batch["labels"])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
         optimizer.step()
 
 
@@ -343,7 +344,7 @@ def other_notebook_rows(args, row, autocast: str) -> list[dict]:
     model = "RoBERTa-base (transformers)" if not args.tiny else "tiny RoBERTa (transformers)"
     rows.append(row(model, f"fine-tuning step, batch {train_batch} × {tokens} tokens (default)",
                     lambda: text_finetune_steps(roberta_classifier(args.tiny), token_batch(train_batch, tokens),
-                                                autocast)))
+                                                PAPER_RECIPE, autocast)))
     rows.append(row(model, f"Fisher, batch {fisher_batch} × {tokens} tokens, per-example gradients by hooks (default)",
                     lambda: roberta_fisher(args.tiny, token_batch(fisher_batch, tokens), FISHER_LABELS, FISHER_METHOD,
                                            FISHER_CHUNK)))

@@ -131,3 +131,36 @@ def test_embedding_sums_stand_in_is_the_original_at_its_largest_and_runs_on_fake
 
     with embedding_sums_at_their_largest():
         assert predicted_cuda_peak(fisher_through_an_embedding) > 0
+
+
+def test_bench_gpu_memory_predicts_every_notebook_step_on_tiny_models():
+    """``make bench-gpu-memory``'s script end to end on tiny towers and a tiny RoBERTa (printing only),
+    and notebook 05's device-side factors built as ``twin_merging.compress`` and ``stack`` shape them."""
+    import sys
+    from pathlib import Path
+
+    from lib.merging import twin_merging as tw
+    from lib.paths import REPO_ROOT
+
+    sys.path.insert(0, str(Path(REPO_ROOT) / "benchmarks"))
+    try:
+        import bench_gpu_memory as bench
+    finally:
+        sys.path.pop(0)
+    validation, notebooks = bench.main(["--tiny", "--no-record"])
+    steps = " | ".join(notebooks["step"])
+    for expected in ("AdaMerging step, per-batch backward", "Fisher, batch 4, vmap", "fine-tuning step, batch 4",
+                     "Twin-Merging low-rank inference", "distillation step, batch 4 per task in 8 chunks",
+                     "fine-tuning step, batch 2 × 16 tokens", "per-example gradients by hooks"):
+        assert expected in steps, (expected, steps)
+    assert (validation["predicted peak (GiB)"] > 0).all() and (notebooks["predicted peak (GiB)"] > 0).all()
+
+    encoder = bench.open_clip_tower("tiny", True)
+    shared = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    experts = [{k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() and not k.endswith(".proj") else v.clone()
+                for k, v in shared.items()} for _ in range(3)]
+    real, built = tw.stack(tw.compress(shared, experts)), bench.stacked_exclusive(shared, 3, tw.RANK_RATIO)
+    assert sorted(real.factors) == sorted(built.factors) and sorted(real.dense) == sorted(built.dense)
+    for k in real.factors:
+        assert [(t.shape, t.dtype) for t in real.factors[k]] == [(t.shape, t.dtype) for t in built.factors[k]], k
+    assert all(real.dense[k].shape == built.dense[k].shape for k in real.dense)
