@@ -16,8 +16,8 @@ in a fresh Python process so that no run inherits another's memory:
   (``float64_matmul_rate``): what no implementation of the method in float64 can go below here,
   whatever it does about reading.
 
-Every measurement is taken twice, each over ``--repeats`` runs (from the disk at least 3, and
-the reads that every ratio divides by at least 5):
+Every measurement is taken twice, each over ``--repeats`` runs (3 by default; the reads that every
+ratio divides by at least 5):
 
 - **from the page cache**: the files were just read, so they come from memory. The cheapest a
   read gets, which makes the ratios the highest they get. The fastest run counts.
@@ -270,8 +270,9 @@ def main(argv: Sequence[str] | None = None):
     parser.add_argument("--tasks", type=int, default=8, help="number of experts")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--no-stats", action="store_true", help="skip Fisher and RegMean (no statistics files)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="runs per measurement, the fastest reported (default: 3 for --size small, else 1)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per measurement: the fastest from the page cache, the median from the disk "
+                             "(at least 3)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (one gives stable timings on a shared machine)")
     parser.add_argument("--dir", help="folder for the files (default: a temporary folder, removed afterwards)")
@@ -285,7 +286,7 @@ def main(argv: Sequence[str] | None = None):
         return None
     torch.set_num_threads(args.threads)  # the workers' count, so that run.json records it
     methods = [m for m in args.methods if not (args.no_stats and m in ("fisher", "regmean"))]
-    repeats = args.repeats or (3 if args.size == "small" else 1)
+    repeats = args.repeats
     check = args.size == "small" if args.check is None else args.check
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
