@@ -16,8 +16,8 @@ in a fresh Python process so that no run inherits another's memory:
   (``float64_matmul_rate``): what no implementation of the method in float64 can go below here,
   whatever it does about reading.
 
-Every measurement is taken twice, each over ``--repeats`` runs (3 by default; the reads that every
-ratio divides by at least 5):
+Every measurement is taken twice, each over ``--repeats`` runs (3 by default, from the disk at
+least 3, and the reads that every ratio divides by at least 5):
 
 - **from the page cache**: the files were just read, so they come from memory. The cheapest a
   read gets, which makes the ratios the highest they get. The fastest run counts.
@@ -286,7 +286,6 @@ def main(argv: Sequence[str] | None = None):
         return None
     torch.set_num_threads(args.threads)  # the workers' count, so that run.json records it
     methods = [m for m in args.methods if not (args.no_stats and m in ("fisher", "regmean"))]
-    repeats = args.repeats
     check = args.size == "small" if args.check is None else args.check
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
@@ -297,11 +296,11 @@ def main(argv: Sequence[str] | None = None):
         print(f"{args.tasks} experts of {args.size} size ({n_params / 1e6:.1f}M parameters, "
               f"{model_bytes / 2**20:.0f} MiB each), written in {time.perf_counter() - writing:.0f} s; "
               f"{args.threads} thread(s); every measurement from the page cache, then from the disk")
-        base = {"paths": paths, "threads": args.threads, "repeats": repeats}
+        base = {"paths": paths, "threads": args.threads, "repeats": args.repeats}
         read_inputs([paths["pretrained"], *paths["finetuned"], *paths["fisher"], *paths["gram"]])  # into the page cache
         groups = file_groups(paths)
         # every ratio's baseline: each group of files read once, from the page cache and from the disk (≥ 5 runs)
-        reads = {(group, cold): run_worker({**base, "repeats": max(repeats, 5), "read": files, "cold": cold})
+        reads = {(group, cold): run_worker({**base, "repeats": max(args.repeats, 5), "read": files, "cold": cold})
                  for group, files in groups.items() if files for cold in (False, True)}
 
         def row(name: str, cached: dict, cold: dict, groups: Sequence[str]) -> dict:
@@ -314,7 +313,7 @@ def main(argv: Sequence[str] | None = None):
 
         def both(spec: dict) -> tuple[dict, dict]:
             return run_worker({**spec, "cold": False}), run_worker({**spec, "cold": True,
-                                                                    "repeats": max(repeats, 3)})
+                                                                    "repeats": max(args.repeats, 3)})
 
         rows = [row("read θ0 and the experts once (baseline)", reads[("models", False)], reads[("models", True)],
                     ["models"])]

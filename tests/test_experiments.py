@@ -207,11 +207,11 @@ def test_cache_invalidation(tmp_path):
     assert len(calls) == 4
 
 
-
 def test_estimates_show_a_difference_that_rounds_to_zero_as_plus_zero():
     # float rounding differs between CPUs: -1e-7 and +1e-7 must read the same
     assert str(Estimate(-1e-7, 0.01)) == str(Estimate(1e-7, 0.01)) == "+0.0 ± 0.0"
     assert Estimate(-0.04, 0.2).plain() == "0.0 ± 0.2" and str(Estimate(-0.06, 0.2)) == "-0.1 ± 0.2"
+
 
 # ----------------------------------------------------------------------------- report
 def test_run_record_holds_no_absolute_paths(tmp_path):
