@@ -85,23 +85,34 @@ def adamerging_run(model: nn.Module, pretrained: dict, heads: list, batch: int, 
     return taus
 
 
-def finetune_steps(model: nn.Module, head: nn.Module, batch: int, image: int, part: int | None, clip: bool = True,
-                   steps: int = 2, autocast: str = "cpu"):
-    """``steps`` AdamW steps of CLIP_RECIPE on one batch, in parts of ``part`` images (None: whole), the
-    gradient clipped as ``training.finetune`` clips it (``clip``; bench_gpu_paper's step does not)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=CLIP_RECIPE.lr,
-                                  weight_decay=CLIP_RECIPE.weight_decay)
-    x, y = torch.randn(batch, 3, image, image), torch.randint(0, head.out_features, (batch,))
-    model.train()
+def adamw_steps(model: nn.Module, logits, batch: dict, part: int | None, max_norm: float | None, steps: int = 2,
+                autocast: str = "cpu", **adamw):
+    """``steps`` AdamW steps (``adamw``: its settings) of ``model``'s trainable parameters on one
+    ``batch`` (with "labels"), cross-entropy of ``logits(chunk)`` under bf16 autocast, in parts of
+    ``part`` examples (None: whole), the gradient norm clipped to ``max_norm`` (None: not), as
+    ``training.finetune`` does."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, **adamw)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        for chunk, weight in micro_batches({"x": x, "labels": y}, part or batch):
+        for chunk, weight in micro_batches(batch, part):
             with torch.autocast(autocast, dtype=BF16):
-                loss = F.cross_entropy(head(model(chunk["x"])), chunk["labels"]) * weight
+                loss = F.cross_entropy(logits(chunk), chunk["labels"]) * weight
             loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_RECIPE.max_grad_norm)
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         optimizer.step()
+
+
+def finetune_steps(model: nn.Module, head: nn.Module, batch: int, image: int, part: int | None, clip: bool = True,
+                   steps: int = 2, autocast: str = "cpu"):
+    """``steps`` AdamW steps of CLIP_RECIPE on one batch of images, in parts of ``part`` images (None:
+    whole), the gradient clipped (``clip``; bench_gpu_paper's step does not clip)."""
+    images = {"x": torch.randn(batch, 3, image, image), "labels": torch.randint(0, head.out_features, (batch,))}
+    model.train()
+    adamw_steps(model, lambda chunk: head(model(chunk["x"])), images, part,
+                CLIP_RECIPE.max_grad_norm if clip else None, steps, autocast,
+                lr=CLIP_RECIPE.lr, weight_decay=CLIP_RECIPE.weight_decay)
 
 
 def frozen_heads(width: int, tasks: int) -> list[nn.Module]:
@@ -134,10 +145,9 @@ def validation_rows(args) -> list[dict]:
     tower_name = "tiny" if args.tiny else "ViT-B-16"
     for chunks in (1, 8):
         def fs_merge_step(chunks=chunks):
-            towers = [tower({**TOWERS, **TINY}[tower_name], args.image, None) for _ in range(2)]
-            loaders = [[torch.randn(args.finetune_batch, 3, args.image, args.image)] for _ in towers]
-            supernet = build_supernet(towers, rank=12, init="first")
-            train_supernet(supernet, loaders, steps=1, progress=False, autocast=BF16, micro_batches=chunks)
+            feature_matching_step(lambda towers: build_supernet(towers, rank=12, init="first"),
+                                  [tower({**TOWERS, **TINY}[tower_name], args.image, None) for _ in range(2)],
+                                  args.finetune_batch, args.image, chunks)
 
         measured = fs_merge.at[chunks, "peak (GiB)"] if chunks in fs_merge.index and not args.tiny else float("nan")
         rows.append(predicted_row(f"2 × {tower_name} (lib.archs.ViT)", f"FS-Merge step, micro_batches {chunks}",
@@ -216,26 +226,18 @@ def token_batch(batch: int, tokens: int, vocab: int = 50265) -> dict:
 
 def text_finetune_steps(model: Classifier, batch: dict, recipe, autocast: str, steps: int = 2):
     """``steps`` steps of notebook 04's ``recipe`` (``SentimentRecipe``: AdamW, gradient norm
-    clipped) on one batch, its forward under bf16 autocast."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                  betas=recipe.adam_betas, eps=recipe.adam_epsilon)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(autocast, dtype=BF16):
-            loss = F.cross_entropy(model(**inputs), batch["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
-        optimizer.step()
+    clipped) on one batch of tokens, its forward under bf16 autocast."""
+    adamw_steps(model, lambda chunk: model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"]),
+                batch, None, recipe.max_grad_norm, steps, autocast, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                betas=recipe.adam_betas, eps=recipe.adam_epsilon)
 
 
-def distillation_step(towers: list[nn.Module], batch: int, image: int, chunks: int, autocast: torch.dtype | None):
-    """One step of notebook 03's distillation baseline (a trainable copy of expert 1 against both
-    experts' features, FS-Merge's loss and schedule) on ``batch`` images per task, its backward in
-    ``chunks`` parts (``fs_micro_batches``)."""
+def feature_matching_step(build, towers: list[nn.Module], batch: int, image: int, chunks: int):
+    """One bf16 step of ``train_supernet`` on ``build(towers)`` (FS-Merge's SuperNet, or notebook
+    03's distillation baseline with the same loss and schedule) on ``batch`` images per task, its
+    backward in ``chunks`` parts (``fs_micro_batches``)."""
     loaders = [[torch.randn(batch, 3, image, image)] for _ in towers]
-    student = Distillation(towers, rank=12, seed=0)
-    train_supernet(student, loaders, steps=1, progress=False, autocast=autocast, micro_batches=chunks)
+    train_supernet(build(towers), loaders, steps=1, progress=False, autocast=BF16, micro_batches=chunks)
 
 
 def stacked_exclusive(shared: dict, tasks: int, rank_ratio: float):
@@ -335,10 +337,11 @@ def other_notebook_rows(args, row, autocast: str) -> list[dict]:
     name = "tiny" if args.tiny else "ViT-B-16"
     chunks, fs_batch = FS_PAPER["fs_micro_batches"], args.finetune_batch if args.tiny else FS_PAPER["fs_batch_size"]
     for parts, label in ((chunks, f"in {chunks} chunks (default)"), (1, "one backward")):
-        # train_supernet takes the autocast dtype and runs it on the parameters' device type
         rows.append(row(f"2 × {name} (lib.archs.ViT)", f"distillation step, batch {fs_batch} per task {label}",
-                        lambda parts=parts: distillation_step([tower({**TOWERS, **TINY}[name], args.image, None)
-                                                               for _ in range(2)], fs_batch, args.image, parts, BF16)))
+                        lambda parts=parts: feature_matching_step(
+                            lambda towers: Distillation(towers, rank=12, seed=0),
+                            [tower({**TOWERS, **TINY}[name], args.image, None) for _ in range(2)], fs_batch,
+                            args.image, parts)))
     tokens, train_batch = (16, 2) if args.tiny else (PAPER_RECIPE.max_length, PAPER_RECIPE.batch_size)
     fisher_batch = 2 if args.tiny else GradientMatchingConfig.fisher_batch_size
     model = "RoBERTa-base (transformers)" if not args.tiny else "tiny RoBERTa (transformers)"
