@@ -19,10 +19,9 @@ from safetensors.torch import load_file, save_file
 from lib import merging as M
 from lib.merging import _common
 from lib.merging import streaming as S
-from lib.merging.dare import _key_seed, dare_keep_mask, dare_tensor
+from lib.merging.dare import _key_seed, dare_keep_mask
 from lib.merging.ties import KthLargest, sample_bracket
 from lib.merging.ties import _ties_thresholds as memory_thresholds
-from lib.merging.ties import ties_merge_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -320,62 +319,8 @@ def test_streamed_ties_thresholds_equal_the_in_memory_ones(tmp_path, density, us
     assert got == memory_thresholds(theta0, experts, density, keys) == _topk_thresholds(theta0, experts, density, keys)
 
 
-# ------------------------------------------------------- the in-memory kernels changed
-
-
-def _ties_masked(theta0, experts, thresholds, disjoint, scale):
-    """TIES for one tensor with boolean masks: the form ``ties_merge_tensor`` replaced."""
-    pos_sum, neg_sum = torch.zeros_like(theta0), torch.zeros_like(theta0)
-    pos_count, neg_count = torch.zeros_like(theta0), torch.zeros_like(theta0)
-    for ft, thr in zip(experts, thresholds):
-        tau = ft - theta0
-        tau = tau.masked_fill_(tau.abs() < thr, 0)
-        pos_sum.add_(tau.clamp(min=0))
-        neg_sum.add_(tau.clamp(max=0))
-        pos_count.add_(tau > 0)
-        neg_count.add_(tau < 0)
-    sign = (pos_sum + neg_sum).sign_()
-    if disjoint == "mean":
-        pos_sum.div_(pos_count.clamp_(min=1))
-        neg_sum.div_(neg_count.clamp_(min=1))
-    merged = torch.where(sign > 0, pos_sum, torch.where(sign < 0, neg_sum, 0.0))
-    return merged.mul_(scale).add_(theta0)
-
-
-def _signed_zero_case(g, n=4000, experts=4):
-    """θ0 with many ±0 entries, experts equal to θ0 or ±0 or a few exact values: signed
-    zeros, exact cancellations (Σ τ̂ = 0) and ties with the cut-off."""
-    theta0 = torch.where(torch.rand(n, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
-    theta0 = torch.where(torch.rand(n, generator=g) < 0.3, torch.randint(-2, 3, (n,), generator=g).float(), theta0)
-    thetas = []
-    for _ in range(experts):
-        x = theta0 + torch.randint(-2, 3, (n,), generator=g).float() * 0.5
-        x = torch.where(torch.rand(n, generator=g) < 0.2, theta0, x)
-        x = torch.where(torch.rand(n, generator=g) < 0.1, torch.tensor(-0.0), x)
-        thetas.append(x)
-    return theta0, thetas
-
-
-@pytest.mark.parametrize("disjoint", ["mean", "sum"])
-@pytest.mark.parametrize("thresholds", [[0.0] * 4, [0.5, 1.0, 0.5, 1.5], [float("inf"), 0.5, 0.0, 1.0]])
-def test_ties_tensor_kernel_equals_the_masked_form_bit_for_bit(disjoint, thresholds):
-    g = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        theta0, thetas = _signed_zero_case(g)
-        got = ties_merge_tensor(theta0, iter(thetas), thresholds, disjoint, 0.7)
-        expected = _ties_masked(theta0, thetas, thresholds, disjoint, 0.7)
-        assert torch.equal(bits(got), bits(expected))
-    assert (theta0 == 0).any() and (torch.signbit(theta0) & (theta0 == 0)).any()  # the case has −0s
-
-
-def test_dare_tensor_equals_the_masked_form_bit_for_bit():
-    g = torch.Generator().manual_seed(5)
-    theta0, thetas = _signed_zero_case(g, experts=3)
-    for t, x in enumerate(thetas):
-        keep = dare_keep_mask(theta0.shape, 0.6, 9, t, "w").bool()
-        tau = x - theta0
-        expected = tau.masked_fill_(~keep, 0).div_(0.4).add_(theta0)
-        assert torch.equal(bits(dare_tensor(theta0, x, 0.6, 9, t, "w")), bits(expected))
+# ------------------------------------------------------------------------ DARE's masks
+# (TIES's and DARE's per-tensor arithmetic against plain masked forms: tests/test_kernels.py)
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3, 0.9])
@@ -566,6 +511,38 @@ def test_reader_returns_the_bytes_safetensors_stores(tmp_path, dtype):
         with pytest.raises(KeyError, match="nope"):
             reader.read("nope")
     assert S.read_inputs([path, path]) == 2 * sum(v.numel() * v.element_size() for v in sd.values())
+
+
+def test_each_key_asks_the_disk_for_the_next_one_in_every_file(tmp_path, monkeypatch):
+    """The read-ahead hint covers exactly the next key's bytes, in every file, as the current key
+    is handed out; a hint only, so results are unchanged (the bit-for-bit tests run with it)."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform: prefetch does nothing")
+    theta0, experts = random_models(2)
+    paths = [write(tmp_path, "t0", theta0)] + [write(tmp_path, f"e{t}", e) for t, e in enumerate(experts)]
+    hints = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: hints.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice)))
+    inputs = S._open_inputs("task_arithmetic", paths[0], paths[1:], None, {})
+    try:
+        keys = inputs.pretrained.keys
+        handed = []
+        for key in inputs.keys_ahead(keys):
+            handed.append(key)
+            hinted_now = {h[0] for h in hints[-3:]}
+            if len(handed) < len(keys):  # every key here has data: each file was told of the next one
+                assert len(hints) == 3 * len(handed) and hinted_now == {str(Path(p).resolve()) for p in paths}
+        assert handed == keys and len(hints) == 3 * (len(keys) - 1)
+    finally:
+        inputs.close()
+    assert {h[3] for h in hints} == {os.POSIX_FADV_WILLNEED}
+    for path in paths:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        offsets = {k: header[k]["data_offsets"] for k in keys}
+        assert [(h[1], h[2]) for h in hints if h[0] == str(Path(path).resolve())] == [
+            (8 + n + offsets[k][0], offsets[k][1] - offsets[k][0]) for k in keys[1:]]
 
 
 def test_writer_streams_a_valid_file_and_refuses_a_wrong_order(tmp_path):

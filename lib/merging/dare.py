@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Collection, Sequence
+from typing import TYPE_CHECKING, Collection, Sequence
 
 import numpy as np
 import torch
 
-from ._common import (StateDict, _check_models, _check_numbers, _float_keys, _in_order, _passthrough,
-                      _without, _work, buffer_keys)
+from ._common import (StateDict, _all_finite, _check_finite, _check_models, _check_numbers, _float_keys,
+                      _in_order, _passthrough, _without, _work, buffer_keys)
+
+if TYPE_CHECKING:
+    from .kernels import DareMask
 
 
 # -------------------------------------------------------------------------------- DARE
@@ -78,6 +81,27 @@ def dare(
     return out
 
 
+def _keep_draws(numel: int, drop_rate: float, seed: int, task: int, key: str,
+                offset: int = 0) -> tuple[np.ndarray, np.uint32]:
+    """(draws, cutoff): the raw 32-bit draws behind entries offset, offset + 1, ... (``numel``
+    of them) of one (seed, task, key)'s keep mask, and the cutoff they are kept at or above
+    (see ``dare_keep_mask``)."""
+    stream = np.random.PCG64DXSM(_key_seed(seed, task, key))
+    stream.advance(offset // 2)
+    skip = offset % 2
+    draws = stream.random_raw((skip + numel + 1) // 2).view(np.uint32)[skip:skip + numel]
+    cutoff = np.uint32(min(round(drop_rate * 2**32), 2**32 - 1))  # p < 1, but p·2^32 may round up to 2^32
+    return draws, cutoff
+
+
+def _dare_mask(numel: int, drop_rate: float, seed: int, task: int, key: str, offset: int = 0) -> DareMask:
+    """The mask of ``dare_keep_mask`` as the fused loops take it: the raw draws, the cutoff,
+    and the divisor 1 − p."""
+    from .kernels import DareMask  # here, not at the top: numba loads only where a fused loop runs
+
+    return DareMask(*_keep_draws(numel, drop_rate, seed, task, key, offset), 1.0 - drop_rate)
+
+
 def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task: int, key: str,
                    offset: int = 0) -> torch.Tensor:
     """The keep mask m ~ Bernoulli(1 − p) of one (seed, task, key), as float32 1 (kept) and
@@ -88,11 +112,7 @@ def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task: int,
     the same bits the whole key's mask has there (the stream jumps ahead, ``advance``), so a
     merge can work through a large tensor piece by piece."""
     n = math.prod(shape)
-    stream = np.random.PCG64DXSM(_key_seed(seed, task, key))
-    stream.advance(offset // 2)
-    skip = offset % 2
-    draws = stream.random_raw((skip + n + 1) // 2).view(np.uint32)[skip:skip + n]
-    cutoff = np.uint32(min(round(drop_rate * 2**32), 2**32 - 1))  # p < 1, but p·2^32 may round up to 2^32
+    draws, cutoff = _keep_draws(n, drop_rate, seed, task, key, offset)
     keep = np.empty(n, dtype=np.float32)
     np.greater_equal(draws, cutoff, out=keep, casting="unsafe")  # compared straight into floats: one pass
     return torch.from_numpy(keep).reshape(tuple(shape))
@@ -108,10 +128,37 @@ def dare_tensor(theta0: torch.Tensor, finetuned: torch.Tensor, drop_rate: float,
     which sees one key at a time, draws exactly the masks ``dare`` draws. It is kept as floats
     (1 kept, 0 dropped) and multiplied in: ``masked_fill`` costs more than drawing the mask.
     The dropped entries' ±0 is made +0 before θ0 is added, so the result equals the masked
-    form bit for bit (θ0 = −0 included).
+    form bit for bit (θ0 = −0 included). On the CPU (float32 or float64, contiguous) this is
+    one fused loop over the raw draws (``kernels.dare_sparse``), the same bits (tested).
     """
+    from . import kernels  # here, not at the top: numba loads only where a fused loop runs
+
+    if kernels.fusable(theta0, finetuned):
+        return kernels.dare_sparse(theta0, finetuned, _dare_mask(theta0.numel(), drop_rate, seed, task, key, offset))
     work = _work(theta0)
     keep = dare_keep_mask(work.shape, drop_rate, seed, task, key, offset).to(work.device, work.dtype)
     tau = _work(finetuned) - work
     tau.mul_(keep).div_(1.0 - drop_rate).add_(0.0)
     return tau.add_(work).to(finetuned.dtype)
+
+
+class SparseExpert:
+    """Task ``task``'s tensor (or flat piece, from entry ``offset``) of ``key`` with DARE's mask
+    not yet applied, for DARE + TIES: TIES's fused loops draw ``mask()`` and apply it entry by
+    entry (the sparse tensor is never formed); ``dense()`` is ``dare_tensor``'s tensor."""
+
+    def __init__(self, theta0: torch.Tensor, finetuned: torch.Tensor, drop_rate: float, seed: int, task: int,
+                 key: str, offset: int = 0):
+        self.theta0, self.finetuned = theta0, finetuned
+        self.drop_rate, self.seed, self.task, self.key, self.offset = drop_rate, seed, task, key, offset
+
+    def mask(self) -> DareMask:
+        return _dare_mask(self.finetuned.numel(), self.drop_rate, self.seed, self.task, self.key, self.offset)
+
+    def dense(self) -> torch.Tensor:
+        """``dare_tensor``'s sparsified tensor; a ValueError naming the task and key if an entry
+        is not finite (τ/(1 − p) can overflow), as a merge refuses any non-finite input."""
+        sparse = dare_tensor(self.theta0, self.finetuned, self.drop_rate, self.seed, self.task, self.key, self.offset)
+        if not _all_finite(sparse):
+            _check_finite({self.key: sparse}, f"DARE's finetuned[{self.task}]")
+        return sparse

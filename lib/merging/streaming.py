@@ -46,12 +46,15 @@ Cost, against one read of the inputs (``benchmarks/bench_streaming_merges.py``):
 Task Arithmetic and Fisher do one or two float operations per entry and expert besides the
 read, and cost a few reads. The element-wise merges (averaging, Task Arithmetic, TIES, DARE)
 work through each key in pieces of ``PIECE`` entries, so that a piece of every input and the
-running sums stay in the CPU's caches, which cuts TIES's time by about a third against whole
-tensors. The others cannot come near one read: RegMean does T float64 products
-(in×in)·(in×out) per layer, far longer on a CPU than reading the Grams; DARE draws a random
-number per entry (``dare.dare_keep_mask``, the stream that makes its result reproducible),
-twice for DARE + TIES; TIES reads twice, and its trim and sign election are about ten float
-operations per entry and task.
+running sums stay in the CPU's caches. TIES's and DARE's chains of operations per entry run
+as one fused loop each on the CPU (``kernels``, numba): about 1 ns per entry and task for
+TIES's threshold pass and again for its merge pass, where torch's one pass per operation
+cost 3. What remains: RegMean does T float64 products (in×in)·(in×out) per layer, far longer
+on a CPU than reading the Grams; DARE draws a random number per entry (``dare.dare_keep_mask``,
+the stream that makes its result reproducible, ~1 ns an entry), twice for DARE + TIES; TIES
+reads twice. While a merge computes on one key, the files' next key is already being read
+from the disk (``_Inputs.keys_ahead``: the operating system's read-ahead, asked for with
+``posix_fadvise``).
 
 Conventions (those of ``lib.merging``, unchanged): buffers (BatchNorm running statistics, or
 the keys in ``buffers``) are averaged over the experts, never trimmed or rescaled; tensors
@@ -100,11 +103,11 @@ import torch
 
 from ._common import (_all_finite, _check_finite, _check_nonempty, _check_numbers, _check_same_layout, _float_keys,
                       _has_statistic, _normalized, _without, _work, _work_dtype, buffer_keys)
-from .dare import dare_tensor
+from .dare import SparseExpert
 from .registry import REGISTRY
 from .regmean import ridge_solve
-from .ties import (KthLargest, _keep_count, _selection_sizes, _trivial_threshold, sample_bracket,
-                   ties_merge_tensor)
+from .ties import (KthLargest, _keep_count, _selection_sizes, _trivial_threshold, observe_magnitudes,
+                   sample_bracket, ties_merge_tensor)
 
 __all__ = ["STREAMING_METHODS", "MergeStream", "SafetensorsReader", "merge_to_file", "read_inputs", "stream_merge",
            "write_safetensors"]
@@ -214,6 +217,16 @@ class SafetensorsReader:
             self._read_into(out, begin + start * dtype.itemsize)
         return out
 
+    def prefetch(self, key: str) -> None:
+        """Ask the operating system to start reading ``key``'s bytes from the disk now, in the
+        background (``POSIX_FADV_WILLNEED``), so that a later ``read`` finds them cached. A
+        hint: where the platform has no such call, nothing happens."""
+        if hasattr(os, "posix_fadvise"):
+            dtype, shape, begin = self._entry(key)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes:
+                os.posix_fadvise(self._file.fileno(), self._data_start + begin, nbytes, os.POSIX_FADV_WILLNEED)
+
     def _entry(self, key: str):
         try:
             return self._entries[key]
@@ -293,6 +306,19 @@ class _Inputs:
         everything = [self.pretrained, *self.finetuned, *(self.fisher or []), *(self.gram or [])]
         return [r for r in everything if r is not None]
 
+    def keys_ahead(self, keys: Sequence[str]) -> Iterator[str]:
+        """``keys`` in order; as each is handed out, every file that holds the next one starts
+        reading it from the disk in the background (``SafetensorsReader.prefetch``). So the
+        disk reads key k + 1 while the merge computes on key k: from the disk, a merge costs
+        about the larger of its reads and its arithmetic, not their sum."""
+        readers = self.readers()
+        for i, key in enumerate(keys):
+            if i + 1 < len(keys):
+                for r in readers:
+                    if keys[i + 1] in r.layout:
+                        r.prefetch(keys[i + 1])
+            yield key
+
     def close(self) -> None:
         for r in self.readers():
             r.close()
@@ -323,8 +349,8 @@ def _expert_tensors(inputs: _Inputs, key: str, piece: tuple[int, int] | None = N
 # at a time, every input's piece of it in turn: a piece of θ0, of an expert, the running sums
 # and the temporaries then stay in the CPU's caches (1 MiB per float32 piece), where whole
 # tensors (9 MiB per input for a ViT-B/32 MLP weight, ~60 MiB with the sums) go to memory and
-# back for every operation: 4-5× slower per entry here (AMD EPYC, 1 thread). The result is
-# the same bits: every operation is per entry.
+# back for every torch operation: 4-5× slower per entry (AMD EPYC, 1 thread, before TIES and
+# DARE were fused). The result is the same bits: every operation is per entry.
 PIECE = 2**18
 
 
@@ -489,16 +515,12 @@ class _TaskVectors:
     drop_rate: float | None = None
     seed: int = 0
 
-    def expert(self, theta0: torch.Tensor, x: torch.Tensor, task: int, key: str, offset: int) -> torch.Tensor:
-        """The piece (from entry ``offset`` of ``key``) that TIES merges for this expert (θt's,
-        or DARE's sparse θt's)."""
+    def expert(self, theta0: torch.Tensor, x: torch.Tensor, task: int, key: str, offset: int):
+        """The piece (from entry ``offset`` of ``key``) that TIES merges for this expert: θt's,
+        or DARE's sparse θt's, with the mask applied as it is used (``dare.SparseExpert``)."""
         if self.drop_rate is None:
             return x
-        return dare_tensor(theta0, x, self.drop_rate, self.seed, task, key, offset)
-
-    def magnitudes(self, theta0_work: torch.Tensor, merged_expert: torch.Tensor) -> torch.Tensor:
-        """|τt| in the working dtype, computed as ``_ties_thresholds`` computes it."""
-        return (_work(merged_expert) - theta0_work).abs_()
+        return SparseExpert(theta0, x, self.drop_rate, self.seed, task, key, offset)
 
     def sample(self, theta0: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         tau = (_work(x) - _work(theta0)).abs_()
@@ -529,7 +551,7 @@ def _ties_thresholds(inputs: _Inputs, keys: Sequence[str], density: float, vecto
         for selection, (low, high) in zip(selections, brackets):
             selection.bracket(low, high)
     while not all(s.done for s in selections):
-        for k in keys:
+        for k in inputs.keys_ahead(keys):
             for start, count in _pieces(layout[k].numel()):
                 theta0 = _load_checked(inputs.pretrained, k, "pretrained", (start, count))
                 theta0_work = _work(theta0)
@@ -538,7 +560,7 @@ def _ties_thresholds(inputs: _Inputs, keys: Sequence[str], density: float, vecto
                         continue
                     x = _load_checked(reader, k, f"finetuned[{t}]", (start, count))
                     x = vectors.expert(theta0, x, t, k, start)
-                    selection.observe(vectors.magnitudes(theta0_work, x).to(work))
+                    observe_magnitudes(selection, theta0_work, x, work)
                     del x
         for s in selections:
             if not s.done:
@@ -581,7 +603,7 @@ def _stream_weight_average(inputs: _Inputs, hyper) -> Iterator[tuple[str, torch.
     ref = inputs.finetuned[0]
     weights = _normalized(None, len(inputs.finetuned))
     floats = set(_float_keys(ref.layout))
-    for k in ref.keys:
+    for k in inputs.keys_ahead(ref.keys):
         if k in floats:
             yield k, _by_piece(ref.layout[k], lambda start, count, k=k: _average(
                 _expert_tensors(inputs, k, (start, count)), weights))
@@ -597,7 +619,7 @@ def _stream_with_theta0(inputs: _Inputs, hyper, merge_piece: Callable[[str, torc
     buffer_names, others = _merge_keys(ref, hyper.get("buffers"))
     buffer_set, merged = set(buffer_names), set(others)
     weights = _normalized(None, len(inputs.finetuned))
-    for k in ref.keys:
+    for k in inputs.keys_ahead(ref.keys):
         if k in buffer_set:
             yield k, _by_piece(ref.layout[k], lambda start, count, k=k: _average(
                 _expert_tensors(inputs, k, (start, count)), weights))
@@ -609,15 +631,17 @@ def _stream_with_theta0(inputs: _Inputs, hyper, merge_piece: Callable[[str, torc
 
 
 def _sparse_experts(inputs: _Inputs, key: str, theta0: torch.Tensor, start: int, count: int, drop_rate: float,
-                    seed: int):
-    """Each expert's DARE piece ``start:start + count`` of ``key``, one at a time; like the
-    in-memory merge that follows ``dare``, it refuses a sparse tensor that is not finite."""
+                    seed: int, dense: bool = True) -> Iterator[torch.Tensor | SparseExpert]:
+    """Each expert's DARE piece ``start:start + count`` of ``key``, one at a time: the sparse
+    tensor, refused (like the in-memory merge that follows ``dare``) where it is not finite;
+    or with ``dense=False`` a ``SparseExpert`` whose mask TIES applies in its fused loop."""
     for t, x in _in_step(_expert_tensors(inputs, key, (start, count))):
-        sparse = dare_tensor(theta0, x, drop_rate, seed, t, key, start)
+        expert = SparseExpert(theta0, x, drop_rate, seed, t, key, start)
         del x
-        if not _all_finite(sparse):
-            _check_finite({key: sparse}, f"DARE's finetuned[{t}]")
-        yield sparse
+        if dense:
+            expert = expert.dense()
+        yield expert
+        del expert  # before the next is read
 
 
 def _stream_task_arithmetic(inputs, hyper):
@@ -642,7 +666,7 @@ def _stream_ties_family(inputs, hyper, vectors: _TaskVectors):
         if vectors.drop_rate is None:
             experts = _expert_tensors(inputs, k, (start, count))
         else:
-            experts = _sparse_experts(inputs, k, theta0, start, count, vectors.drop_rate, vectors.seed)
+            experts = _sparse_experts(inputs, k, theta0, start, count, vectors.drop_rate, vectors.seed, dense=False)
         return ties_merge_tensor(theta0, experts, thresholds, disjoint, scale)
 
     yield from _stream_with_theta0(inputs, hyper, merge_piece)
@@ -665,7 +689,7 @@ def _stream_fisher(inputs: _Inputs, hyper):
     others = _merge_keys(ref, hyper.get("buffers"))[1]
     with_fisher = {k for k in others if _has_statistic(k, [f.layout for f in inputs.fisher], "Fisher")}
     floats = set(_float_keys(ref.layout))
-    for k in ref.keys:
+    for k in inputs.keys_ahead(ref.keys):
         if k in with_fisher:
             fishers = (_load_checked(f, k, f"fishers[{t}]") for t, f in enumerate(inputs.fisher))
             yield k, _fisher(_expert_tensors(inputs, k), fishers, weights, average_weights, eps)
@@ -682,7 +706,7 @@ def _stream_regmean(inputs: _Inputs, hyper):
     others = _merge_keys(ref, hyper.get("buffers"))[1]
     with_gram = {k for k in others if _has_statistic(k, [g.layout for g in inputs.gram], "Gram")}
     floats = set(_float_keys(ref.layout))
-    for k in ref.keys:
+    for k in inputs.keys_ahead(ref.keys):
         if k in with_gram:
             counts = None if inputs.gram_counts is None else [
                 _row_count(c, t, k) for t, c in enumerate(inputs.gram_counts)]

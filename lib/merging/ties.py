@@ -24,9 +24,10 @@ Deviations / conventions (public implementations disagree; METHODS.md §1):
   ranking (they do not use up any of the k entries) and get the plain average over the
   fine-tuned models, never trimmed or sign-elected. ``ties_trim_and_elect`` leaves them out
   of the τ's it returns: average them apart (``averaged_buffers``).
-- Steps 2-3 for one tensor are ``ties_merge_tensor``, written with float arithmetic instead
-  of boolean masks (the same bits; several times faster on a CPU). The streaming merge
-  (``lib.merging.streaming``) calls it too, with thresholds found in a pass over files.
+- Steps 2-3 for one tensor are ``ties_merge_tensor``: on the CPU one fused loop per task
+  (``kernels``, numba), elsewhere torch float arithmetic instead of boolean masks (the same
+  bits as each other and as the masked form). The streaming merge (``lib.merging.streaming``)
+  calls it too, with thresholds found in a pass over files.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from typing import Collection, Iterable, Sequence
 import numpy as np
 import torch
 
+from .dare import SparseExpert
 from ._common import (StateDict, _all_finite, _check_models, _check_numbers, _float_keys, _in_order,
                       _passthrough, _without, _work, _work_dtype, averaged_buffers, buffer_keys)
 
@@ -122,21 +124,37 @@ class KthLargest:
         bins = (values.view(self._int) - self._int(self.low)) >> shift
         self._hist += np.bincount(bins, minlength=len(self._hist))
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """This pass's [low, high) as values: ``take`` wants the values >= high counted and
+        those inside kept. None while every value is inside (no bracket yet)."""
+        if self.low == 0 and self.high == self._top:
+            return None
+        return self._float_of(self.low), self._float_of(self.high)
+
     def observe(self, values: torch.Tensor) -> None:
         """One chunk of this pass's values (any shape; non-negative; the dtype given)."""
         a = values.detach().reshape(-1).numpy()
         if a.dtype != self._float:
             raise TypeError(f"expected {np.dtype(self._float)} values, got {a.dtype}.")
-        self._seen += a.size
-        if self.low == 0 and self.high == self._top:
-            inside = a  # every finite value is inside
-        else:
-            at_or_above = a >= self._float_of(self.high)
-            self._above += int(np.count_nonzero(at_or_above))
-            inside = a[(a >= self._float_of(self.low)) & ~at_or_above]  # a copy
+        if self.interval is None:
+            self.take(a, 0, a.size)  # every finite value is inside
+            return
+        at_or_above = a >= self._float_of(self.high)
+        inside = a[(a >= self._float_of(self.low)) & ~at_or_above]  # a copy
+        self.take(inside, int(np.count_nonzero(at_or_above)), a.size, copy=False)
+
+    def take(self, inside: np.ndarray, above: int, seen: int, copy: bool = True) -> None:
+        """One chunk of this pass, filtered by the caller (a fused loop, ``kernels.
+        magnitudes_between``): of ``seen`` values, ``above`` were at or above ``interval``'s
+        high and ``inside`` are those within it. ``copy``: the caller may reuse ``inside``."""
+        if inside.dtype != self._float:
+            raise TypeError(f"expected {np.dtype(self._float)} values, got {inside.dtype}.")
+        self._seen += seen
+        self._above += above
         self._inside += inside.size
         if self._hist is None and self._inside <= self.capacity:
-            self._kept.append(inside.copy() if inside is a else inside)  # the caller may reuse its buffer
+            self._kept.append(inside.copy() if copy else inside)
             return
         if self._hist is None:  # over capacity: bin what was kept, and bin from now on
             for kept in self._kept:
@@ -186,6 +204,29 @@ def sample_bracket(sample: np.ndarray, n: int, k: int, spread: float = 3.5) -> t
     high = math.inf if upper_rank < 1 else float(np.nextafter(ordered[m - upper_rank], np.inf))
     low = 0.0 if lower_rank > m else float(ordered[m - lower_rank])
     return low, high
+
+
+def observe_magnitudes(selection: KthLargest, theta0: torch.Tensor, expert, work: torch.dtype) -> None:
+    """``selection.observe(|expert − θ0|)`` (θ0 in its working dtype, the magnitudes in
+    ``work``; ``expert`` a tensor, or a ``dare.SparseExpert`` whose sparsified τ is ranked): on
+    the CPU one fused loop that counts and keeps them without forming them all
+    (``kernels.magnitudes_between``), elsewhere or before a bracket with torch operations."""
+    from . import kernels  # here, not at the top: numba loads only where a fused loop runs
+
+    interval = selection.interval
+    mask = None
+    if isinstance(expert, SparseExpert):  # DARE + TIES: rank the sparsified τ
+        if interval is not None and expert.finetuned.dtype == work and kernels.fusable(theta0, expert.finetuned):
+            expert, mask = expert.finetuned, expert.mask()
+        else:
+            expert = expert.dense()
+    expert = _work(expert)
+    if interval is None or expert.dtype != work or not kernels.fusable(theta0, expert):
+        selection.observe((expert - theta0).abs_().to(work))
+        return
+    scratch = np.empty(expert.numel(), dtype=selection._float)
+    above, inside = kernels.magnitudes_between(theta0, expert, *interval, scratch, mask)
+    selection.take(inside, above, expert.numel(), copy=inside.size < expert.numel() // 2)
 
 
 # The threshold search holds, over all tasks together, about SELECTION_TENSORS of the
@@ -256,7 +297,7 @@ def _ties_thresholds(pretrained: StateDict, finetuned: Sequence[StateDict], dens
         selection.bracket(*sample_bracket(sample.numpy(), n, n_keep))
         while not selection.done:
             for k in keys:
-                selection.observe((_work(ft[k]) - _work(pretrained[k])).abs_().to(work))
+                observe_magnitudes(selection, _work(pretrained[k]), ft[k], work)
             selection.end_pass()
         thresholds.append(selection.value)
     return thresholds
@@ -378,40 +419,72 @@ def ties_merge_tensor(theta0: torch.Tensor, finetuned: Iterable[torch.Tensor], t
     one tensor whatever the number of tasks. One pass over the tasks keeps the sums (and for
     "mean" the counts) of the positive and of the negative trimmed entries τ̂t: the elected
     sign is that of their total, and the entries agreeing with it are exactly the positive
-    (or negative) ones.
+    (or negative) ones. A task may also come as a ``dare.SparseExpert`` (DARE + TIES): its
+    DARE mask is then applied inside the fused loop (or first, where there is none).
 
-    Every step is float arithmetic rather than boolean masks (``masked_fill`` and
-    ``torch.where`` cost 10-30 float operations each on CPU). Bit for bit it equals the
-    masked form it replaces: τ̂t's positive part is ``threshold(τt, c)`` (τt where
-    τt > c, else 0) with c just below the threshold, its negative part ``−threshold(−τt, c)``,
-    a count adds the part's sign, and the election multiplies by the clamped sign; even the
-    sign of a zero entry is unchanged (tested on signed zeros and exact cancellations).
+    On the CPU (float32 or float64, contiguous) each task's fold and the final step are one
+    fused loop each (``kernels.ties_fold``, ``kernels.ties_finish``); elsewhere, torch
+    operations (``_fold``, ``_finish``). The two give the same bits (tested).
     """
+    from . import kernels  # here, not at the top: numba loads only where a fused loop runs
+
     if disjoint not in ("mean", "sum"):
         raise ValueError(f'disjoint must be "mean" or "sum", got {disjoint!r}.')
     dtype = theta0.dtype
     theta0 = _work(theta0)
     mean = disjoint == "mean"
     pos_sum, neg_sum = torch.zeros_like(theta0), torch.zeros_like(theta0)
-    if mean:
-        pos_count, neg_count = torch.zeros_like(theta0), torch.zeros_like(theta0)
+    pos_count, neg_count = (torch.zeros_like(theta0), torch.zeros_like(theta0)) if mean else (None, None)
     thresholds = iter(thresholds)
     for ft in finetuned:  # not zip(): it would hold the previous tensor while the next is read
         cut = _just_below(next(thresholds), theta0.dtype)
-        tau = _work(ft) - theta0
-        kept_pos = torch.threshold(tau, cut, 0.0)  # τ̂ where > 0, else +0
-        pos_sum.add_(kept_pos)
-        kept_neg = torch.threshold_(tau.neg_(), cut, 0.0)  # −τ̂ where τ̂ < 0, else +0
-        neg_sum.sub_(kept_neg)  # a − b is a + (−b), bit for bit
-        if mean:
-            pos_count.add_(kept_pos.sign_())
-            neg_count.add_(kept_neg.sign_())
-        del ft, tau, kept_pos, kept_neg  # before the next task's tensor is read
+        if isinstance(ft, SparseExpert):  # DARE + TIES: DARE's mask applied inside the fused loop
+            if kernels.fusable(theta0, ft.finetuned, pos_sum):
+                mask = ft.mask()
+                if kernels.ties_fold(theta0, ft.finetuned, cut, pos_sum, neg_sum, pos_count, neg_count, mask):
+                    ft.dense()  # an entry overflowed: raises, naming the task and key
+                del ft, mask
+                continue
+            ft = ft.dense()
+        ft = _work(ft)
+        if kernels.fusable(theta0, ft, pos_sum):
+            kernels.ties_fold(theta0, ft, cut, pos_sum, neg_sum, pos_count, neg_count)
+        else:
+            _fold(theta0, ft, cut, pos_sum, neg_sum, pos_count, neg_count)
+        del ft  # before the next task's tensor is read
+    if kernels.fusable(theta0, pos_sum):
+        return kernels.ties_finish(theta0, pos_sum, neg_sum, pos_count, neg_count, scale).to(dtype)
+    return _finish(theta0, pos_sum, neg_sum, pos_count, neg_count, scale).to(dtype)
+
+
+def _fold(theta0: torch.Tensor, ft: torch.Tensor, cut: float, pos_sum: torch.Tensor, neg_sum: torch.Tensor,
+          pos_count: torch.Tensor | None, neg_count: torch.Tensor | None) -> None:
+    """One task's τ̂t into the running sums (and counts), in place, with torch operations.
+
+    Float arithmetic rather than boolean masks (``masked_fill`` and ``torch.where`` cost
+    10-30 float operations each on CPU), bit for bit the masked form it replaces: τ̂t's
+    positive part is ``threshold(τt, c)`` (τt where τt > c, else 0) with c just below the
+    threshold, its negative part ``−threshold(−τt, c)``, and a count adds the part's sign;
+    even the sign of a zero entry is unchanged (tested on signed zeros and exact cancellations).
+    """
+    tau = ft - theta0
+    kept_pos = torch.threshold(tau, cut, 0.0)  # τ̂ where > 0, else +0
+    pos_sum.add_(kept_pos)
+    kept_neg = torch.threshold_(tau.neg_(), cut, 0.0)  # −τ̂ where τ̂ < 0, else +0
+    neg_sum.sub_(kept_neg)  # a − b is a + (−b), bit for bit
+    if pos_count is not None:
+        pos_count.add_(kept_pos.sign_())
+        neg_count.add_(kept_neg.sign_())
+
+
+def _finish(theta0: torch.Tensor, pos_sum: torch.Tensor, neg_sum: torch.Tensor, pos_count: torch.Tensor | None,
+            neg_count: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """θ0 + scale·(the side of the elected sign: its sum, over its count for the "mean"),
+    with torch operations; the sums (and counts) are used up."""
     sign = (pos_sum + neg_sum).sign_()  # the elected sign, from the sums (not the means)
-    if mean:
+    if pos_count is not None:
         pos_sum.div_(pos_count.clamp_(min=1))
         neg_sum.div_(neg_count.clamp_(min=1))
-        del pos_count, neg_count
     if _all_finite(pos_sum) and _all_finite(neg_sum):
         # pos·[s > 0] + neg·[s < 0]: the products by 0 or 1 are exact, and where s = 0 the sum
         # is +0 as selecting gives (pos_sum is never −0: it starts at +0 and only adds
@@ -421,4 +494,4 @@ def ties_merge_tensor(theta0: torch.Tensor, finetuned: Iterable[torch.Tensor], t
         merged = pos_sum.mul_(elected_pos).add_(neg_sum.mul_(elected_neg))
     else:  # a sum overflowed to ±inf, and inf·0 is NaN: select instead
         merged = torch.where(sign > 0, pos_sum, torch.where(sign < 0, neg_sum, 0.0))
-    return merged.mul_(scale).add_(theta0).to(dtype)
+    return merged.mul_(scale).add_(theta0)
