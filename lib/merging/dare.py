@@ -27,6 +27,10 @@ Deviations / conventions:
   masks, and so their DARE numbers, differ.
 - Buffers (BatchNorm running statistics) are copied unchanged from each fine-tuned model:
   never dropped or rescaled. The merge that follows averages them.
+- On the CPU, ``dare_tensor`` is one fused loop over the raw draws (``kernels.dare_sparse``),
+  and DARE + TIES never forms the sparse tensors: ``SparseExpert`` hands TIES the draws, and
+  its loops apply the mask entry by entry. Both give the torch code's bits (tested). Drawing
+  the stream (~1 ns an entry) is then most of DARE's cost, twice for DARE + TIES (ranking, merge).
 """
 from __future__ import annotations
 
