@@ -125,6 +125,11 @@ class KthLargest:
         self._hist += np.bincount(bins, minlength=len(self._hist))
 
     @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype of the values ranked."""
+        return np.dtype(self._float)
+
+    @property
     def interval(self) -> tuple[float, float] | None:
         """This pass's [low, high) as values: ``take`` wants the values >= high counted and
         those inside kept. None while every value is inside (no bracket yet)."""
@@ -224,7 +229,7 @@ def observe_magnitudes(selection: KthLargest, theta0: torch.Tensor, expert, work
     if interval is None or expert.dtype != work or not kernels.fusable(theta0, expert):
         selection.observe((expert - theta0).abs_().to(work))
         return
-    scratch = np.empty(expert.numel(), dtype=selection._float)
+    scratch = np.empty(expert.numel(), dtype=selection.dtype)
     above, inside = kernels.magnitudes_between(theta0, expert, *interval, scratch, mask)
     selection.take(inside, above, expert.numel(), copy=inside.size < expert.numel() // 2)
 
