@@ -167,3 +167,17 @@ def test_blocks_in_threads_change_no_bit(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(results[1], results[3]))
     (above_1, kept_1), (above_3, kept_3) = magnitudes_at[1], magnitudes_at[3]
     assert above_1 == above_3 and np.array_equal(kept_1, kept_3) and kept_1.size > 0
+
+
+def test_dare_ties_refuses_a_sparsified_entry_that_overflows(path):
+    """τ/(1 − p) past float32's range: refused with the task and key named, whether the fused
+    loop applies the mask or the sparse tensor is formed first."""
+    which, ran = path
+    from lib.merging.dare import SparseExpert
+
+    theta0 = torch.zeros(64)
+    fine, huge = torch.full((64,), 0.5), torch.full((64,), 3e38)  # finite; 3e38 / (1 − 0.9) is not
+    experts = [SparseExpert(theta0, x, 0.9, 0, t, "layer.weight") for t, x in enumerate([fine, huge])]
+    with pytest.raises(ValueError, match=r"DARE's finetuned\[1\].*layer\.weight"):
+        ties_merge_tensor(theta0, iter(experts), [0.1, 0.1])
+    assert ("ties_fold" in ran) == (which == "fused")

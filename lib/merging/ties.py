@@ -211,6 +211,19 @@ def sample_bracket(sample: np.ndarray, n: int, k: int, spread: float = 3.5) -> t
     return low, high
 
 
+def _dare_parts(expert, theta0: torch.Tensor, fuse: bool) -> tuple[torch.Tensor, object]:
+    """(tensor, DARE mask or None) for one task's tensor. A ``dare.SparseExpert`` (DARE + TIES)
+    gives its raw tensor and its mask where a fused loop will apply them (``fuse``, and the
+    loops can take the tensors), and its sparsified tensor otherwise; a tensor is as it is."""
+    from . import kernels
+
+    if not isinstance(expert, SparseExpert):
+        return expert, None
+    if fuse and kernels.fusable(theta0, expert.finetuned):
+        return expert.finetuned, expert.mask()
+    return expert.dense(), None
+
+
 def observe_magnitudes(selection: KthLargest, theta0: torch.Tensor, expert, work: torch.dtype) -> None:
     """``selection.observe(|expert − θ0|)`` (θ0 in its working dtype, the magnitudes in
     ``work``; ``expert`` a tensor, or a ``dare.SparseExpert`` whose sparsified τ is ranked): on
@@ -219,12 +232,7 @@ def observe_magnitudes(selection: KthLargest, theta0: torch.Tensor, expert, work
     from . import kernels  # here, not at the top: numba loads only where a fused loop runs
 
     interval = selection.interval
-    mask = None
-    if isinstance(expert, SparseExpert):  # DARE + TIES: rank the sparsified τ
-        if interval is not None and expert.finetuned.dtype == work and kernels.fusable(theta0, expert.finetuned):
-            expert, mask = expert.finetuned, expert.mask()
-        else:
-            expert = expert.dense()
+    expert, mask = _dare_parts(expert, theta0, fuse=interval is not None and theta0.dtype == work)
     expert = _work(expert)
     if interval is None or expert.dtype != work or not kernels.fusable(theta0, expert):
         selection.observe((expert - theta0).abs_().to(work))
@@ -443,21 +451,16 @@ def ties_merge_tensor(theta0: torch.Tensor, finetuned: Iterable[torch.Tensor], t
     thresholds = iter(thresholds)
     for ft in finetuned:  # not zip(): it would hold the previous tensor while the next is read
         cut = _just_below(next(thresholds), theta0.dtype)
-        if isinstance(ft, SparseExpert):  # DARE + TIES: DARE's mask applied inside the fused loop
-            if kernels.fusable(theta0, ft.finetuned, pos_sum):
-                mask = ft.mask()
-                if kernels.ties_fold(theta0, ft.finetuned, cut, pos_sum, neg_sum, pos_count, neg_count, mask):
-                    ft.dense()  # an entry overflowed: raises, naming the task and key
-                del ft, mask
-                continue
-            ft = ft.dense()
+        given = ft
+        ft, mask = _dare_parts(ft, theta0, fuse=True)  # DARE + TIES: the mask applied inside the fused loop
         ft = _work(ft)
-        if kernels.fusable(theta0, ft, pos_sum):
-            kernels.ties_fold(theta0, ft, cut, pos_sum, neg_sum, pos_count, neg_count)
+        if kernels.fusable(theta0, ft):
+            if kernels.ties_fold(theta0, ft, cut, pos_sum, neg_sum, pos_count, neg_count, mask):
+                given.dense()  # a sparsified entry overflowed: raises, naming the task and key
         else:
             _fold(theta0, ft, cut, pos_sum, neg_sum, pos_count, neg_count)
-        del ft  # before the next task's tensor is read
-    if kernels.fusable(theta0, pos_sum):
+        del given, ft, mask  # before the next task's tensor is read
+    if kernels.fusable(theta0):
         return kernels.ties_finish(theta0, pos_sum, neg_sum, pos_count, neg_count, scale).to(dtype)
     return _finish(theta0, pos_sum, neg_sum, pos_count, neg_count, scale).to(dtype)
 
