@@ -15,10 +15,10 @@ in a fresh Python process so that no run inherits another's memory:
   run (then cached on disk), and loaded by every process once (numba's import and the compiled
   code), which each merge's worker does before its clock starts.
 - DARE + TIES's floor: drawing its masks alone, twice, as it does (``dare_draw_seconds``).
-- RegMean's floor: the floating-point operations of its float64 products and solves
-  (``regmean_flops``) over this machine's float64 matrix-product rate, measured in the run
-  (``float64_matmul_rate``): what no implementation of the method in float64 can go below here,
-  whatever it does about reading.
+- RegMean's floor: the floating-point operations of its products (float32) and solves (float64)
+  (``regmean_flops``), each over this machine's matrix-product rate in that precision, measured
+  in the run (``lib.experiments.cost.matmul_rate``): what no implementation of ``lib.merging.regmean`` can go below
+  here, whatever it does about reading.
 
 Every measurement is taken twice, each over ``--repeats`` runs (3 by default, from the disk at
 least 3, and the reads that every ratio divides by at least 5):
@@ -62,7 +62,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from lib.experiments.cost import measure  # noqa: E402
+from lib.experiments.cost import matmul_rate, measure  # noqa: E402
 from lib.merging.streaming import merge_to_file, read_inputs  # noqa: E402
 
 # Width, blocks, patch size and output width of CLIP's image towers (open_clip's key names).
@@ -180,30 +180,17 @@ def inputs_of(spec: dict) -> list[str]:
     return [f for g in groups_read(spec["method"]) for f in groups[g]]
 
 
-def regmean_flops(shapes: dict[str, tuple[int, ...]], tasks: int) -> float:
-    """Floating-point operations of RegMean's matrix work: per linear weight (out, in), each
-    task's product G̃t·Wtᵀ (2·in²·out) and the one solve (LU: 2/3·in³, then 2·in²·out)."""
-    total = 0.0
+def regmean_flops(shapes: dict[str, tuple[int, ...]], tasks: int) -> tuple[float, float]:
+    """Floating-point operations of RegMean's matrix work (``lib.merging.regmean.regmean_weight``)
+    in float32 and in float64: per linear weight (out, in), the products G̃t·(Wt − W1)ᵀ of every
+    task but the first (2·in²·out each, float32), and the one solve (float64: Cholesky, in³/3,
+    then two triangular solves, 2·in²·out)."""
+    products = solves = 0.0
     for k in linear_weights(shapes):
         out, d_in = shapes[k]
-        total += tasks * 2 * d_in * d_in * out + 2 / 3 * d_in**3 + 2 * d_in * d_in * out
-    return total
-
-
-def float64_matmul_rate(threads: int, size: tuple[int, int, int] = (3072, 3072, 768), repeats: int = 3) -> float:
-    """This machine's float64 matrix-product rate (FLOP/s, fastest of ``repeats``) at the shape of
-    a ViT-B/32 MLP's RegMean product (Gram 3072×3072 times a 3072×768 weight)."""
-    torch.set_num_threads(threads)
-    g = torch.Generator().manual_seed(0)
-    m, k, n = size
-    a, b = torch.randn(m, k, generator=g, dtype=torch.float64), torch.randn(k, n, generator=g, dtype=torch.float64)
-    a @ b  # first-use costs
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best
+        products += (tasks - 1) * 2 * d_in * d_in * out
+        solves += d_in**3 / 3 + 2 * d_in * d_in * out
+    return products, solves
 
 
 def dare_draw_seconds(shapes: dict[str, tuple[int, ...]], tasks: int, threads: int, repeats: int = 3) -> float:
@@ -251,7 +238,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     paths = spec["paths"]
     if spec.get("matmul_rate"):
-        return {"flops_per_second": float64_matmul_rate(spec["threads"])}
+        return {name: matmul_rate(dtype=dtype) for name, dtype in (("float32", torch.float32), ("float64", torch.float64))}
     if spec.get("dare_draws"):
         return {"seconds": dare_draw_seconds(vit_shapes(*SIZES[spec["size"]]), spec["tasks"], spec["threads"])}
     if spec.get("load_loops"):
@@ -385,12 +372,18 @@ def main(argv: Sequence[str] | None = None):
             rows.append(row(method + (" (reads the Fishers too)" if method == "fisher" else
                                       " (reads the Grams too)" if method == "regmean" else ""), *both(spec),
                             groups_read(method)))
-            if method == "regmean":  # what its float64 matrix work alone costs on this machine: no merge
-                rate = run_worker({**base, "matmul_rate": True})["flops_per_second"]
-                floor = {"seconds": regmean_flops(vit_shapes(*SIZES[args.size]), args.tasks) / rate, "peak_mib": 0.0}
-                rows.append(row(f"regmean's matrix products and solves alone ({rate / 1e9:.0f} GFLOP/s in float64)",
-                                floor, floor, groups_read(method)))
+            if method == "regmean":  # what its matrix work alone costs on this machine: no merge
+                rate = run_worker({**base, "matmul_rate": True})
+                products, solves = regmean_flops(vit_shapes(*SIZES[args.size]), args.tasks)
+                floor = {"seconds": products / rate["float32"] + solves / rate["float64"], "peak_mib": 0.0}
+                rows.append(row(f"regmean's matrix products and solves alone ({rate['float32'] / 1e9:.0f} and "
+                                f"{rate['float64'] / 1e9:.0f} GFLOP/s in float32 and 64)", floor, floor,
+                                groups_read(method)))
                 not_merges.add(rows[-1]["method"])
+                cores = os.cpu_count() or 1
+                if cores > args.threads:  # its products and solves are the one merge here that more cores speed up
+                    rows.append(row(f"regmean on all {cores} cores", *both({**spec, "threads": cores}),
+                                    groups_read(method)))
             if method == "dare_ties":  # what drawing its masks (twice: ranking, merge) alone costs here
                 draws = run_worker({**base, "dare_draws": True, "size": args.size, "tasks": args.tasks})
                 floor = {"seconds": 2 * draws["seconds"], "peak_mib": 0.0}

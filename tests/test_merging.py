@@ -724,6 +724,30 @@ def test_regmean_ridge_interpolates_from_regmean_to_the_average():
     assert (merged - plain).abs().max() > 1e-3 and (merged - average).abs().max() > 1e-3
 
 
+def test_regmean_in_float32_is_as_accurate_as_rounding_its_float64_answer():
+    # Badly conditioned Grams (input scales over three decades) and experts close to each other,
+    # as fine-tuned ones are: products in float32 would err ~10× the rounding of W* itself, were
+    # they not of the small differences Wt − W1 only.
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, tasks = 384, 96, 4
+    scales = 10 ** (-3 * torch.rand(d_in, generator=g, dtype=torch.float64))
+    xs = [torch.randn(2 * d_in, d_in, generator=g, dtype=torch.float64) * scales for _ in range(tasks)]
+    base = 0.02 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    models64 = [{"lin.weight": base + 0.002 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)}
+                for _ in xs]
+    grams64 = [{"lin.weight": (x.T @ x).float().double()} for x in xs]  # the same Grams in both precisions
+    counts = [{"lin.weight": len(x)} for x in xs]
+    exact = M.regmean(models64, grams64, counts=counts)["lin.weight"]
+    merged = M.regmean([{k: v.float() for k, v in m.items()} for m in models64],
+                       [{k: v.float() for k, v in gm.items()} for gm in grams64], counts=counts)["lin.weight"]
+    assert merged.dtype == torch.float32
+    x = torch.cat(xs)
+
+    def output_error(w):
+        return ((x @ (w.double() - exact).T).norm() / (x @ exact.T).norm()).item()
+    assert output_error(merged) < 2 * output_error(exact.float())
+
+
 def test_regmean_rejects_missing_counts_and_bad_options():
     xs, models, grams, counts = _regmean_tasks()
     with pytest.raises(ValueError, match='counts.*gram_normalization="sum"'):

@@ -80,15 +80,16 @@ def measure(fn: Callable[[], object]) -> tuple[float, float]:
     return seconds, peak_mib
 
 
-def matmul_rate(size: int = 2048, seconds: float = 1.0) -> float:
-    """Sustained float32 matrix-multiply rate of this machine, FLOP/s, with torch's current
-    number of threads: ``size × size`` products repeated for about ``seconds`` after a
-    warm-up. No method built on matrix products runs faster than this, which makes it the
-    ceiling against which a measured speed-up can be judged (a roofline)."""
+def matmul_rate(size: int = 2048, seconds: float = 1.0, dtype=None) -> float:
+    """Sustained matrix-multiply rate of this machine in ``dtype`` (float32 by default), FLOP/s,
+    with torch's current number of threads: ``size × size`` products repeated for about
+    ``seconds`` after a warm-up. No method built on matrix products runs faster than this, which
+    makes it the ceiling against which a measured speed-up can be judged (a roofline)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+    dtype = dtype or torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     reps, start = 0, time.perf_counter()

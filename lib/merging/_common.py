@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Collection, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -47,6 +47,21 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def _work(x: torch.Tensor) -> torch.Tensor:
     """``x`` in its working dtype. May return ``x`` itself: never modify the result in place."""
     return x.to(_work_dtype(x.dtype))
+
+
+def in_step(*iterables: Iterable) -> Iterator[tuple]:
+    """(t, a_t, b_t, ...) for t = 0, 1, ...: like ``enumerate(zip(a, b))``, except that it
+    keeps no reference to the items it has yielded. ``zip`` and ``enumerate`` reuse their
+    result tuple, so they hold the previous tensor while the next is being read; with this
+    (and a ``del`` at the end of the loop body) one expert's tensor is held at a time."""
+    iterators = [iter(i) for i in iterables]
+    t = 0
+    while True:
+        try:
+            yield (t, *[next(it) for it in iterators])
+        except StopIteration:
+            return
+        t += 1
 
 
 def _float_keys(sd: StateDict) -> list[str]:

@@ -21,7 +21,16 @@ Deviations / conventions:
   the plain average W̄. Input directions no task excites (dead ReLUs, unused features) make
   Σt G̃t singular; with ridge > 0 the weights reading them come out as the average instead.
   ridge = 0 is the paper's rule, and a singular Gram then raises a ValueError.
-- The solve runs in float64 (Grams of activations are badly conditioned).
+- Arithmetic: the solution is written as the first expert plus a correction,
+
+      W*ᵀ = W1ᵀ + (Σt G̃t + εI)⁻¹ (Σt≥2 G̃t (Wt − W1)ᵀ + ε (W̄ − W1)ᵀ),
+
+  equal to the formula above in exact arithmetic. The products G̃t (Wt − W1)ᵀ, the bulk of
+  the work, run in the inputs' precision (float32), and their rounding then only touches the
+  small correction, not W*; the summed Gram is factored and solved in float64 (Grams of
+  activations are badly conditioned), by Cholesky (it is symmetric positive definite), or by
+  LU where rounding leaves it not quite so. The public implementations do all of it in
+  float32, with an explicit inverse.
 - Convolutions are the caller's job: a Conv2d weight (out, in, kh, kw) is the linear map
   ``W.flatten(1)`` over unfolded input patches, so pass it flattened to (out, in·kh·kw) with
   the patch Gram from ``gram_matrices`` and reshape the result back. Only 2-D weights may
@@ -31,12 +40,12 @@ Deviations / conventions:
 """
 from __future__ import annotations
 
-from typing import Collection, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import torch
 
 from ._common import (_has_statistic, StateDict, _check_nonempty, _check_numbers, _check_state_dicts, _check_stats,
-                      _float_keys, _without, buffer_keys)
+                      _float_keys, _without, _work_dtype, buffer_keys, in_step)
 from .averaging import _average
 
 GRAM_NORMALIZATIONS = ("mean", "sum")
@@ -97,29 +106,62 @@ def regmean(
     for k in _without(_float_keys(ref), buffer_keys(ref, buffers)):
         if not _has_statistic(k, grams, "Gram"):
             continue
-        lhs = torch.zeros(ref[k].shape[1], ref[k].shape[1], dtype=torch.float64, device=ref[k].device)
-        rhs = torch.zeros(ref[k].shape[1], ref[k].shape[0], dtype=torch.float64, device=ref[k].device)
-        for t, (sd, g) in enumerate(zip(state_dicts, grams)):
-            gram = g[k].to(torch.float64)
-            shrunk = alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
-            if gram_normalization == "mean":
-                shrunk /= _row_count(counts, t, k)
-            lhs.add_(shrunk)
-            rhs.add_(shrunk @ sd[k].to(torch.float64).T)
-        average = sum(sd[k].to(torch.float64) for sd in state_dicts) / len(state_dicts) if ridge > 0 else None
-        out[k] = ridge_solve(lhs, rhs, average, ridge, k).T.to(ref[k].dtype).contiguous()
+        rows = None if gram_normalization == "sum" else [_row_count(counts, t, k) for t in range(len(grams))]
+        out[k] = regmean_weight((sd[k] for sd in state_dicts), (g[k] for g in grams), rows, alpha, ridge, k)
     return out
 
 
-def ridge_solve(lhs: torch.Tensor, rhs: torch.Tensor, average: torch.Tensor | None, ridge: float,
-                key: str) -> torch.Tensor:
-    """W*ᵀ = (Σt G̃t + εI)⁻¹ (Σt G̃t Wtᵀ + ε W̄ᵀ), ε = ridge · mean(diag Σt G̃t), from the summed
-    ``lhs`` and ``rhs`` (float64, modified in place) and the experts' average W̄ (unused when
-    ridge = 0). The one solve of ``regmean`` and of the streaming merge."""
-    if ridge > 0:
+@torch.no_grad()
+def regmean_weight(weights: Iterable[torch.Tensor], grams: Iterable[torch.Tensor], rows: Sequence[int] | None,
+                   alpha: float, ridge: float, key: str) -> torch.Tensor:
+    """RegMean of one (out×in) weight from the experts' weights Wt and their input Grams Gt,
+    taken in step, one pair at a time (the streaming merge reads them from files):
+
+        W*ᵀ = W1ᵀ + (S + εI)⁻¹ (Σt≥2 G̃t (Wt − W1)ᵀ + ε (W̄ − W1)ᵀ),   S = Σt G̃t,
+
+    with G̃t = (alpha·Gt + (1 − alpha)·diag(Gt)) / rows[t] (rows None: divide by 1) and
+    ε = ridge·mean(diag(S)). Products in the inputs' working precision, the solve in float64."""
+    reference = summed_gram = correction = spread = None
+    n = 0
+    for t, weight, gram in in_step(weights, grams):
+        scale = 1.0 if rows is None else 1.0 / rows[t]
+        if reference is None:
+            out_dtype = weight.dtype
+            work = torch.promote_types(_work_dtype(weight.dtype), _work_dtype(gram.dtype))
+            reference = weight.to(work)
+            summed_gram = torch.zeros(gram.shape, dtype=work, device=gram.device)
+            correction = torch.zeros_like(reference)  # kept transposed, (out, in), as the weights are
+            spread = torch.zeros_like(reference) if ridge > 0 else None
+        gram = gram.to(work)
+        diagonal = gram.diagonal().clone()  # contiguous: a strided view slows the products below
+        summed_gram.add_(gram, alpha=alpha * scale)  # the shrunk off-diagonals, then the full diagonal
+        summed_gram.diagonal().add_(diagonal, alpha=(1.0 - alpha) * scale)
+        if t > 0:
+            delta = weight.to(work) - reference
+            # (G̃t·deltaᵀ)ᵀ = scale·(alpha·delta·Gtᵀ + (1 − alpha)·delta·diag(Gt))
+            product = delta @ gram.mT
+            product.mul_(alpha).addcmul_(delta, diagonal, value=1.0 - alpha)
+            correction.add_(product, alpha=scale)
+            if spread is not None:
+                spread.add_(delta)
+            del delta, product
+        n += 1
+        del weight, gram, diagonal
+    lhs, rhs = summed_gram.to(torch.float64), correction.to(torch.float64).mT
+    del summed_gram, correction
+    if ridge > 0:  # ε (W̄ − W1)ᵀ = ε · Σt (Wt − W1)ᵀ / n
         epsilon = ridge * lhs.diagonal().mean().item()
         lhs.diagonal().add_(epsilon)
-        rhs.add_(average.T, alpha=epsilon)
+        rhs.add_(spread.to(torch.float64).mT, alpha=epsilon / n)
+    return (reference.to(torch.float64) + _solve_symmetric(lhs, rhs, key).mT).to(out_dtype).contiguous()
+
+
+def _solve_symmetric(lhs: torch.Tensor, rhs: torch.Tensor, key: str) -> torch.Tensor:
+    """lhs⁻¹·rhs for the summed Gram ``lhs``: Cholesky (half LU's work), or LU where rounding
+    leaves ``lhs`` not quite positive definite; a singular one is an error naming ``key``."""
+    factor, info = torch.linalg.cholesky_ex(lhs)
+    if info.item() == 0:
+        return torch.cholesky_solve(rhs, factor)
     try:
         return torch.linalg.solve(lhs, rhs)
     except torch.linalg.LinAlgError as err:

@@ -102,10 +102,10 @@ import numpy as np
 import torch
 
 from ._common import (_all_finite, _check_finite, _check_nonempty, _check_numbers, _check_same_layout, _float_keys,
-                      _has_statistic, _normalized, _without, _work, _work_dtype, buffer_keys)
+                      _has_statistic, _normalized, _without, _work, _work_dtype, buffer_keys, in_step)
 from .dare import SparseExpert
 from .registry import REGISTRY
-from .regmean import ridge_solve
+from .regmean import regmean_weight
 from .ties import (KthLargest, _keep_count, _selection_sizes, _trivial_threshold, observe_magnitudes,
                    sample_bracket, ties_merge_tensor)
 
@@ -393,22 +393,8 @@ def _check_stat_layout(stat: SafetensorsReader, params: Mapping[str, torch.Tenso
 
 # -------------------------------------------------------------------- per-key merges
 # Each repeats its in-memory module's arithmetic for one key, op for op: floating-point
-# sums depend on their order, and "exactly the same result" means the same bits.
-
-
-def _in_step(*iterables: Iterable) -> Iterator[tuple]:
-    """(t, a_t, b_t, ...) for t = 0, 1, ...: like ``enumerate(zip(a, b))``, except that it
-    keeps no reference to the items it has yielded. ``zip`` and ``enumerate`` reuse their
-    result tuple, so they hold the previous tensor while the next is being read; with this
-    (and a ``del`` at the end of the loop body) one expert's tensor is held at a time."""
-    iterators = [iter(i) for i in iterables]
-    t = 0
-    while True:
-        try:
-            yield (t, *[next(it) for it in iterators])
-        except StopIteration:
-            return
-        t += 1
+# sums depend on their order, and "exactly the same result" means the same bits. (RegMean's
+# is the in-memory one itself: ``regmean.regmean_weight`` reads its inputs one at a time.)
 
 
 def _average(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -417,7 +403,7 @@ def _average(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch
     first = next(it)
     dtype, acc = first.dtype, _work(first) * weights[0]
     del first  # each input is dropped before the next is read
-    for t, x in _in_step(it):
+    for t, x in in_step(it):
         acc.add_(_work(x), alpha=weights[t + 1])
         del x
     return acc.to(dtype)
@@ -440,7 +426,7 @@ def _fisher(finetuned: Iterable[torch.Tensor], fishers: Iterable[torch.Tensor], 
     ``average_weights``) where den = 0, for one tensor (``fisher_merging``'s loop and its
     ``_average`` fallback)."""
     num = den = avg = None
-    for t, x, f in _in_step(finetuned, fishers):
+    for t, x, f in in_step(finetuned, fishers):
         if num is None:
             out_dtype, dtype = x.dtype, _work_dtype(x.dtype)
             num = torch.zeros(x.shape, dtype=dtype)
@@ -455,32 +441,6 @@ def _fisher(finetuned: Iterable[torch.Tensor], fishers: Iterable[torch.Tensor], 
     merged = num.div_(den + eps * den.mean())
     average = _work(avg.to(out_dtype))
     return torch.where(den == 0, average, merged).to(out_dtype)
-
-
-def _regmean(finetuned: Iterable[torch.Tensor], grams: Iterable[torch.Tensor], counts: Sequence[int] | None,
-             alpha: float, ridge: float, key: str) -> torch.Tensor:
-    """W*ᵀ = (Σt G̃t + εI)⁻¹ (Σt G̃t Wtᵀ + ε W̄ᵀ) for one weight (``regmean``'s loop), with
-    ``counts`` the row counts for "mean" normalisation (None: "sum")."""
-    lhs = rhs = None
-    average, n = 0, 0  # Python's sum() starts from the int 0 too
-    for t, w, g in _in_step(finetuned, grams):
-        if lhs is None:
-            out_dtype = w.dtype
-            lhs = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
-            rhs = torch.zeros(w.shape[1], w.shape[0], dtype=torch.float64)
-        gram = g.to(torch.float64)
-        shrunk = alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
-        if counts is not None:
-            shrunk /= counts[t]
-        lhs.add_(shrunk)
-        w64 = w.to(torch.float64)
-        rhs.add_(shrunk @ w64.T)
-        if ridge > 0:
-            average = average + w64
-        n += 1
-        del gram, shrunk, w64, w, g
-    solution = ridge_solve(lhs, rhs, average / n if ridge > 0 else None, ridge, key)
-    return solution.T.to(out_dtype).contiguous()
 
 
 # ------------------------------------------------------------- TIES's exact threshold
@@ -635,7 +595,7 @@ def _sparse_experts(inputs: _Inputs, key: str, theta0: torch.Tensor, start: int,
     """Each expert's DARE piece ``start:start + count`` of ``key``, one at a time: the sparse
     tensor, refused (like the in-memory merge that follows ``dare``) where it is not finite;
     or with ``dense=False`` a ``SparseExpert`` whose mask TIES applies in its fused loop."""
-    for t, x in _in_step(_expert_tensors(inputs, key, (start, count))):
+    for t, x in in_step(_expert_tensors(inputs, key, (start, count))):
         expert = SparseExpert(theta0, x, drop_rate, seed, t, key, start)
         del x
         if dense:
@@ -711,7 +671,7 @@ def _stream_regmean(inputs: _Inputs, hyper):
             counts = None if inputs.gram_counts is None else [
                 _row_count(c, t, k) for t, c in enumerate(inputs.gram_counts)]
             grams = (_load_checked(g, k, f"grams[{t}]") for t, g in enumerate(inputs.gram))
-            yield k, _regmean(_expert_tensors(inputs, k), grams, counts, alpha, ridge, k)
+            yield k, regmean_weight(_expert_tensors(inputs, k), grams, counts, alpha, ridge, k)
         elif k in floats:
             yield k, _average(_expert_tensors(inputs, k), weights)
         else:
