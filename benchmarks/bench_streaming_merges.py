@@ -17,8 +17,9 @@ in a fresh Python process so that no run inherits another's memory:
 - DARE + TIES's floor: drawing its masks alone, twice, as it does (``dare_draw_seconds``).
 - RegMean's floor: the floating-point operations of its products (float32) and solves (float64)
   (``regmean_flops``), each over this machine's matrix-product rate in that precision, measured
-  in the run (``lib.experiments.cost.matmul_rate``): what no implementation of ``lib.merging.regmean`` can go below
-  here, whatever it does about reading.
+  in the run (``lib.experiments.cost.matmul_rate``): what no implementation of
+  ``lib.merging.regmean`` can go below here, whatever it does about reading. Then RegMean once
+  more on all the machine's cores: of these merges, the one whose arithmetic more cores speed up.
 
 Every measurement is taken twice, each over ``--repeats`` runs (3 by default, from the disk at
 least 3, and the reads that every ratio divides by at least 5):
