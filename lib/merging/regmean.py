@@ -130,7 +130,7 @@ def regmean_weight(weights: Iterable[torch.Tensor], grams: Iterable[torch.Tensor
             work = torch.promote_types(_work_dtype(weight.dtype), _work_dtype(gram.dtype))
             reference = weight.to(work)
             summed_gram = torch.zeros(gram.shape, dtype=work, device=gram.device)
-            correction = torch.zeros_like(reference)  # kept transposed, (out, in), as the weights are
+            correction = torch.zeros_like(reference)  # the correction's transpose: (out, in), as the weights
             spread = torch.zeros_like(reference) if ridge > 0 else None
         gram = gram.to(work)
         diagonal = gram.diagonal().clone()  # contiguous: a strided view slows the products below
