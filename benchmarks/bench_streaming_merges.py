@@ -8,18 +8,23 @@ in a fresh Python process so that no run inherits another's memory:
   baseline. A merge must read its inputs, so a ratio near 1 means it costs about that, and
   the ratio is less machine-dependent than the seconds. A method's baseline is the read of
   the files it uses (weight averaging, Fisher and RegMean do not read θ0; Fisher also reads
-  the Fishers, RegMean the Grams).
+  the Fishers, RegMean the Grams), on one thread and on ``--threads``: the faster counts.
 - each streaming merge, written to a safetensors file (``merge_to_file``: the write of one
   model is included; its own row shows what it costs).
 - TIES's and DARE's fused loops (``load_fused_loops``): compiled by numba on a machine's first
   run (then cached on disk), and loaded by every process once (numba's import and the compiled
   code), which each merge's worker does before its clock starts.
-- DARE + TIES's floor: drawing its masks alone, twice, as it does (``dare_draw_seconds``).
+- DARE + TIES's floor: drawing its masks alone, twice, as it does, on as many threads
+  (``dare_draw_seconds``).
 - RegMean's floor: the floating-point operations of its products (float32) and solves (float64)
   (``regmean_flops``), each over this machine's matrix-product rate in that precision, measured
   in the run (``lib.experiments.cost.matmul_rate``): what no implementation of
-  ``lib.merging.regmean`` can go below here, whatever it does about reading. Then RegMean once
-  more on all the machine's cores: of these merges, the one whose arithmetic more cores speed up.
+  ``lib.merging.regmean`` can go below here, whatever it does about reading.
+
+Threads (``--threads``, by default every core): the merges run as a user's do, on torch's
+threads, which the streaming merges' workers follow (``stream_merge(..., workers=)``). Each
+merge and floor is also timed on one thread, from the page cache: the first column, what the
+threads buy.
 
 Every measurement is taken twice, each over ``--repeats`` runs (3 by default, from the disk at
 least 3, and the reads that every ratio divides by at least 5):
@@ -197,19 +202,21 @@ def regmean_flops(shapes: dict[str, tuple[int, ...]], tasks: int) -> tuple[float
 def dare_draw_seconds(shapes: dict[str, tuple[int, ...]], tasks: int, threads: int, repeats: int = 3) -> float:
     """Seconds (fastest of ``repeats``) to draw DARE's masks once for every entry of ``tasks``
     experts of ``shapes``, piece by piece as the streaming merges draw them
-    (``dare._keep_draws``): the part of DARE's cost that its reproducible random stream sets,
-    whatever an implementation does besides. DARE + TIES draws them twice."""
+    (``dare._keep_draws``), with ``threads`` threads drawing pieces at once as the merges'
+    workers do: the part of DARE's cost that its reproducible random stream sets, whatever an
+    implementation does besides. DARE + TIES draws them twice."""
     from lib.merging.dare import _keep_draws
-    from lib.merging.streaming import _pieces
+    from lib.merging.streaming import _in_order, _pieces
 
     torch.set_num_threads(threads)
+    pieces = [(key, task, offset, count) for key, shape in shapes.items() for task in range(tasks)
+              for offset, count in _pieces(math.prod(shape))]
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        for key, shape in shapes.items():
-            for task in range(tasks):
-                for offset, count in _pieces(math.prod(shape)):
-                    _keep_draws(count, 0.7, 0, task, key, offset)
+        for _ in _in_order(lambda piece: _keep_draws(piece[3], 0.7, 0, piece[1], piece[0], piece[2])[1], pieces,
+                           threads):
+            pass  # the draws are dropped: only their cost counts
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -247,7 +254,7 @@ def worker(spec: dict) -> dict:
     if "method" in spec:
         load_fused_loops()
     if "read" in spec:
-        fn = lambda: read_inputs(spec["read"])  # noqa: E731
+        fn = lambda: read_inputs(spec["read"], spec["threads"])  # noqa: E731
     elif spec.get("write"):
         from lib.merging.streaming import SafetensorsReader, write_safetensors
 
@@ -312,8 +319,9 @@ def main(argv: Sequence[str] | None = None):
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per measurement: the fastest from the page cache, the median from the disk "
                              "(at least 3)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (one gives stable timings on a shared machine)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads of the merges (torch's, and the streaming merges' workers) and of the reads; by "
+                             "default every core, as a user's merge runs (one thread is measured besides, cached)")
     parser.add_argument("--dir", help="folder for the files (default: a temporary folder, removed afterwards)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                         help="compare every streamed merge with the in-memory method (default: only --size small)")
@@ -339,21 +347,30 @@ def main(argv: Sequence[str] | None = None):
                 "numba_cache": str(folder / "numba-cache")}
         read_inputs([paths["pretrained"], *paths["finetuned"], *paths["fisher"], *paths["gram"]])  # into the page cache
         groups = file_groups(paths)
-        # every ratio's baseline: each group of files read once, from the page cache and from the disk (≥ 5 runs)
-        reads = {(group, cold): run_worker({**base, "repeats": max(args.repeats, 5), "read": files, "cold": cold})
-                 for group, files in groups.items() if files for cold in (False, True)}
+        # every ratio's baseline: each group of files read once, from the page cache and from the disk (≥ 5
+        # runs), with one thread and with --threads: the faster of the two, so that the merges' threads are
+        # not set against a read that could have used them too
+        reads = {}
+        for group, files in groups.items():
+            for cold in (False, True) if files else ():
+                runs = [run_worker({**base, "threads": t, "repeats": max(args.repeats, 5), "read": files, "cold": cold})
+                        for t in sorted({1, args.threads})]
+                reads[(group, cold)] = min(runs, key=lambda r: r["seconds"])
 
-        def row(name: str, cached: dict, cold: dict, groups: Sequence[str]) -> dict:
+        def row(name: str, cached: dict, cold: dict, groups: Sequence[str], one_thread: dict | None = None) -> dict:
             read_cached, read_cold = (sum(reads[(g, c)]["seconds"] for g in groups) for c in (False, True))
             print(f"  {name}: {cached['seconds']:.1f} s cached ({cached['seconds'] / read_cached:.1f}× a read), "
                   f"{cold['seconds']:.1f} s from the disk ({cold['seconds'] / read_cold:.1f}×)", flush=True)
-            return {"method": name, "seconds (cached)": cached["seconds"], "× read (cached)": cached["seconds"] / read_cached,
+            return {"method": name, "seconds (cached, 1 thread)": (one_thread or {}).get("seconds"),
+                    "seconds (cached)": cached["seconds"], "× read (cached)": cached["seconds"] / read_cached,
                     "seconds (disk)": cold["seconds"], "× read (disk)": cold["seconds"] / read_cold,
                     "peak MiB": max(cached["peak_mib"], cold["peak_mib"])}
 
-        def both(spec: dict) -> tuple[dict, dict]:
+        def measured(spec: dict) -> tuple[dict, dict, dict | None]:
+            """(cached, disk, cached on one thread: None where --threads is 1)."""
+            one = run_worker({**spec, "threads": 1, "cold": False}) if args.threads > 1 else None
             return run_worker({**spec, "cold": False}), run_worker({**spec, "cold": True,
-                                                                    "repeats": max(args.repeats, 3)})
+                                                                    "repeats": max(args.repeats, 3)}), one
 
         rows = [row("read θ0 and the experts once (baseline)", reads[("models", False)], reads[("models", True)],
                     ["models"])]
@@ -370,25 +387,31 @@ def main(argv: Sequence[str] | None = None):
         not_merges = {r["method"] for r in rows}
         for method in methods:
             spec = {**base, "method": method, "out": str(folder / f"merged_{method}.safetensors")}
+            cached, cold, one = measured(spec)
             rows.append(row(method + (" (reads the Fishers too)" if method == "fisher" else
-                                      " (reads the Grams too)" if method == "regmean" else ""), *both(spec),
-                            groups_read(method)))
+                                      " (reads the Grams too)" if method == "regmean" else ""), cached, cold,
+                            groups_read(method), one))
             if method == "regmean":  # what its matrix work alone costs on this machine: no merge
-                rate = run_worker({**base, "matmul_rate": True})
                 products, solves = regmean_flops(vit_shapes(*SIZES[args.size]), args.tasks)
-                floor = {"seconds": products / rate["float32"] + solves / rate["float64"], "peak_mib": 0.0}
+
+                def floor(threads: int) -> tuple[dict, dict]:
+                    rate = run_worker({**base, "threads": threads, "matmul_rate": True})
+                    return rate, {"seconds": products / rate["float32"] + solves / rate["float64"], "peak_mib": 0.0}
+
+                rate, at_threads = floor(args.threads)
                 rows.append(row(f"regmean's matrix products and solves alone ({rate['float32'] / 1e9:.0f} and "
-                                f"{rate['float64'] / 1e9:.0f} GFLOP/s in float32 and 64)", floor, floor,
-                                groups_read(method)))
+                                f"{rate['float64'] / 1e9:.0f} GFLOP/s in float32 and 64)", at_threads, at_threads,
+                                groups_read(method), floor(1)[1] if args.threads > 1 else None))
                 not_merges.add(rows[-1]["method"])
-                cores = os.cpu_count() or 1
-                if cores > args.threads:  # its products and solves are the one merge here that more cores speed up
-                    rows.append(row(f"regmean on all {cores} cores", *both({**spec, "threads": cores}),
-                                    groups_read(method)))
             if method == "dare_ties":  # what drawing its masks (twice: ranking, merge) alone costs here
-                draws = run_worker({**base, "dare_draws": True, "size": args.size, "tasks": args.tasks})
-                floor = {"seconds": 2 * draws["seconds"], "peak_mib": 0.0}
-                rows.append(row("dare_ties's mask draws alone (PCG64-DXSM, twice)", floor, floor, groups_read(method)))
+                def draws(threads: int) -> dict:
+                    spent = run_worker({**base, "threads": threads, "dare_draws": True, "size": args.size,
+                                        "tasks": args.tasks})
+                    return {"seconds": 2 * spent["seconds"], "peak_mib": 0.0}
+
+                at_threads = draws(args.threads)
+                rows.append(row("dare_ties's mask draws alone (PCG64-DXSM, twice)", at_threads, at_threads,
+                                groups_read(method), draws(1) if args.threads > 1 else None))
                 not_merges.add(rows[-1]["method"])
         for r in rows:
             r["peak × model"] = r["peak MiB"] * 2**20 / model_bytes
@@ -408,9 +431,10 @@ def main(argv: Sequence[str] | None = None):
         run = Run("bench_streaming_merges", {k: v for k, v in vars(args).items() if k != "worker"},
                   source="benchmarks/bench_streaming_merges.py", started=started)
         run.table(table.set_index("method").round(3), "streaming_merge_cost",
-                  f"Streaming merges of {what} from safetensors files, {args.threads} thread(s); × read = seconds / "
-                  "seconds to read the method's input files once, both from the page cache (cached) and with the "
-                  "inputs first dropped from it (disk); peak = growth of the resident set (the larger of the two runs).")
+                  f"Streaming merges of {what} from safetensors files, on {args.threads} thread(s) (and, in the first "
+                  "column, on one); × read = seconds / seconds to read the method's input files once (the faster of "
+                  f"a read on one thread and on {args.threads}), both from the page cache (cached) and with the inputs "
+                  "first dropped from it (disk); peak = growth of the resident set (the larger of the two runs).")
         run.finish()
     return table
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import weakref
 from pathlib import Path
 
@@ -141,23 +142,54 @@ def _public(hyper):
     return {k: v for k, v in hyper.items() if not k.startswith("_")}
 
 
-@pytest.mark.parametrize("piece", [None, 7], ids=["whole-keys", "pieces-of-7"])
+@pytest.mark.parametrize("piece,workers", [(None, 1), (7, 1), (7, 3)],
+                         ids=["whole-keys", "pieces-of-7", "pieces-of-7-3-workers"])
 @pytest.mark.parametrize("method,hyper", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-def test_streamed_merge_equals_the_in_memory_method_bit_for_bit(files, tmp_path, monkeypatch, method, hyper, piece):
+def test_streamed_merge_equals_the_in_memory_method_bit_for_bit(files, tmp_path, monkeypatch, method, hyper, piece,
+                                                                workers):
     """Also with keys cut into pieces of 7 entries (odd: DARE's masks start mid-draw), the
-    element-wise merges' unit of work."""
+    element-wise merges' unit of work, and with three threads merging pieces at once."""
     if piece is not None:
         monkeypatch.setattr(S, "PIECE", piece)
     paths, memory = files
     expected = M.REGISTRY[method](memory["pretrained"], memory["finetuned"], memory["stats"], **_public(hyper))
     with S.stream_merge(method, paths["pretrained"], paths["finetuned"], file_stats(method, paths, hyper),
-                        **hyper) as merged:
+                        workers=workers, **hyper) as merged:
         pairs = list(merged)
     assert [k for k, _ in pairs] == list(merged.layout)  # the announced order, the writer relies on it
     assert_same_bits(dict(pairs), expected)
     out = S.merge_to_file(method, paths["pretrained"], paths["finetuned"], tmp_path / "merged.safetensors",
-                          file_stats(method, paths, hyper), **hyper)
+                          file_stats(method, paths, hyper), workers=workers, **hyper)
     assert_same_bits(load_file(out), expected)
+
+
+def _merge_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("stream-merge")]
+
+
+def test_workers_stop_with_the_stream_and_leave_torch_threads_as_they_were(files, monkeypatch):
+    """Closing a stream midway stops its workers; a failing piece raises its own error, in key
+    order; torch's thread count, in this thread and in threads started later, is unchanged."""
+    paths, _ = files
+    monkeypatch.setattr(S, "PIECE", 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with S.stream_merge("ties", paths["pretrained"], paths["finetuned"], scale=0.3, workers=3) as merged:
+            pairs = iter(merged)
+            next(pairs)
+            assert _merge_threads()
+        assert not _merge_threads()
+        assert torch.get_num_threads() == 2
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        S.stream_merge("ties", paths["pretrained"], paths["finetuned"], scale=0.3, workers=0)
 
 
 def test_the_merges_are_not_trivially_equal(files):
@@ -405,8 +437,9 @@ HELD_CASES = [("weight_average", {}), ("task_arithmetic", {"scale": 0.3}), ("tie
               ("dare_ties", {"scale": 0.3}), ("fisher", {}), ("regmean", {"ridge": 0.1})]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("method,hyper", HELD_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(HELD_CASES)])
-def test_tensors_held_do_not_grow_with_the_number_of_experts(tmp_path, monkeypatch, method, hyper):
+def test_tensors_held_do_not_grow_with_the_number_of_experts(tmp_path, monkeypatch, method, hyper, workers):
     held = {}
     for n_experts in (2, 6):
         theta0, experts = random_models(n_experts, seed=n_experts)
@@ -421,16 +454,21 @@ def test_tensors_held_do_not_grow_with_the_number_of_experts(tmp_path, monkeypat
             state = _instrument_reads(patch)
             _forbid_whole_model_loads(patch)
             for key, tensor in S.stream_merge(method, paths["pretrained"], paths["finetuned"],
-                                              file_stats(method, paths, hyper), **hyper):
+                                              file_stats(method, paths, hyper), workers=workers, **hyper):
                 del tensor
         assert state["reads"] > 0 and state["alive"] == 0
         held[n_experts] = (state["max"], state["max_bytes"], state["largest"])
     # At most θ0 and the expert being folded in (an expert and its statistic for Fisher; for
     # RegMean, the first expert's weight, which the others are measured from, and the expert being
-    # folded in with its Gram), whether 2 experts are merged or 6.
+    # folded in with its Gram), whether 2 experts are merged or 6; as many per worker where the
+    # workers merge pieces at once (every method but Fisher and RegMean, which work a key at a time).
     most = 3 if method == "regmean" else 2
-    assert held[6][0] == held[2][0] <= most, held
-    assert held[6][1] <= most * held[6][2] and held[2][1] <= most * held[2][2], held
+    per_worker = 1 if method in ("fisher", "regmean") else workers
+    if workers == 1:
+        assert held[6][0] == held[2][0] <= most, held
+    assert held[6][0] <= most and held[2][0] <= most, held
+    for n in (2, 6):
+        assert held[n][1] <= most * per_worker * held[n][2], held
 
 
 _RSS_SCRIPT = textwrap.dedent("""
@@ -512,7 +550,8 @@ def test_reader_returns_the_bytes_safetensors_stores(tmp_path, dtype):
             reader.read_flat("matrix", 30, 6)
         with pytest.raises(KeyError, match="nope"):
             reader.read("nope")
-    assert S.read_inputs([path, path]) == 2 * sum(v.numel() * v.element_size() for v in sd.values())
+    for workers in (1, 3):
+        assert S.read_inputs([path, path], workers) == 2 * sum(v.numel() * v.element_size() for v in sd.values())
 
 
 def test_each_key_asks_the_disk_for_the_next_one_in_every_file(tmp_path, monkeypatch):
@@ -598,9 +637,10 @@ def test_a_nan_names_the_file_and_key_and_leaves_no_output(tmp_path):
     paths = [write(tmp_path, f"e{t}", e) for t, e in enumerate(experts)]
     out = tmp_path / "merged.safetensors"
     for method, hyper in [("ties", {"scale": 0.3}), ("task_arithmetic", {"scale": 0.3}), ("weight_average", {})]:
-        with pytest.raises(ValueError, match=r"finetuned\[1\] \(.*e1.safetensors\)\['dec.bias'\] has 1 NaN"):
-            S.merge_to_file(method, write(tmp_path, "t0", theta0), paths, out, **hyper)
-        assert not out.exists()
+        for workers in (1, 2):
+            with pytest.raises(ValueError, match=r"finetuned\[1\] \(.*e1.safetensors\)\['dec.bias'\] has 1 NaN"):
+                S.merge_to_file(method, write(tmp_path, "t0", theta0), paths, out, workers=workers, **hyper)
+            assert not out.exists() and not _merge_threads()
 
 
 def test_arguments_are_checked_like_the_registry(files):

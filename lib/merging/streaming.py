@@ -49,12 +49,23 @@ work through each key in pieces of ``PIECE`` entries, so that a piece of every i
 running sums stay in the CPU's caches. TIES's and DARE's chains of operations per entry run
 as one fused loop each on the CPU (``kernels``, numba): about 1 ns per entry and task for
 TIES's threshold pass and again for its merge pass, where torch's one pass per operation
-cost 3. What remains: RegMean does T float64 products (in×in)·(in×out) per layer, far longer
-on a CPU than reading the Grams; DARE draws a random number per entry (``dare.dare_keep_mask``,
-the stream that makes its result reproducible, ~1 ns an entry), twice for DARE + TIES; TIES
-reads twice. While a merge computes on one key, the files' next key is already being read
-from the disk (``_Inputs.keys_ahead``: the operating system's read-ahead, asked for with
-``posix_fadvise``).
+cost 3. What remains: RegMean does T − 1 products (in×in)·(in×out) and a solve per layer, far
+longer on a CPU than reading the Grams; DARE draws a random number per entry
+(``dare.dare_keep_mask``, the stream that makes its result reproducible, ~1 ns an entry),
+twice for DARE + TIES; TIES reads twice. While a merge computes on one key, the files' next
+key is already being read from the disk (``_Inputs.keys_ahead``: the operating system's
+read-ahead, asked for with ``posix_fadvise``).
+
+Threads (``workers``, by default torch's thread count): the element-wise merges, and TIES's
+threshold pass, hand their pieces to that many threads, each reading its pieces of the
+inputs (positioned reads, ``os.preadv``, so threads share the files) and merging them; the
+pieces come back in order. Every entry is computed alone, so the result is the same bits
+for any number of workers (tested), and memory holds a few pieces per worker. The workers
+run torch's operations on one thread each (``_on_one_torch_thread``). Fisher and RegMean
+work a whole key at a time in the calling thread, on torch's threads: RegMean's products
+and solves are what more cores speed up, and running them on another number of threads
+would change their rounding (MKL splits the work by thread count), so the streamed result
+would no longer equal the in-memory one bit for bit.
 
 Conventions (those of ``lib.merging``, unchanged): buffers (BatchNorm running statistics, or
 the keys in ``buffers``) are averaged over the experts, never trimmed or rescaled; tensors
@@ -88,12 +99,16 @@ Deviations from the in-memory methods, and choices:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
 import sys
 import tempfile
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -129,6 +144,7 @@ _DTYPES.update({name: getattr(torch, attr) for name, attr in (
     if hasattr(torch, attr)})
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # the format's own bound on the header's size
+_PREADV = hasattr(os, "preadv")  # Linux, the BSDs, macOS 11+; not Windows
 
 
 def _as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -151,6 +167,7 @@ class SafetensorsReader:
             raise RuntimeError("safetensors data is little-endian; this reader runs on little-endian machines only.")
         self.path = Path(path)
         self._file = open(self.path, "rb", buffering=0)
+        self._lock = contextlib.nullcontext() if _PREADV else threading.Lock()
         try:
             self._parse_header()
         except Exception:
@@ -190,14 +207,19 @@ class SafetensorsReader:
             k: torch.empty(self._entries[k][1], dtype=self._entries[k][0], device="meta") for k in self.keys}
 
     def _read_into(self, out: torch.Tensor, offset: int) -> None:
-        view = memoryview(_as_bytes(out))
-        done = 0
-        self._file.seek(self._data_start + offset)
-        while done < len(view):
-            got = self._file.readinto(view[done:])
-            if not got:
-                raise ValueError(f"{self.path} ends before its data does; the file is truncated.")
-            done += got
+        # Positioned reads (pread) share no file position, so several threads can read one
+        # file at once (the merges' workers); where the platform has none, one at a time.
+        view, done, position = memoryview(_as_bytes(out)), 0, self._data_start + offset
+        with self._lock:
+            while done < len(view):
+                if _PREADV:
+                    got = os.preadv(self._file.fileno(), [view[done:]], position + done)
+                else:
+                    self._file.seek(position + done)
+                    got = self._file.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{self.path} ends before its data does; the file is truncated.")
+                done += got
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor ``key``, in a fresh CPU tensor."""
@@ -301,6 +323,7 @@ class _Inputs:
     fisher: list[SafetensorsReader] | None = None
     gram: list[SafetensorsReader] | None = None
     gram_counts: Sequence[Mapping[str, int]] | None = None
+    workers: int = 1  # threads computing pieces (``_in_order``)
 
     def readers(self) -> list[SafetensorsReader]:
         everything = [self.pretrained, *self.finetuned, *(self.fisher or []), *(self.gram or [])]
@@ -358,15 +381,6 @@ def _pieces(numel: int) -> Iterator[tuple[int, int]]:
     """(start, count) of each piece of a flat tensor of ``numel`` entries."""
     for start in range(0, numel, PIECE):
         yield start, min(PIECE, numel - start)
-
-
-def _by_piece(like: torch.Tensor, merge_piece: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """A tensor shaped as ``like`` (a meta tensor), filled piece by piece by
-    ``merge_piece(start, count)`` (the flat entries start:start + count)."""
-    out = torch.empty(like.numel(), dtype=like.dtype)
-    for start, count in _pieces(like.numel()):
-        out[start:start + count] = merge_piece(start, count)
-    return out.view(like.shape)
 
 
 def _open_all(paths: Sequence[PathLike] | None, opened: list[SafetensorsReader]) -> list[SafetensorsReader] | None:
@@ -510,18 +524,23 @@ def _ties_thresholds(inputs: _Inputs, keys: Sequence[str], density: float, vecto
         brackets = _sampled_brackets(inputs, keys, n, n_keep, vectors, work, sample_size / n)
         for selection, (low, high) in zip(selections, brackets):
             selection.bracket(low, high)
+
+    def observe_piece(piece: tuple[str, int, int]) -> None:
+        k, start, count = piece
+        theta0 = _load_checked(inputs.pretrained, k, "pretrained", (start, count))
+        theta0_work = _work(theta0)
+        for t, (reader, selection) in enumerate(zip(inputs.finetuned, selections)):
+            if selection.done:
+                continue
+            x = _load_checked(reader, k, f"finetuned[{t}]", (start, count))
+            x = vectors.expert(theta0, x, t, k, start)
+            observe_magnitudes(selection, theta0_work, x, work)  # thread-safe: KthLargest.take locks
+            del x
+
     while not all(s.done for s in selections):
-        for k in inputs.keys_ahead(keys):
-            for start, count in _pieces(layout[k].numel()):
-                theta0 = _load_checked(inputs.pretrained, k, "pretrained", (start, count))
-                theta0_work = _work(theta0)
-                for t, (reader, selection) in enumerate(zip(inputs.finetuned, selections)):
-                    if selection.done:
-                        continue
-                    x = _load_checked(reader, k, f"finetuned[{t}]", (start, count))
-                    x = vectors.expert(theta0, x, t, k, start)
-                    observe_magnitudes(selection, theta0_work, x, work)
-                    del x
+        pieces = ((k, start, count) for k in inputs.keys_ahead(keys) for start, count in _pieces(layout[k].numel()))
+        for _ in _in_order(observe_piece, pieces, inputs.workers):
+            pass
         for s in selections:
             if not s.done:
                 s.end_pass()
@@ -559,16 +578,85 @@ def _merge_keys(ref: SafetensorsReader, buffers: Collection[str] | None) -> tupl
     return names, _without(_float_keys(ref.layout), names)
 
 
+def _in_order(compute: Callable, items: Iterable, workers: int) -> Iterator:
+    """``compute(item)`` for each of ``items``, in their order. With several ``workers``,
+    threads compute up to 2·workers items ahead of the one handed out (so memory holds a
+    few items' inputs and results, however many items there are); with one, each in turn."""
+    if workers <= 1:
+        for item in items:
+            yield compute(item)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="stream-merge")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(_on_one_torch_thread, compute, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when the consumer stops early or a piece failed: no thread outlives the stream
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _on_one_torch_thread(compute: Callable, item):
+    """``compute(item)`` with torch's operations in this thread on one thread each: the
+    workers are the parallelism, and each also splitting its operations over every core
+    would put several threads on each core (TIES took 5.0 s instead of 4.4 on 2 cores).
+    ``torch.set_num_threads`` called in a worker sets that thread's OpenMP and MKL counts
+    (and the default of threads created later, restored when the piece is done); the
+    calling thread's own count is untouched."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return compute(item)
+    torch.set_num_threads(1)
+    try:
+        return compute(item)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _piecewise(inputs: _Inputs, ref: SafetensorsReader,
+               merge_piece: Callable[[str, int, int], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every key of ``ref`` in order, each assembled from ``merge_piece(key, start, count)``
+    (its flat entries start:start + count) over its pieces, computed by ``inputs.workers``
+    threads. Every entry is computed alone, so the threads change no bit. Each piece is
+    copied into its key's tensor by the thread that computed it: this thread does no torch
+    operation while they work (its own OpenMP threads would spin on the workers' cores)."""
+    def pieces() -> Iterator[tuple[str, torch.Tensor, int, int]]:
+        for k in inputs.keys_ahead(ref.keys):
+            out = torch.empty(ref.layout[k].numel(), dtype=ref.layout[k].dtype)
+            for start, count in _pieces(out.numel()):
+                yield k, out, start, count
+
+    def fill(piece: tuple[str, torch.Tensor, int, int]) -> torch.Tensor:
+        k, out, start, count = piece
+        out[start:start + count] = merge_piece(k, start, count)
+        return out
+
+    filled = _in_order(fill, pieces(), inputs.workers)
+    try:
+        for k in ref.keys:
+            like = ref.layout[k]
+            out = torch.empty(0, dtype=like.dtype)
+            for _ in _pieces(like.numel()):
+                out = next(filled)
+            yield k, out.view(like.shape)
+    finally:
+        filled.close()
+
+
 def _stream_weight_average(inputs: _Inputs, hyper) -> Iterator[tuple[str, torch.Tensor]]:
     ref = inputs.finetuned[0]
     weights = _normalized(None, len(inputs.finetuned))
     floats = set(_float_keys(ref.layout))
-    for k in inputs.keys_ahead(ref.keys):
+
+    def merge_piece(k, start, count):
         if k in floats:
-            yield k, _by_piece(ref.layout[k], lambda start, count, k=k: _average(
-                _expert_tensors(inputs, k, (start, count)), weights))
-        else:
-            yield k, ref.read(k)
+            return _average(_expert_tensors(inputs, k, (start, count)), weights)
+        return ref.read_flat(k, start, count)
+
+    return _piecewise(inputs, ref, merge_piece)
 
 
 def _stream_with_theta0(inputs: _Inputs, hyper, merge_piece: Callable[[str, torch.Tensor, int, int], torch.Tensor]):
@@ -579,15 +667,15 @@ def _stream_with_theta0(inputs: _Inputs, hyper, merge_piece: Callable[[str, torc
     buffer_names, others = _merge_keys(ref, hyper.get("buffers"))
     buffer_set, merged = set(buffer_names), set(others)
     weights = _normalized(None, len(inputs.finetuned))
-    for k in inputs.keys_ahead(ref.keys):
+
+    def piece(k, start, count):
         if k in buffer_set:
-            yield k, _by_piece(ref.layout[k], lambda start, count, k=k: _average(
-                _expert_tensors(inputs, k, (start, count)), weights))
-        elif k in merged:
-            yield k, _by_piece(ref.layout[k], lambda start, count, k=k: merge_piece(
-                k, _load_checked(ref, k, "pretrained", (start, count)), start, count))
-        else:
-            yield k, ref.read(k)
+            return _average(_expert_tensors(inputs, k, (start, count)), weights)
+        if k in merged:
+            return merge_piece(k, _load_checked(ref, k, "pretrained", (start, count)), start, count)
+        return ref.read_flat(k, start, count)
+
+    return _piecewise(inputs, ref, piece)
 
 
 def _sparse_experts(inputs: _Inputs, key: str, theta0: torch.Tensor, start: int, count: int, drop_rate: float,
@@ -806,7 +894,8 @@ class MergeStream:
 
 
 def stream_merge(method: str, pretrained: PathLike | None, finetuned: Sequence[PathLike],
-                 stats: Mapping[str, Sequence] | None = None, **hyper) -> MergeStream:
+                 stats: Mapping[str, Sequence] | None = None, *, workers: int | None = None,
+                 **hyper) -> MergeStream:
     """``REGISTRY[method]``'s merge of the models in these safetensors files, key by key.
 
     ``pretrained`` is θ0's file (Task Arithmetic, TIES and DARE read it; the others ignore it,
@@ -816,9 +905,15 @@ def stream_merge(method: str, pretrained: PathLike | None, finetuned: Sequence[P
     hyper-parameters (its ``tuned`` ones are required, its ``fixed`` ones default) and
     ``buffers``. The result equals ``REGISTRY[method]`` on the loaded state dicts, bit for
     bit. TIES and DARE + TIES first read the inputs to find each task's trim threshold.
+    ``workers``: threads that read and merge pieces of the keys at once (default: torch's
+    thread count, ``torch.get_num_threads()``); the result does not depend on it.
     """
+    workers = torch.get_num_threads() if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}.")
     hyper = _hyper(method, dict(hyper))
     inputs = _open_inputs(method, pretrained, list(finetuned), stats, hyper)
+    inputs.workers = workers
     ref = inputs.pretrained if method in _USES_THETA0 else inputs.finetuned[0]
     try:
         if hyper.get("buffers") is not None:
@@ -840,21 +935,21 @@ def stream_merge(method: str, pretrained: PathLike | None, finetuned: Sequence[P
 
 def merge_to_file(method: str, pretrained: PathLike | None, finetuned: Sequence[PathLike], out: PathLike,
                   stats: Mapping[str, Sequence] | None = None, *, metadata: Mapping[str, str] | None = None,
-                  **hyper) -> Path:
+                  workers: int | None = None, **hyper) -> Path:
     """``stream_merge(...)`` written to the safetensors file ``out`` as it is computed (no
     more than one merged tensor held); ``out`` appears only once the merge has finished."""
-    with stream_merge(method, pretrained, finetuned, stats, **hyper) as merged:
+    with stream_merge(method, pretrained, finetuned, stats, workers=workers, **hyper) as merged:
         return write_safetensors(out, merged, merged.layout, metadata)
 
 
-def read_inputs(paths: Sequence[PathLike]) -> int:
+def read_inputs(paths: Sequence[PathLike], workers: int = 1) -> int:
     """Read every tensor of every file once, as a merge reads them (the baseline a merge's
-    cost is measured against); returns the number of bytes read."""
-    total = 0
-    for p in paths:
-        with SafetensorsReader(p) as reader:
-            for k in reader.keys:
-                x = reader.read(k)
-                total += x.numel() * x.dtype.itemsize
-                del x
-    return total
+    cost is measured against), with ``workers`` threads reading tensors at once; returns the
+    number of bytes read."""
+    readers = [SafetensorsReader(p) for p in paths]
+    try:
+        tensors = ((r, k) for r in readers for k in r.keys)
+        return sum(_in_order(lambda item: item[0].read(item[1]).nbytes, tensors, workers))
+    finally:
+        for r in readers:
+            r.close()

@@ -32,6 +32,7 @@ Deviations / conventions (public implementations disagree; METHODS.md §1):
 from __future__ import annotations
 
 import math
+import threading
 from typing import Collection, Iterable, Sequence
 
 import numpy as np
@@ -87,6 +88,7 @@ class KthLargest:
         self.low, self.high = 0, self._top
         self.value: float | None = None
         self.passes = 0
+        self._lock = threading.Lock()
         self._start_pass()
 
     def _float_of(self, bits: int) -> float:
@@ -155,17 +157,18 @@ class KthLargest:
         high and ``inside`` are those within it. ``copy``: the caller may reuse ``inside``."""
         if inside.dtype != self._float:
             raise TypeError(f"expected {np.dtype(self._float)} values, got {inside.dtype}.")
-        self._seen += seen
-        self._above += above
-        self._inside += inside.size
-        if self._hist is None and self._inside <= self.capacity:
-            self._kept.append(inside.copy() if copy else inside)
-            return
-        if self._hist is None:  # over capacity: bin what was kept, and bin from now on
-            for kept in self._kept:
-                self._count_into_bins(kept)
-            self._kept = []
-        self._count_into_bins(inside)
+        with self._lock:  # several threads may observe one pass (the streaming merges' workers)
+            self._seen += seen
+            self._above += above
+            self._inside += inside.size
+            if self._hist is None and self._inside <= self.capacity:
+                self._kept.append(inside.copy() if copy else inside)
+                return
+            if self._hist is None:  # over capacity: bin what was kept, and bin from now on
+                for kept in self._kept:
+                    self._count_into_bins(kept)
+                self._kept = []
+            self._count_into_bins(inside)
 
     def end_pass(self) -> None:
         """Close the pass: find the value, or narrow the interval for the next pass."""
