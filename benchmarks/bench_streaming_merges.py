@@ -211,12 +211,15 @@ def dare_draw_seconds(shapes: dict[str, tuple[int, ...]], tasks: int, threads: i
     torch.set_num_threads(threads)
     pieces = [(key, task, offset, count) for key, shape in shapes.items() for task in range(tasks)
               for offset, count in _pieces(math.prod(shape))]
+    def draw(piece: tuple[str, int, int, int]) -> None:
+        key, task, offset, count = piece
+        _keep_draws(count, 0.7, 0, task, key, offset)  # dropped: only their cost counts
+
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        for _ in _in_order(lambda piece: _keep_draws(piece[3], 0.7, 0, piece[1], piece[0], piece[2])[1], pieces,
-                           threads):
-            pass  # the draws are dropped: only their cost counts
+        for _ in _in_order(draw, pieces, threads):
+            pass
         best = min(best, time.perf_counter() - start)
     return best
 

@@ -383,6 +383,15 @@ def _pieces(numel: int) -> Iterator[tuple[int, int]]:
         yield start, min(PIECE, numel - start)
 
 
+def _key_pieces(inputs: _Inputs, keys: Sequence[str], layout: Mapping[str, torch.Tensor]
+                ) -> Iterator[tuple[str, int, int]]:
+    """(key, start, count) of every piece of ``keys`` in order, each file asked for the next
+    key as a key's first piece is handed out (``_Inputs.keys_ahead``)."""
+    for k in inputs.keys_ahead(keys):
+        for start, count in _pieces(layout[k].numel()):
+            yield k, start, count
+
+
 def _open_all(paths: Sequence[PathLike] | None, opened: list[SafetensorsReader]) -> list[SafetensorsReader] | None:
     if paths is None:
         return None
@@ -538,8 +547,7 @@ def _ties_thresholds(inputs: _Inputs, keys: Sequence[str], density: float, vecto
             del x
 
     while not all(s.done for s in selections):
-        pieces = ((k, start, count) for k in inputs.keys_ahead(keys) for start, count in _pieces(layout[k].numel()))
-        for _ in _in_order(observe_piece, pieces, inputs.workers):
+        for _ in _in_order(observe_piece, _key_pieces(inputs, keys, layout), inputs.workers):
             pass
         for s in selections:
             if not s.done:
@@ -624,10 +632,11 @@ def _piecewise(inputs: _Inputs, ref: SafetensorsReader,
     copied into its key's tensor by the thread that computed it: this thread does no torch
     operation while they work (its own OpenMP threads would spin on the workers' cores)."""
     def pieces() -> Iterator[tuple[str, torch.Tensor, int, int]]:
-        for k in inputs.keys_ahead(ref.keys):
-            out = torch.empty(ref.layout[k].numel(), dtype=ref.layout[k].dtype)
-            for start, count in _pieces(out.numel()):
-                yield k, out, start, count
+        out = None
+        for k, start, count in _key_pieces(inputs, ref.keys, ref.layout):
+            if start == 0:  # a key's first piece: its tensor, which its pieces fill
+                out = torch.empty(ref.layout[k].numel(), dtype=ref.layout[k].dtype)
+            yield k, out, start, count
 
     def fill(piece: tuple[str, torch.Tensor, int, int]) -> torch.Tensor:
         k, out, start, count = piece
