@@ -181,7 +181,7 @@ def _ties_finish(theta0, pos_sum, neg_sum, pos_count, neg_count, mean, scale, ou
         positive, negative = pos_sum[i], neg_sum[i]
         if mean:  # both sides' means, then a select: the compiler vectorises the loop only
             # when no division waits on a condition (a branch on the elected sign, a coin
-            # flip, cost 9 ns an entry; this 0.5)
+            # flip, cost 9.7 ns an entry on 2^18 entries, AMD EPYC; this 1.2)
             positive, negative = positive / max(pos_count[i], one), negative / max(neg_count[i], one)
         elected = positive if total > 0 else (negative if total < 0 else zero)  # no sign elected: θ0
         out[i] = elected * scale + theta0[i]
