@@ -32,7 +32,7 @@ TINY = dict(tracks=("vision",), vision_tasks=("usps", "mnist"), data_dir=str(SHA
             vision_batch_size=32, eval_every=3, multitask_steps_per_task=3, lambda_grid=(0.0, 0.5, 1.0),
             lambda_refinements=0, fisher_examples=16, regmean_examples=32, selection_examples=16,
             vision_adamerging_steps=5, adamerging_batch_size=8, paper_budget_steps=5, unseen_tasks=1, surgery_steps=5,
-            progress=False)
+            batchnorm_examples=64, progress=False)
 
 
 # ----------------------------------------------------------------------------- configuration

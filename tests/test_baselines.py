@@ -53,6 +53,8 @@ def test_benchmark_v1_restores_the_first_design_and_keeps_the_callers_settings()
 def test_unknown_tracks_are_clear_errors():
     with pytest.raises(ValueError, match="'text', 'vision'"):
         B.BaselinesConfig(tracks=("txt",))
+    with pytest.raises(ValueError, match="batchnorm_examples = 0"):
+        B.BaselinesConfig(batchnorm_examples=0).track("vision")
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -69,9 +71,9 @@ class _TestForbidden(VisionTrack):
 
 @needs_models
 @needs_data
-def test_pipeline_end_to_end_and_selection_never_reads_test():
+def test_pipeline_end_to_end_and_selection_never_reads_test(monkeypatch):
     track = _TestForbidden(tasks=["usps", "mnist"], data_dir=str(SHARED_DATA), models_dir=str(SHARED_MODELS),
-                           max_train=128, max_validation=32, max_test=48)
+                           max_train=128, max_validation=32, max_test=48, batchnorm_examples=40)
     ft = FinetuneConfig(max_steps=6, batch_size=16, eval_every=3, lr=1e-3, max_eval_examples=32)
     setup = B.prepare_track(track, ft, ft, progress=False)
     assert "layer1.0.bn1.running_mean" in setup.mergeable
@@ -93,7 +95,11 @@ def test_pipeline_end_to_end_and_selection_never_reads_test():
     key = "layer1.0.bn1.running_var"
     mean = torch.stack([e.encoder[key] for e in setup.experts.values()]).mean(0)
     assert torch.allclose(ta.state[key], mean, atol=1e-6)
+    reestimated, reestimate = [], B.reestimate_batchnorm
+    monkeypatch.setattr(B, "reestimate_batchnorm",
+                        lambda *a, **k: reestimated.append(k["examples_per_split"]) or reestimate(*a, **k))
     table, outcomes = B.evaluate_methods(track, setup, merged, reestimate_bn=True, progress=False)
+    assert reestimated == [40] * len(merged)  # the track's batchnorm_examples, for every merge
     wide = B.summary(table)
     assert "TIES (BN re-estimated)" in wide.index
     # per-example outcomes reproduce the table's accuracies
@@ -191,7 +197,7 @@ def test_notebook_01_runs_end_to_end_under_papermill_with_command_line_lists(tmp
                     "tracks": '["vision"]', "vision_tasks": '["usps", "mnist"]', "spread_seeds": "[1]",
                     "max_validation": 32, "max_test": 48, "lambda_grid": "[0.0, 0.5, 1.0]", "fisher_examples": 16,
                     "regmean_examples": 32, "selection_examples": 16, "vision_max_steps": 6, "eval_every": 3,
-                    "multitask_steps_per_task": 3, "progress": False})
+                    "multitask_steps_per_task": 3, "batchnorm_examples": 64, "progress": False})
     findings = (out / "findings.md").read_text()
     assert "Trivial baseline" in findings and "±" in findings
     seeds = pd.read_csv(out / "vision_seeds_long.csv")

@@ -104,12 +104,15 @@ def test_joint_heads_train_with_each_expert_and_evaluate_every_model_through_the
 
 def test_frozen_heads_stay_frozen_and_few_shot_probes_see_k_examples_per_class(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGE_CACHE_DIR", str(tmp_path))
-    seen = []
-    probe = training.linear_probe
+    seen, encoded = [], []
+    probe, encode = training.linear_probe, training.encode
     monkeypatch.setattr(training, "linear_probe", lambda f, y, *a, **k: seen.append(np.bincount(y)) or probe(f, y, *a, **k))
+    monkeypatch.setattr(training, "encode", lambda encoder, split, *a, **k: encoded.append(len(split))
+                        or encode(encoder, split, *a, **k))
     track = TinyTrack(["a", "b"], head_kind="few_shot", head_shots=4)
     setup, _ = _run(track)
     assert [list(c) for c in seen] == [[4, 4, 4], [4, 4, 4]]
+    assert encoded[:2] == [12, 12]  # the shots only, not the whole training split
     for task in track.tasks:
         assert torch.equal(setup.experts[task].heads[task]["weight"], setup.heads[task]["weight"])
         assert torch.equal(setup.multitask.heads[task]["weight"], setup.heads[task]["weight"])

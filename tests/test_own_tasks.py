@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["-p", "max_validation", "16", "-p", "max_test", "24", "-p", "lambda_grid", "[0.0, 0.5, 1.0]",
         "-p", "fisher_examples", "8", "-p", "regmean_examples", "16", "-p", "selection_examples", "8",
         "-p", "vision_max_steps", "3", "-p", "text_max_steps", "3", "-p", "eval_every", "3",
-        "-p", "multitask_steps_per_task", "2", "-p", "spread_seeds", "[]", "-p", "progress", "False"]
+        "-p", "multitask_steps_per_task", "2", "-p", "spread_seeds", "[]", "-p", "batchnorm_examples", "32",
+        "-p", "progress", "False"]
 
 
 def readme_commands() -> list[str]:

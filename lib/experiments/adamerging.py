@@ -388,7 +388,7 @@ def adapt(ctx: TrackContext, variant: Variant, data=None, report_labels: bool = 
         state = ctx.setup.complete(merging.merged_state(pre, taus, coefficients))
     if variant.batchnorm == "batch":  # adapted on batch statistics: evaluated with statistics that fit it
         state = reestimate_batchnorm(ctx.encoder, state, [ctx.track.split(t, "train") for t in tasks],
-                                     seed=ctx.track.seed)
+                                     examples_per_split=ctx.track.batchnorm_examples, seed=ctx.track.seed)
     steps = len(stored["seconds"])
     history = pd.DataFrame({"step": np.repeat(np.arange(steps), len(tasks)), "task": tasks * steps,
                             "entropy": stored["entropy"].reshape(-1).numpy(),
@@ -575,7 +575,7 @@ def collapse_study(ctx: TrackContext, evaluated: "Evaluated", merges: Mapping[st
     if has_batchnorm(ctx.encoder):
         adapted_state = evaluated.states[LAYER_WISE]
         state = reestimate_batchnorm(ctx.encoder, adapted_state, [ctx.track.split(t, "train") for t in tasks],
-                                     seed=ctx.track.seed)
+                                     examples_per_split=ctx.track.batchnorm_examples, seed=ctx.track.seed)
         features = encoder_features(ctx, state, tasks)
         profiles[BN_REESTIMATED] = {ctx.track.display_name(t): prediction_profile(features[t], ctx.setup.heads[t])
                                     for t in tasks}

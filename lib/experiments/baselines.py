@@ -104,6 +104,7 @@ class TrackSettings:
     text_heads: str = "zero_shot"
     vision_heads: str = "few_shot"
     head_shots: int = 16            # examples per class of a few_shot head
+    batchnorm_examples: int = 1024  # training examples per task that re-estimate a merged ResNet's BatchNorm
     vision_backbone: str = "resnet20"  # or "resnet56"
     # experts; the multi-task model gets multitask_steps_per_task × number of tasks
     text_max_steps: int = 400
@@ -191,7 +192,8 @@ class BaselinesConfig(StatisticsSettings):
     def track(self, name: str, seed: int | None = None) -> Track:
         seed = self.seed if seed is None else seed
         common = dict(data_dir=self.data_dir or None, seed=seed, max_validation=self.max_validation,
-                      max_test=self.max_test, head_kind=getattr(self, f"{name}_heads"), head_shots=self.head_shots)
+                      max_test=self.max_test, head_kind=getattr(self, f"{name}_heads"), head_shots=self.head_shots,
+                      batchnorm_examples=self.batchnorm_examples)
         if self.scale == "paper" and name == "text":
             # the GLUE test sets are Twin-Merging's (the first 1,000 examples) unless max_test caps them
             return GlueTextTrack(tasks=list(self.text_tasks), models_dir=self.models_dir or None,
@@ -530,7 +532,7 @@ def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult],
         add(name, "merge", evaluate(track, encoder, result.state, setup.heads, split=split))
         if reestimate_bn:
             state = reestimate_batchnorm(encoder, result.state, [track.split(t, "train") for t in track.tasks],
-                                         seed=track.seed)
+                                         examples_per_split=track.batchnorm_examples, seed=track.seed)
             add(name, "merge", evaluate(track, encoder, state, setup.heads, split=split), bn="re-estimated")
     table = pd.DataFrame(rows)
     value = score_column(table)

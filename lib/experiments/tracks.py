@@ -65,14 +65,18 @@ class PreparedSplit:
                 batch["index"] = torch.as_tensor(idx)
             yield batch
 
+    def rows(self, indices) -> "PreparedSplit":
+        """The examples at ``indices``, in that order."""
+        idx = np.asarray(indices)
+        inputs = [self.inputs[i] for i in idx] if isinstance(self.inputs, list) else self.inputs[idx]
+        lengths = None if self.lengths is None else self.lengths[idx]
+        return PreparedSplit(self.task, inputs, self.labels[idx], self.collate, lengths)
+
     def subset(self, n: int | None, seed: int = 0) -> "PreparedSplit":
         """A seeded, class-stratified subset of at most n examples (all of them if n is None)."""
         if n is None or n >= len(self):
             return self
-        idx = stratified_indices(self.labels, n, seed)
-        inputs = [self.inputs[i] for i in idx] if isinstance(self.inputs, list) else self.inputs[idx]
-        lengths = None if self.lengths is None else self.lengths[idx]
-        return PreparedSplit(self.task, inputs, self.labels[idx], self.collate, lengths)
+        return self.rows(stratified_indices(self.labels, n, seed))
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -114,6 +118,8 @@ class Track:
     # with each expert) or "zero_shot" (text: built from class descriptions, as CLIP's).
     head_kind: str = "probe"
     head_shots: int = 16
+    # training examples per task that re-estimate a merged encoder's BatchNorm statistics
+    batchnorm_examples: int = 1024
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -124,6 +130,9 @@ class Track:
                              f"{self.name} track has none. Use 'few_shot' (its analogue), 'joint' or 'probe'.")
         if self.head_shots < 1:
             raise ValueError(f"head_shots = {self.head_shots}: pass a positive number of examples per class.")
+        if self.batchnorm_examples < 1:
+            raise ValueError(f"batchnorm_examples = {self.batchnorm_examples}: pass a positive number of "
+                             "training examples per task.")
 
     has_text_tower: bool = field(default=False, init=False, repr=False)
     scale: str = field(default="small", init=False, repr=False)  # "paper": the papers' models and tasks
