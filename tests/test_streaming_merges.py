@@ -586,6 +586,38 @@ def test_each_key_asks_the_disk_for_the_next_one_in_every_file(tmp_path, monkeyp
             (8 + n + offsets[k][0], offsets[k][1] - offsets[k][0]) for k in keys[1:]]
 
 
+def test_ties_sample_asks_the_disk_for_every_run_before_reading_any(tmp_path, monkeypatch):
+    """The sample's small reads are all hinted (WILLNEED) first, so the disk serves them at once
+    rather than one waited-for read after another; each read lies inside a hinted range."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform: prefetch does nothing")
+    g = torch.Generator().manual_seed(0)
+    models = [{"big": torch.randn(40_000, generator=g), "small": torch.randn(300, generator=g)} for _ in range(3)]
+    paths = [write(tmp_path, f"m{i}", m) for i, m in enumerate(models)]
+    events = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: events.append(
+        ("hint", os.readlink(f"/proc/self/fd/{fd}"), offset, length)))
+    read_into = S.SafetensorsReader._read_into
+
+    def recorded(reader, out, offset):
+        events.append(("read", str(Path(reader.path).resolve()), reader._data_start + offset, out.numel() * out.element_size()))
+        return read_into(reader, out, offset)
+
+    monkeypatch.setattr(S.SafetensorsReader, "_read_into", recorded)
+    inputs = S._open_inputs("ties", paths[0], paths[1:], None, {})
+    try:
+        brackets = S._sampled_brackets(inputs, ["big", "small"], 40_300, 8_000, S._TaskVectors(), torch.float32, 0.01)
+    finally:
+        inputs.close()
+    assert len(brackets) == 2
+    kinds = [e[0] for e in events]
+    first_read = kinds.index("read")
+    assert "hint" not in kinds[first_read:] and first_read > 3  # every hint before the first read
+    hints = events[:first_read]
+    for _, path, offset, nbytes in events[first_read:]:
+        assert any(h[1] == path and h[2] <= offset and offset + nbytes <= h[2] + h[3] for h in hints), (path, offset)
+
+
 def test_writer_streams_a_valid_file_and_refuses_a_wrong_order(tmp_path):
     sd = {"b": torch.randn(3, 2), "a": torch.arange(5), "c": torch.randn(4).to(torch.bfloat16)}
     layout = {k: v.to("meta") for k, v in sd.items()}
