@@ -123,8 +123,12 @@ def predicted_components(track, config: B.BaselinesConfig, name: str, cost: dict
          cost["example"]),
         ("test evaluation", seeds * (2 + merged_rows) * test + test, "example", cost["example"]),  # θ0, experts, MT
     ]
-    if getattr(track, "has_batchnorm", False):  # each merge's statistics re-estimated on 1,024 inputs per task
-        rows.append(("BatchNorm re-estimation", seeds * len(B.METHODS) * T * 1024, "example", cost["example"]))
+    if track.head_kind == "few_shot":  # each task's probe on θ0's features of head_shots examples per class
+        shots = sum(min(track.head_shots * track.num_classes(t), len(track.split(t, "train"))) for t in track.tasks)
+        rows.append(("few-shot heads (θ0 features)", seeds * shots, "example", cost["example"]))
+    if getattr(track, "has_batchnorm", False):  # each merge's statistics re-estimated on batchnorm_examples per task
+        rows.append(("BatchNorm re-estimation", seeds * len(B.METHODS) * T * config.batchnorm_examples, "example",
+                     cost["example"]))
     return [{"track": name, "component": c, "count": n, "unit": u, "ms each": 1e3 * s, "minutes": n * s / 60}
             for c, n, u, s in rows]
 
