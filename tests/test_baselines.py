@@ -12,6 +12,7 @@ import torch
 
 from lib import merging
 from lib.experiments import baselines as B
+from lib.experiments import training
 from lib.experiments.config import notebook_config, notebook_defaults
 from lib.experiments.selection import Selection, TestSplitAccessed
 from lib.experiments.tracks import VisionTrack
@@ -95,8 +96,8 @@ def test_pipeline_end_to_end_and_selection_never_reads_test(monkeypatch):
     key = "layer1.0.bn1.running_var"
     mean = torch.stack([e.encoder[key] for e in setup.experts.values()]).mean(0)
     assert torch.allclose(ta.state[key], mean, atol=1e-6)
-    reestimated, reestimate = [], B.reestimate_batchnorm
-    monkeypatch.setattr(B, "reestimate_batchnorm",
+    reestimated, reestimate = [], training.reestimate_batchnorm
+    monkeypatch.setattr(training, "reestimate_batchnorm",
                         lambda *a, **k: reestimated.append(k["examples_per_split"]) or reestimate(*a, **k))
     table, outcomes = B.evaluate_methods(track, setup, merged, reestimate_bn=True, progress=False)
     assert reestimated == [40] * len(merged)  # the track's batchnorm_examples, for every merge

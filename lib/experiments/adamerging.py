@@ -96,7 +96,7 @@ from .findings import (Claim, Estimate, difference_of_estimates, findings_markdo
                        paired_difference, verdict)
 from .selection import ValidationOnly
 from .tracks import Track
-from .training import encode, reestimate_batchnorm, run_device_of
+from .training import encode, reestimate_on_training_data, run_device_of
 
 # ----------------------------------------------------------------------------- names and the paper
 TASK_WISE = "AdaMerging task-wise"
@@ -387,8 +387,7 @@ def adapt(ctx: TrackContext, variant: Variant, data=None, report_labels: bool = 
     with torch.no_grad():
         state = ctx.setup.complete(merging.merged_state(pre, taus, coefficients))
     if variant.batchnorm == "batch":  # adapted on batch statistics: evaluated with statistics that fit it
-        state = reestimate_batchnorm(ctx.encoder, state, [ctx.track.split(t, "train") for t in tasks],
-                                     examples_per_split=ctx.track.batchnorm_examples, seed=ctx.track.seed)
+        state = reestimate_on_training_data(ctx.encoder, state, ctx.track, tasks)
     steps = len(stored["seconds"])
     history = pd.DataFrame({"step": np.repeat(np.arange(steps), len(tasks)), "task": tasks * steps,
                             "entropy": stored["entropy"].reshape(-1).numpy(),
@@ -574,8 +573,7 @@ def collapse_study(ctx: TrackContext, evaluated: "Evaluated", merges: Mapping[st
     reestimated = None
     if has_batchnorm(ctx.encoder):
         adapted_state = evaluated.states[LAYER_WISE]
-        state = reestimate_batchnorm(ctx.encoder, adapted_state, [ctx.track.split(t, "train") for t in tasks],
-                                     examples_per_split=ctx.track.batchnorm_examples, seed=ctx.track.seed)
+        state = reestimate_on_training_data(ctx.encoder, adapted_state, ctx.track, tasks)
         features = encoder_features(ctx, state, tasks)
         profiles[BN_REESTIMATED] = {ctx.track.display_name(t): prediction_profile(features[t], ctx.setup.heads[t])
                                     for t in tasks}

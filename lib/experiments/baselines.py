@@ -38,7 +38,7 @@ from .findings import (Claim, Estimate, findings_markdown, held, mean_accuracy, 
 from .selection import Selection, select
 from .paper_tracks import CLIP_MICRO_BATCH, CLIP_RECIPE, GLUE_MAX_TEST, GLUE_RECIPE, ClipVisionTrack, GlueTextTrack
 from .tracks import TextTrack, Track, VisionTrack, scored_officially
-from .training import (Expert, FinetuneConfig, head_module, initial_heads, reestimate_batchnorm, run_device_of,
+from .training import (Expert, FinetuneConfig, head_module, initial_heads, reestimate_on_training_data, run_device_of,
                        train_experts, train_multitask)
 
 PRETRAINED = "Pretrained (θ0 + expert head)"
@@ -531,8 +531,7 @@ def evaluate_methods(track: Track, setup: Setup, merged: dict[str, MergeResult],
     for name, result in tqdm(merged.items(), desc=f"{track.name} evaluation", disable=not progress):
         add(name, "merge", evaluate(track, encoder, result.state, setup.heads, split=split))
         if reestimate_bn:
-            state = reestimate_batchnorm(encoder, result.state, [track.split(t, "train") for t in track.tasks],
-                                         examples_per_split=track.batchnorm_examples, seed=track.seed)
+            state = reestimate_on_training_data(encoder, result.state, track, track.tasks)
             add(name, "merge", evaluate(track, encoder, state, setup.heads, split=split), bn="re-estimated")
     table = pd.DataFrame(rows)
     value = score_column(table)

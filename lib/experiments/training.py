@@ -487,9 +487,17 @@ def train_multitask(track: Track, heads: dict, config: FinetuneConfig, progress:
 
 
 # ----------------------------------------------------------------------------- BatchNorm
+def reestimate_on_training_data(encoder: nn.Module, state: dict[str, torch.Tensor], track: Track,
+                                tasks: list[str]) -> dict[str, torch.Tensor]:
+    """``reestimate_batchnorm`` on ``tasks``' training splits, with the track's
+    ``batchnorm_examples`` per task and its seed: how every notebook re-estimates a merge."""
+    return reestimate_batchnorm(encoder, state, [track.split(t, "train") for t in tasks],
+                                examples_per_split=track.batchnorm_examples, seed=track.seed)
+
+
 @torch.no_grad()
 def reestimate_batchnorm(encoder: nn.Module, state: dict[str, torch.Tensor], splits: list[PreparedSplit],
-                         examples_per_split: int = 1024, batch_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+                         examples_per_split: int, batch_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
     """A copy of ``state`` whose BatchNorm running statistics are recomputed on unlabeled data
     (a shuffled sample of each split, pooled), as merged weights make the stored statistics stale."""
     model = copy.deepcopy(encoder)
