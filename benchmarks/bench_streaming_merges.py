@@ -14,8 +14,6 @@ in a fresh Python process so that no run inherits another's memory:
 - TIES's and DARE's fused loops (``load_fused_loops``): compiled by numba on a machine's first
   run (then cached on disk), and loaded by every process once (numba's import and the compiled
   code), which each merge's worker does before its clock starts.
-- DARE + TIES's floor: drawing its masks alone, twice, as it does, on as many threads
-  (``dare_draw_seconds``).
 - RegMean's floor: the floating-point operations of its products (float32) and solves (float64)
   (``regmean_flops``), each over this machine's matrix-product rate in that precision, measured
   in the run (``lib.experiments.cost.matmul_rate``): what no implementation of
@@ -199,31 +197,6 @@ def regmean_flops(shapes: dict[str, tuple[int, ...]], tasks: int) -> tuple[float
     return products, solves
 
 
-def dare_draw_seconds(shapes: dict[str, tuple[int, ...]], tasks: int, threads: int, repeats: int = 3) -> float:
-    """Seconds (fastest of ``repeats``) to draw DARE's masks once for every entry of ``tasks``
-    experts of ``shapes``, piece by piece as the streaming merges draw them
-    (``dare._keep_draws``), with ``threads`` threads drawing pieces at once as the merges'
-    workers do: the part of DARE's cost that its reproducible random stream sets, whatever an
-    implementation does besides. DARE + TIES draws them twice."""
-    from lib.merging.dare import _keep_draws
-    from lib.merging.streaming import _in_order, _pieces
-
-    torch.set_num_threads(threads)
-    pieces = [(key, task, offset, count) for key, shape in shapes.items() for task in range(tasks)
-              for offset, count in _pieces(math.prod(shape))]
-    def draw(piece: tuple[str, int, int, int]) -> None:
-        key, task, offset, count = piece
-        _keep_draws(count, 0.7, 0, task, key, offset)  # dropped: only their cost counts
-
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in _in_order(draw, pieces, threads):
-            pass
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def load_fused_loops() -> None:
     """Run TIES's and DARE's fused loops (``lib/merging/kernels.py``) once on a few entries:
     numba is imported and the compiled loops loaded from its cache on disk (compiled, the first
@@ -250,8 +223,6 @@ def worker(spec: dict) -> dict:
     paths = spec["paths"]
     if spec.get("matmul_rate"):
         return {name: matmul_rate(dtype=dtype) for name, dtype in (("float32", torch.float32), ("float64", torch.float64))}
-    if spec.get("dare_draws"):
-        return {"seconds": dare_draw_seconds(vit_shapes(*SIZES[spec["size"]]), spec["tasks"], spec["threads"])}
     if spec.get("load_loops"):
         return dict(zip(("seconds", "peak_mib"), measure(load_fused_loops)))
     if "method" in spec:
@@ -405,16 +376,6 @@ def main(argv: Sequence[str] | None = None):
                 rows.append(row(f"regmean's matrix products and solves alone ({rate['float32'] / 1e9:.0f} and "
                                 f"{rate['float64'] / 1e9:.0f} GFLOP/s in float32 and 64)", at_threads, at_threads,
                                 groups_read(method), floor(1)[1] if args.threads > 1 else None))
-                not_merges.add(rows[-1]["method"])
-            if method == "dare_ties":  # what drawing its masks (twice: ranking, merge) alone costs here
-                def draws(threads: int) -> dict:
-                    spent = run_worker({**base, "threads": threads, "dare_draws": True, "size": args.size,
-                                        "tasks": args.tasks})
-                    return {"seconds": 2 * spent["seconds"], "peak_mib": 0.0}
-
-                at_threads = draws(args.threads)
-                rows.append(row("dare_ties's mask draws alone (PCG64-DXSM, twice)", at_threads, at_threads,
-                                groups_read(method), draws(1) if args.threads > 1 else None))
                 not_merges.add(rows[-1]["method"])
         for r in rows:
             r["peak × model"] = r["peak MiB"] * 2**20 / model_bytes

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from lib import merging as M
 from lib.merging import _common
 from lib.merging import streaming as S
-from lib.merging.dare import _key_seed, dare_keep_mask
+from lib.merging import kernels
+from lib.merging.dare import _dare_mask, _key_words, dare_keep_mask
 from lib.merging.ties import KthLargest, sample_bracket
 from lib.merging.ties import _ties_thresholds as memory_thresholds
 
@@ -355,20 +356,32 @@ def test_streamed_ties_thresholds_equal_the_in_memory_ones(tmp_path, density, us
 # (TIES's and DARE's per-tensor arithmetic against plain masked forms: tests/test_kernels.py)
 
 
+def _lowbias32_by_hand(x: int) -> int:
+    """The hash of ``dare``'s docstring on a Python int, every step cut to 32 bits by hand."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3, 0.9])
 def test_dare_mask_follows_its_stated_rule_and_keeps_one_minus_p(drop_rate):
-    """The mask is the documented rule (the PCG64-DXSM stream of (seed, task, key), low 32 bits
-    of each raw draw first, kept where u >= round(p·2^32)), written here with shifts instead of
-    a view; a piece at any offset is that piece of the whole mask; it keeps 1 − p of the
-    entries, and each (task, key) draws its own mask."""
-    shape, n = (301, 7), 301 * 7  # odd: the last raw draw's high half is unused
-    raw = np.random.PCG64DXSM(_key_seed(3, 1, "layer.weight")).random_raw((n + 1) // 2)
-    draws = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[:n]
+    """The mask is the documented rule (entry i drawn as h(h(i ⊕ k0) ⊕ k1), kept where the draw
+    is >= round(p·2^32)), written here on Python ints; the fused loops draw the same numbers; a
+    piece at any offset is that piece of the whole mask; it keeps 1 − p of the entries, and
+    each (task, key) draws its own mask."""
+    shape, n = (301, 7), 301 * 7
+    k0, k1 = (int(k) for k in _key_words(3, 1, "layer.weight"))
+    draws = np.array([_lowbias32_by_hand(_lowbias32_by_hand(i ^ k0) ^ k1) for i in range(n)], dtype=np.uint64)
     expected = (draws >= round(drop_rate * 2**32)).reshape(shape)
     mask = dare_keep_mask(shape, drop_rate, 3, 1, "layer.weight")
     assert mask.dtype == torch.float32 and torch.equal(mask, torch.from_numpy(expected).float())
+    for offset in (0, 5, n - 9):  # the fused loops' own draws (kernels._draw), from any counter
+        assert np.array_equal(kernels.draws(_dare_mask(9, drop_rate, 3, 1, "layer.weight", offset), 9),
+                              draws[offset:offset + 9])
     flat = mask.reshape(-1)
-    for start, count in [(0, 5), (1, 6), (2, 1), (999, 1000), (n - 3, 3)]:  # even and odd offsets and ends
+    for start, count in [(0, 5), (1, 6), (2, 1), (999, 1000), (n - 3, 3)]:
         piece = dare_keep_mask((count,), drop_rate, 3, 1, "layer.weight", offset=start)
         assert torch.equal(piece, flat[start:start + count]), (start, count)
     big = dare_keep_mask((1000, 1000), drop_rate, 0, 0, "w")
@@ -377,6 +390,34 @@ def test_dare_mask_follows_its_stated_rule_and_keeps_one_minus_p(drop_rate):
         assert not torch.equal(big, dare_keep_mask((1000, 1000), drop_rate, 0, 1, "w"))
         assert not torch.equal(big, dare_keep_mask((1000, 1000), drop_rate, 0, 0, "v"))
     assert dare_keep_mask((4,), 1 - 1e-12, 0, 0, "w").shape == (4,)  # p·2^32 rounding up to 2^32 stays a uint32
+
+
+@pytest.mark.parametrize("drop_rate", [0.3, 0.7, 0.9])
+def test_dare_masks_look_like_independent_coin_flips(drop_rate):
+    """What a counter-based generator could get wrong, each within 5 standard errors of
+    independent Bernoulli(1 − p) draws: entries next to each other (i, i + 1), entries a row
+    apart (i, i + 1024: a weight's column), the kept fraction of each of 64 consecutive blocks,
+    and two tasks' masks of one key against each other. (A mask kept where i's own bits pass
+    the cutoff, or two tasks sharing one stream, fails every one.)"""
+    q, n = 1 - drop_rate, 2**22
+    mask = dare_keep_mask((n,), drop_rate, 0, 0, "layer.weight").bool().numpy()
+    other = dare_keep_mask((n,), drop_rate, 0, 1, "layer.weight").bool().numpy()
+
+    def close(observed: float, expected: float, count: int) -> bool:
+        return abs(observed - expected) < 5 * math.sqrt(expected * (1 - expected) / count)
+
+    assert close(mask.mean(), q, n)
+    for lag in (1, 1024):
+        assert close((mask[lag:] & mask[:-lag]).mean(), q * q, n - lag), lag
+    blocks = mask.reshape(64, -1).mean(axis=1)  # a slow drift along the counter
+    assert all(close(b, q, n // 64) for b in blocks)
+    assert close((mask & other).mean(), q * q, n)
+
+
+def test_dare_refuses_a_tensor_past_its_32_bit_counter():
+    with pytest.raises(ValueError, match="32 bits.*'huge'"):
+        _dare_mask(10, 0.5, 0, 0, "huge", offset=2**32 - 5)
+    _dare_mask(5, 0.5, 0, 0, "huge", offset=2**32 - 5)  # the last entry the counter numbers
 
 
 def test_finite_check_by_sum_catches_nan_and_inf_and_allows_overflowing_sums():

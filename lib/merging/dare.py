@@ -15,22 +15,26 @@ Deviations / conventions:
   a tensor's mask does not depend on which other keys are passed or in which order; the
   streaming merge (``lib.merging.streaming``), which sees one key at a time, draws the same
   masks through ``dare_tensor``.
-- The generator is numpy's PCG64-DXSM bit generator, read raw (``dare_keep_mask``): an entry
-  is kept where its 32-bit draw u satisfies u >= round(p·2^32), i.e. with probability 1 − p to
-  within 2^-33. Not torch's CPU generator: the raw stream and the comparison cost ~1.5 ns an
-  entry against ~3.7 for ``torch.rand``, which had made DARE's mask several times the cost of
-  reading the experts (issue 12's streaming benchmark), and the stream can jump ahead, so a
-  piece of a tensor gets its mask without drawing the rest. numpy keeps a bit generator's raw
-  stream fixed across versions (NEP 19), and the mask is drawn on the CPU whatever the
-  tensor's device, so a merge on a GPU draws the masks a CPU merge does (torch's CUDA
-  generator would not). Commits before this one drew from torch's CPU generator: their DARE
-  masks, and so their DARE numbers, differ.
+- The mask comes from a counter-based generator: entry i of the (seed, task, key)'s mask draws
+  the 32-bit u_i = h(h(i ⊕ k0) ⊕ k1), and is kept where u_i >= round(p·2^32), i.e. with
+  probability 1 − p to within 2^-33. (k0, k1) are two 32-bit words of a hash of (seed, task,
+  key), and h is the integer hash "lowbias32" (C. Wellons, hash-prospector: x ⊕= x ≫ 16,
+  x ·= 0x21f0aaad, x ⊕= x ≫ 15, x ·= 0x735a2d97, x ⊕= x ≫ 15, modulo 2^32). Why a counter: any
+  piece of a tensor gets its mask without drawing the rest, and the fused loops
+  (``kernels``) compute each entry's draw in registers, ~0.3 ns an entry, where reading a
+  stream (numpy's PCG64-DXSM, this module's generator up to commit 1d68888) cost ~1.5 ns and
+  was most of DARE's cost, twice for DARE + TIES (issue 12's streaming benchmark). The draws
+  are plain integer arithmetic, so they are the same on every machine and library version,
+  and the mask of a tensor on a GPU is the one a CPU draws. Masks drawn by earlier commits
+  differ (torch's CPU generator before that one), and so do their DARE numbers.
+  ``tests/test_streaming_merges.py`` checks the masks' statistics (the kept fraction, pairs
+  of neighbours and of far entries, tasks against each other).
 - Buffers (BatchNorm running statistics) are copied unchanged from each fine-tuned model:
   never dropped or rescaled. The merge that follows averages them.
-- On the CPU, ``dare_tensor`` is one fused loop over the raw draws (``kernels.dare_sparse``),
-  and DARE + TIES never forms the sparse tensors: ``SparseExpert`` hands TIES the draws, and
-  its loops apply the mask entry by entry. Both give the torch code's bits (tested). Drawing
-  the stream (~1 ns an entry) is then most of DARE's cost, twice for DARE + TIES (ranking, merge).
+- On the CPU, ``dare_tensor`` is one fused loop that draws and applies the mask entry by entry
+  (``kernels.dare_sparse``), and DARE + TIES never forms the sparse tensors: ``SparseExpert``
+  hands TIES the mask's words, and its loops draw and apply the mask entry by entry. Both give the torch code's
+  bits (tested).
 """
 from __future__ import annotations
 
@@ -51,10 +55,35 @@ if TYPE_CHECKING:
 # -------------------------------------------------------------------------------- DARE
 
 
-def _key_seed(seed: int, task: int, key: str) -> int:
-    """A seed for one (task, tensor): masks do not depend on which other keys are passed."""
+def _key_words(seed: int, task: int, key: str) -> tuple[np.uint32, np.uint32]:
+    """The two 32-bit words (k0, k1) that key one (seed, task, tensor)'s mask: masks do not
+    depend on which other keys are passed."""
     digest = hashlib.sha256(f"{seed}:{task}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return np.uint32(int.from_bytes(digest[:4], "little")), np.uint32(int.from_bytes(digest[4:8], "little"))
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    """The integer hash h of the module docstring, on uint32 arrays (in place; products wrap
+    modulo 2^32). ``kernels._lowbias32`` is the same per entry (tested)."""
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x21F0AAAD)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x735A2D97)
+    x ^= x >> np.uint32(15)
+    return x
+
+
+MAX_MASKED = 2**32  # the counter i is 32 bits: a tensor of more entries (16 GiB in float32) has no mask
+
+
+def _cutoff(drop_rate: float) -> np.uint32:
+    return np.uint32(min(round(drop_rate * 2**32), 2**32 - 1))  # p < 1, but p·2^32 may round up to 2^32
+
+
+def _check_counter(numel: int, offset: int, key: str) -> None:
+    if offset + numel > MAX_MASKED:
+        raise ValueError(f"DARE's mask numbers a tensor's entries with 32 bits; {key!r} would need entry "
+                         f"{offset + numel - 1}, past 2^32 - 1. Split the tensor to merge it with DARE.")
 
 
 @torch.no_grad()
@@ -87,34 +116,34 @@ def dare(
 
 def _keep_draws(numel: int, drop_rate: float, seed: int, task: int, key: str,
                 offset: int = 0) -> tuple[np.ndarray, np.uint32]:
-    """(draws, cutoff): the raw 32-bit draws behind entries offset, offset + 1, ... (``numel``
+    """(draws, cutoff): the 32-bit draws u_i of entries i = offset, offset + 1, ... (``numel``
     of them) of one (seed, task, key)'s keep mask, and the cutoff they are kept at or above
-    (see ``dare_keep_mask``)."""
-    stream = np.random.PCG64DXSM(_key_seed(seed, task, key))
-    stream.advance(offset // 2)
-    skip = offset % 2
-    draws = stream.random_raw((skip + numel + 1) // 2).view(np.uint32)[skip:skip + numel]
-    cutoff = np.uint32(min(round(drop_rate * 2**32), 2**32 - 1))  # p < 1, but p·2^32 may round up to 2^32
-    return draws, cutoff
+    (see the module docstring)."""
+    _check_counter(numel, offset, key)
+    k0, k1 = _key_words(seed, task, key)
+    draws = np.arange(offset, offset + numel, dtype=np.uint32)
+    draws ^= k0
+    draws = _lowbias32(draws)
+    draws ^= k1
+    return _lowbias32(draws), _cutoff(drop_rate)
 
 
 def _dare_mask(numel: int, drop_rate: float, seed: int, task: int, key: str, offset: int = 0) -> DareMask:
-    """The mask of ``dare_keep_mask`` as the fused loops take it: the raw draws, the cutoff,
-    and the divisor 1 − p."""
+    """The mask of ``dare_keep_mask`` as the fused loops take it, to be drawn entry by entry
+    as they go: the key's words, the first entry's counter, the cutoff, and the divisor 1 − p."""
     from .kernels import DareMask  # here, not at the top: numba loads only where a fused loop runs
 
-    return DareMask(*_keep_draws(numel, drop_rate, seed, task, key, offset), 1.0 - drop_rate)
+    _check_counter(numel, offset, key)
+    return DareMask(*_key_words(seed, task, key), np.uint32(offset), _cutoff(drop_rate), 1.0 - drop_rate)
 
 
 def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task: int, key: str,
                    offset: int = 0) -> torch.Tensor:
     """The keep mask m ~ Bernoulli(1 − p) of one (seed, task, key), as float32 1 (kept) and
-    0 (dropped) of ``shape``: entry i of the flattened tensor is kept where the i-th 32-bit
-    draw of the PCG64-DXSM stream seeded by (seed, task, key) is at least round(p·2^32) (the
-    low half of each raw 64-bit draw first: a little-endian machine's order, which every CPU
-    torch supports has). ``offset``: the mask of entries offset, offset + 1, ... of the key,
-    the same bits the whole key's mask has there (the stream jumps ahead, ``advance``), so a
-    merge can work through a large tensor piece by piece."""
+    0 (dropped) of ``shape``: entry i of the flattened tensor is kept where its draw
+    u_i = h(h(i ⊕ k0) ⊕ k1) is at least round(p·2^32) (the module docstring). ``offset``: the
+    mask of entries offset, offset + 1, ... of the key, the same bits the whole key's mask has
+    there, so a merge can work through a large tensor piece by piece."""
     n = math.prod(shape)
     draws, cutoff = _keep_draws(n, drop_rate, seed, task, key, offset)
     keep = np.empty(n, dtype=np.float32)

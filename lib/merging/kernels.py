@@ -85,19 +85,56 @@ def _each_block(blocks: list[tuple[int, int]], run) -> list:
 
 
 class DareMask(NamedTuple):
-    """DARE's mask for a run of entries, not yet applied: keep entry i where draws[i] >= cutoff
-    (``dare._keep_draws``), and divide the kept τ by ``divisor`` = 1 − p."""
+    """DARE's mask for a run of entries, drawn as a loop goes (``dare``'s module docstring):
+    entry i of the run has the counter ``start`` + i and the draw u = h(h(counter ⊕ k0) ⊕ k1);
+    it is kept where u >= cutoff, and the kept τ divided by ``divisor`` = 1 − p."""
 
-    draws: np.ndarray
+    k0: np.uint32
+    k1: np.uint32
+    start: np.uint32
     cutoff: np.uint32
     divisor: float
 
 
-_NO_DRAWS = np.empty(0, dtype=np.uint32)
+_NO_MASK = DareMask(np.uint32(0), np.uint32(0), np.uint32(0), np.uint32(0), 1.0)
+
+
+@njit(inline="always")
+def _lowbias32(x):
+    # numba widens uint32 arithmetic to 64 bits: each step is cut back to 32 (products modulo 2^32)
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x21F0AAAD))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x735A2D97))
+    return np.uint32(x ^ (x >> np.uint32(15)))
+
+
+@njit(inline="always")
+def _draw(start, i, k0, k1):
+    """Entry i's draw of a run whose first counter is ``start`` (``dare._keep_draws``)."""
+    return _lowbias32(np.uint32(_lowbias32(np.uint32(np.uint32(start + i) ^ k0)) ^ k1))
+
+
+@njit(cache=True, nogil=True)
+def _draws(start, k0, k1, out):
+    for i in range(out.size):
+        out[i] = _draw(start, i, k0, k1)
+
+
+def _block_start(mask: DareMask, offset: int) -> np.uint32:
+    """The counter of a run's entry ``offset`` (where a block of it starts)."""
+    return np.uint32(int(mask.start) + offset)
+
+
+def draws(mask: DareMask, count: int) -> np.ndarray:
+    """The draws of a run's first ``count`` entries, as the loops compute them (for tests)."""
+    out = np.empty(count, dtype=np.uint32)
+    _draws(mask.start, mask.k0, mask.k1, out)
+    return out
 
 
 # ------------------------------------------------------------------------------ DARE
-# ``dare.dare_tensor``: θ0 + m ⊙ τ / (1 − p), with m read from the raw 32-bit draws.
+# ``dare.dare_tensor``: θ0 + m ⊙ τ / (1 − p), with m drawn entry by entry (``_draw``).
 
 
 @njit(inline="always")
@@ -109,20 +146,20 @@ def _sparse(theta0, expert, draw, cutoff, divisor, zero, one):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _dare_sparse(theta0, expert, draws, cutoff, divisor, out):
+def _dare_sparse(theta0, expert, start, k0, k1, cutoff, divisor, out):
     zero, one = theta0.dtype.type(0), theta0.dtype.type(1)
     for i in range(theta0.size):
-        out[i] = _sparse(theta0[i], expert[i], draws[i], cutoff, divisor, zero, one)
+        out[i] = _sparse(theta0[i], expert[i], _draw(start, i, k0, k1), cutoff, divisor, zero, one)
 
 
 def dare_sparse(theta0: torch.Tensor, expert: torch.Tensor, mask: DareMask) -> torch.Tensor:
-    """θ0 + keep·(expert − θ0)/divisor + 0, keep = 1 where draws >= cutoff, else 0 (a new
+    """θ0 + keep·(expert − θ0)/divisor + 0, keep = 1 where the draw >= cutoff, else 0 (a new
     tensor): ``dare.dare_tensor``."""
     out = torch.empty_like(theta0)
     a, x, o = _flat(theta0), _flat(expert), _flat(out)
     divisor = a.dtype.type(mask.divisor)
-    _each_block(_blocks(a.size), lambda s, e: _dare_sparse(a[s:e], x[s:e], mask.draws[s:e], mask.cutoff, divisor,
-                                                          o[s:e]))
+    _each_block(_blocks(a.size), lambda s, e: _dare_sparse(
+        a[s:e], x[s:e], _block_start(mask, s), mask.k0, mask.k1, mask.cutoff, divisor, o[s:e]))
     return out
 
 
@@ -133,13 +170,14 @@ def dare_sparse(theta0: torch.Tensor, expert: torch.Tensor, mask: DareMask) -> t
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _ties_fold(theta0, expert, cut, pos_sum, neg_sum, pos_count, neg_count, count, dare, draws, cutoff, divisor):
+def _ties_fold(theta0, expert, cut, pos_sum, neg_sum, pos_count, neg_count, count, dare, start, k0, k1, cutoff,
+               divisor):
     zero, one = theta0.dtype.type(0), theta0.dtype.type(1)
     not_finite = 0
     for i in range(theta0.size):
         x = expert[i]
         if dare:
-            x = _sparse(theta0[i], x, draws[i], cutoff, divisor, zero, one)
+            x = _sparse(theta0[i], x, _draw(start, i, k0, k1), cutoff, divisor, zero, one)
             not_finite += not math.isfinite(x)
         tau = x - theta0[i]
         up, down = tau > cut, -tau > cut  # |τ| >= threshold, the sign split out
@@ -164,13 +202,13 @@ def ties_fold(theta0: torch.Tensor, expert: torch.Tensor, cut: float, pos_sum: t
     a, x, ps, ns = _flat(theta0), _flat(expert), _flat(pos_sum), _flat(neg_sum)
     count = pos_count is not None
     pc, nc = (_flat(pos_count), _flat(neg_count)) if count else (a[:0], a[:0])
-    draws, cutoff, divisor = dare if dare is not None else (_NO_DRAWS, np.uint32(0), 1.0)
-    cut, divisor = a.dtype.type(cut), a.dtype.type(divisor)
+    mask = _NO_MASK if dare is None else dare
+    cut, divisor = a.dtype.type(cut), a.dtype.type(mask.divisor)
 
-    # (an empty array sliced stays empty: the counts and draws that are absent need no case)
+    # (an empty array sliced stays empty: the counts that are absent need no case)
     return sum(_each_block(_blocks(a.size), lambda s, e: _ties_fold(
-        a[s:e], x[s:e], cut, ps[s:e], ns[s:e], pc[s:e], nc[s:e], count, dare is not None, draws[s:e], cutoff,
-        divisor)))
+        a[s:e], x[s:e], cut, ps[s:e], ns[s:e], pc[s:e], nc[s:e], count, dare is not None, _block_start(mask, s),
+        mask.k0, mask.k1, mask.cutoff, divisor)))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -202,13 +240,13 @@ def ties_finish(theta0: torch.Tensor, pos_sum: torch.Tensor, neg_sum: torch.Tens
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _magnitudes_between(theta0, expert, low, high, out, dare, draws, cutoff, divisor):
+def _magnitudes_between(theta0, expert, low, high, out, dare, start, k0, k1, cutoff, divisor):
     zero, one = theta0.dtype.type(0), theta0.dtype.type(1)
     above = 0
     for i in range(theta0.size):  # every magnitude, into out: a loop the compiler vectorises
         x = expert[i]
         if dare:
-            x = _sparse(theta0[i], x, draws[i], cutoff, divisor, zero, one)
+            x = _sparse(theta0[i], x, _draw(start, i, k0, k1), cutoff, divisor, zero, one)
         magnitude = abs(x - theta0[i])
         out[i] = magnitude
         above += magnitude >= high
@@ -231,11 +269,12 @@ def magnitudes_between(theta0: torch.Tensor, expert: torch.Tensor, low: float, h
     a, x = _flat(theta0), _flat(expert)
     if out.size < a.size:
         raise ValueError(f"out has {out.size} entries; the loop may write all {a.size} entries of θ0.")
-    draws, cutoff, divisor = dare if dare is not None else (_NO_DRAWS, np.uint32(0), 1.0)
-    low, high, divisor = a.dtype.type(low), a.dtype.type(high), a.dtype.type(divisor)
+    mask = _NO_MASK if dare is None else dare
+    low, high, divisor = a.dtype.type(low), a.dtype.type(high), a.dtype.type(mask.divisor)
     blocks = _blocks(a.size)
     counts = _each_block(blocks, lambda s, e: _magnitudes_between(
-        a[s:e], x[s:e], low, high, out[s:e], dare is not None, draws[s:e], cutoff, divisor))
+        a[s:e], x[s:e], low, high, out[s:e], dare is not None, _block_start(mask, s), mask.k0, mask.k1, mask.cutoff,
+        divisor))
     above = sum(c[0] for c in counts)
     if len(blocks) == 1:
         return above, out[:counts[0][1]]

@@ -50,9 +50,9 @@ running sums stay in the CPU's caches. TIES's and DARE's chains of operations pe
 as one fused loop each on the CPU (``kernels``, numba): about 1 ns per entry and task for
 TIES's threshold pass and again for its merge pass, where torch's one pass per operation
 cost 3. What remains: RegMean does T − 1 products (in×in)·(in×out) and a solve per layer, far
-longer on a CPU than reading the Grams; DARE draws a random number per entry
-(``dare.dare_keep_mask``, the stream that makes its result reproducible, 1-2 ns an entry),
-twice for DARE + TIES; TIES reads twice. While a merge computes on one key, the files' next
+longer on a CPU than reading the Grams; DARE draws a random number per entry, inside the
+fused loops (a counter-based hash, ``dare``: ~0.3 ns an entry), twice for DARE + TIES;
+TIES reads twice. While a merge computes on one key, the files' next
 key is already being read from the disk (``_Inputs.keys_ahead``: the operating system's
 read-ahead, asked for with ``posix_fadvise``).
 
