@@ -222,7 +222,8 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     paths = spec["paths"]
     if spec.get("matmul_rate"):
-        return {name: matmul_rate(dtype=dtype) for name, dtype in (("float32", torch.float32), ("float64", torch.float64))}
+        return {name: matmul_rate(dtype=dtype, device=spec["device"])
+                for name, dtype in (("float32", torch.float32), ("float64", torch.float64))}
     if spec.get("load_loops"):
         return dict(zip(("seconds", "peak_mib"), measure(load_fused_loops)))
     if "method" in spec:
@@ -240,8 +241,9 @@ def worker(spec: dict) -> dict:
         method = spec["method"]
         stats = {"fisher": paths["fisher"]} if method == "fisher" else (
             {"gram": paths["gram"], "gram_counts": paths["gram_counts"]} if method == "regmean" else None)
+        on = {"device": spec["device"]} if method in ("fisher", "regmean") else {}  # the others run on the CPU
         fn = lambda: merge_to_file(method, paths["pretrained"], paths["finetuned"], spec["out"], stats,  # noqa: E731
-                                   **METHODS[method])
+                                   **on, **METHODS[method])
     runs = []
     for _ in range(spec["repeats"]):
         if "out" in spec:  # a merge writes a new file: replacing the last run's would add unlinking it (~0.2 s)
@@ -296,6 +298,9 @@ def main(argv: Sequence[str] | None = None):
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads of the merges (torch's, and the streaming merges' workers) and of the reads; by "
                              "default every core, as a user's merge runs (one thread is measured besides, cached)")
+    parser.add_argument("--device", default="cpu",
+                        help='where Fisher\'s and RegMean\'s arithmetic runs (stream_merge(..., device=)), e.g. "cuda"; '
+                             "the other merges run on the CPU, bound by reading")
     parser.add_argument("--dir", help="folder for the files (default: a temporary folder, removed afterwards)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                         help="compare every streamed merge with the in-memory method (default: only --size small)")
@@ -317,7 +322,7 @@ def main(argv: Sequence[str] | None = None):
         print(f"{args.tasks} experts of {args.size} size ({n_params / 1e6:.1f}M parameters, "
               f"{model_bytes / 2**20:.0f} MiB each), written in {time.perf_counter() - writing:.0f} s; "
               f"{args.threads} thread(s); every measurement from the page cache, then from the disk")
-        base = {"paths": paths, "threads": args.threads, "repeats": args.repeats,
+        base = {"paths": paths, "threads": args.threads, "repeats": args.repeats, "device": args.device,
                 "numba_cache": str(folder / "numba-cache")}
         read_inputs([paths["pretrained"], *paths["finetuned"], *paths["fisher"], *paths["gram"]])  # into the page cache
         groups = file_groups(paths)
@@ -398,7 +403,9 @@ def main(argv: Sequence[str] | None = None):
                   f"Streaming merges of {what} from safetensors files, on {args.threads} thread(s) (and, in the first "
                   "column, on one); × read = seconds / seconds to read the method's input files once (the faster of "
                   f"a read on one thread and on {args.threads}), both from the page cache (cached) and with the inputs "
-                  "first dropped from it (disk); peak = growth of the resident set (the larger of the two runs).")
+                  "first dropped from it (disk); peak = growth of the resident set (the larger of the two runs)."
+                  + ("" if args.device == "cpu" else f" Fisher's and RegMean's arithmetic, and the matrix rates of "
+                     f"RegMean's floor, on {args.device}; peak counts the CPU's memory only."))
         run.finish()
     return table
 

@@ -716,6 +716,34 @@ def test_a_nan_names_the_file_and_key_and_leaves_no_output(tmp_path):
             assert not out.exists() and not _merge_threads()
 
 
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_fisher_and_regmean_compute_on_the_device_asked_for(files, monkeypatch, method):
+    """``device`` sends each key's tensors to that device for the arithmetic, and the merged
+    tensor comes back to the CPU. No GPU here: "meta" stands in (its tensors have shapes, no
+    values), with the per-key merge replaced by one that records where its inputs are; on
+    the CPU, asking for it changes no bit."""
+    paths, memory = files
+    stats = file_stats(method, paths, {})
+    expected = M.REGISTRY[method](None, memory["finetuned"], memory["stats"])
+    with S.stream_merge(method, None, paths["finetuned"], stats, device="cpu") as merged:
+        assert_same_bits(dict(merged), expected)
+    devices = []
+    name = "_fisher" if method == "fisher" else "regmean_weight"
+
+    def where_its_inputs_are(weights, statistic, *rest):
+        weights, statistic = list(weights), list(statistic)
+        devices.append({t.device.type for t in weights + statistic})
+        return torch.zeros(weights[0].shape, dtype=weights[0].dtype)
+
+    monkeypatch.setattr(S, name, where_its_inputs_are)
+    with S.stream_merge(method, None, paths["finetuned"], stats, device="meta") as merged:
+        out = dict(merged)
+    assert devices and all(d == {"meta"} for d in devices)  # every key with a statistic went there
+    assert all(t.device.type == "cpu" for t in out.values())
+    with pytest.raises(ValueError, match="only \\['fisher', 'regmean'\\] run on another device"):
+        S.stream_merge("ties", paths["pretrained"], paths["finetuned"], scale=0.3, device="cuda")
+
+
 def test_arguments_are_checked_like_the_registry(files):
     paths, _ = files
     p0, ft = paths["pretrained"], paths["finetuned"]

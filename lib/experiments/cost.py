@@ -80,22 +80,29 @@ def measure(fn: Callable[[], object]) -> tuple[float, float]:
     return seconds, peak_mib
 
 
-def matmul_rate(size: int = 2048, seconds: float = 1.0, dtype=None) -> float:
+def matmul_rate(size: int = 2048, seconds: float = 1.0, dtype=None, device="cpu") -> float:
     """Sustained matrix-multiply rate of this machine in ``dtype`` (float32 by default), FLOP/s,
-    with torch's current number of threads: ``size × size`` products repeated for about
-    ``seconds`` after a warm-up. No method built on matrix products runs faster than this, which
-    makes it the ceiling against which a measured speed-up can be judged (a roofline)."""
+    on ``device`` (the CPU with torch's current number of threads by default): ``size × size``
+    products repeated for about ``seconds`` after a warm-up. No method built on matrix products
+    runs faster than this, which makes it the ceiling against which a measured speed-up can be
+    judged (a roofline)."""
     import torch
 
-    dtype = dtype or torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    out = torch.empty(size, size, dtype=dtype)
+    dtype, device = dtype or torch.float32, torch.device(device)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    out = torch.empty(size, size, dtype=dtype, device=device)
+    # a GPU runs the products after they are asked for: wait for them before reading the clock
+    wait = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         torch.mm(a, b, out=out)
+    wait()
     reps, start = 0, time.perf_counter()
     while reps < 3 or time.perf_counter() - start < seconds:
         torch.mm(a, b, out=out)
         reps += 1
+        if reps % 8 == 0:
+            wait()
+    wait()
     return 2 * size**3 * reps / (time.perf_counter() - start)
 
 

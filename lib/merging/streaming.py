@@ -326,6 +326,7 @@ class _Inputs:
     gram: list[SafetensorsReader] | None = None
     gram_counts: Sequence[Mapping[str, int]] | None = None
     workers: int = 1  # threads computing pieces (``_in_order``)
+    device: torch.device = torch.device("cpu")  # where Fisher's and RegMean's per-key arithmetic runs
 
     def readers(self) -> list[SafetensorsReader]:
         everything = [self.pretrained, *self.finetuned, *(self.fisher or []), *(self.gram or [])]
@@ -368,6 +369,12 @@ def _expert_tensors(inputs: _Inputs, key: str, piece: tuple[int, int] | None = N
     """The experts' tensors of ``key`` (or their ``piece``), read one at a time as the consumer
     asks for them."""
     return (_load_checked(r, key, f"finetuned[{t}]", piece) for t, r in enumerate(inputs.finetuned))
+
+
+def _on_device(tensors: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """``tensors`` moved to ``device`` one at a time, as the consumer asks for them (``map``:
+    unlike a generator's frame, it keeps no reference to the tensor it last handed out)."""
+    return map(lambda x: x.to(device), tensors)
 
 
 # Element-wise merges (averaging, Task Arithmetic, TIES, DARE) work through a key PIECE entries
@@ -454,7 +461,7 @@ def _fisher(finetuned: Iterable[torch.Tensor], fishers: Iterable[torch.Tensor], 
     for t, x, f in in_step(finetuned, fishers):
         if num is None:
             out_dtype, dtype = x.dtype, _work_dtype(x.dtype)
-            num = torch.zeros(x.shape, dtype=dtype)
+            num = torch.zeros(x.shape, dtype=dtype, device=x.device)
             den = torch.zeros_like(num)
             avg = _work(x) * average_weights[0]
         else:
@@ -770,7 +777,8 @@ def _stream_fisher(inputs: _Inputs, hyper):
     for k in inputs.keys_ahead(ref.keys):
         if k in with_fisher:
             fishers = (_load_checked(f, k, f"fishers[{t}]") for t, f in enumerate(inputs.fisher))
-            yield k, _fisher(_expert_tensors(inputs, k), fishers, weights, average_weights, eps)
+            yield k, _fisher(_on_device(_expert_tensors(inputs, k), inputs.device),
+                             _on_device(fishers, inputs.device), weights, average_weights, eps).cpu()
         elif k in floats:
             yield k, _average(_expert_tensors(inputs, k), average_weights)
         else:
@@ -789,7 +797,8 @@ def _stream_regmean(inputs: _Inputs, hyper):
             counts = None if inputs.gram_counts is None else [
                 _row_count(c, t, k) for t, c in enumerate(inputs.gram_counts)]
             grams = (_load_checked(g, k, f"grams[{t}]") for t, g in enumerate(inputs.gram))
-            yield k, regmean_weight(_expert_tensors(inputs, k), grams, counts, alpha, ridge, k)
+            yield k, regmean_weight(_on_device(_expert_tensors(inputs, k), inputs.device),
+                                    _on_device(grams, inputs.device), counts, alpha, ridge, k).cpu()
         elif k in floats:
             yield k, _average(_expert_tensors(inputs, k), weights)
         else:
@@ -810,6 +819,7 @@ _STREAMS = {"weight_average": _stream_weight_average, "task_arithmetic": _stream
             "ties": _stream_ties, "dare_ta": _stream_dare_ta, "dare_ties": _stream_dare_ties,
             "fisher": _stream_fisher, "regmean": _stream_regmean}
 _USES_THETA0 = {"task_arithmetic", "ties", "dare_ta", "dare_ties"}
+_ON_DEVICE = ("fisher", "regmean")  # key-at-a-time arithmetic, which ``device`` may move
 
 
 # ------------------------------------------------------------------- checks, public API
@@ -925,7 +935,7 @@ class MergeStream:
 
 def stream_merge(method: str, pretrained: PathLike | None, finetuned: Sequence[PathLike],
                  stats: Mapping[str, Sequence] | None = None, *, workers: int | None = None,
-                 **hyper) -> MergeStream:
+                 device: str | torch.device | None = None, **hyper) -> MergeStream:
     """``REGISTRY[method]``'s merge of the models in these safetensors files, key by key.
 
     ``pretrained`` is θ0's file (Task Arithmetic, TIES and DARE read it; the others ignore it,
@@ -937,13 +947,22 @@ def stream_merge(method: str, pretrained: PathLike | None, finetuned: Sequence[P
     bit. TIES and DARE + TIES first read the inputs to find each task's trim threshold.
     ``workers``: threads that read and merge pieces of the keys at once (default: torch's
     thread count, ``torch.get_num_threads()``); the result does not depend on it.
+    ``device`` (Fisher and RegMean only, default the CPU): where their per-key arithmetic runs,
+    e.g. "cuda": each key's tensors are read on the CPU, moved there, merged, and the merged
+    tensor comes back to the CPU. RegMean's products and solves are what a GPU speeds up; the
+    other merges are bound by reading and stay on the CPU. The result is then the registry's
+    on state dicts on that device (the same operations; tested on the CPU only).
     """
     workers = torch.get_num_threads() if workers is None else workers
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}.")
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cpu" and method not in _ON_DEVICE:
+        raise ValueError(f"device={str(device)!r}: only {list(_ON_DEVICE)} run on another device; {method} is "
+                         "bound by reading its files and runs on the CPU (leave device unset).")
     hyper = _hyper(method, dict(hyper))
     inputs = _open_inputs(method, pretrained, list(finetuned), stats, hyper)
-    inputs.workers = workers
+    inputs.workers, inputs.device = workers, device
     ref = inputs.pretrained if method in _USES_THETA0 else inputs.finetuned[0]
     try:
         if hyper.get("buffers") is not None:
@@ -965,10 +984,10 @@ def stream_merge(method: str, pretrained: PathLike | None, finetuned: Sequence[P
 
 def merge_to_file(method: str, pretrained: PathLike | None, finetuned: Sequence[PathLike], out: PathLike,
                   stats: Mapping[str, Sequence] | None = None, *, metadata: Mapping[str, str] | None = None,
-                  workers: int | None = None, **hyper) -> Path:
+                  workers: int | None = None, device: str | torch.device | None = None, **hyper) -> Path:
     """``stream_merge(...)`` written to the safetensors file ``out`` as it is computed (no
     more than one merged tensor held); ``out`` appears only once the merge has finished."""
-    with stream_merge(method, pretrained, finetuned, stats, workers=workers, **hyper) as merged:
+    with stream_merge(method, pretrained, finetuned, stats, workers=workers, device=device, **hyper) as merged:
         return write_safetensors(out, merged, merged.layout, metadata)
 
 
