@@ -18,8 +18,9 @@ Deviations / conventions:
 - The mask comes from a counter-based generator: entry i of the (seed, task, key)'s mask draws
   the 32-bit u_i = h(h(i ⊕ k0) ⊕ k1), and is kept where u_i >= round(p·2^32), i.e. with
   probability 1 − p to within 2^-33. (k0, k1) are two 32-bit words of a hash of (seed, task,
-  key), and h is the integer hash "lowbias32" (C. Wellons, hash-prospector: x ⊕= x ≫ 16,
-  x ·= 0x21f0aaad, x ⊕= x ≫ 15, x ·= 0x735a2d97, x ⊕= x ≫ 15, modulo 2^32). Why a counter: any
+  key), and h is a 32-bit integer hash of the "lowbias32" form (x ⊕= x ≫ 16, x ·= 0x21f0aaad,
+  x ⊕= x ≫ 15, x ·= 0x735a2d97, x ⊕= x ≫ 15, modulo 2^32: the constants TheIronBorn found for
+  C. Wellons's hash-prospector, among its lowest-bias two-multiply hashes). Why a counter: any
   piece of a tensor gets its mask without drawing the rest, and the fused loops
   (``kernels``) compute each entry's draw in registers, ~0.3 ns an entry, where reading a
   stream (numpy's PCG64-DXSM, this module's generator up to commit 1d68888) cost ~1.5 ns and
