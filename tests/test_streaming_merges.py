@@ -2,6 +2,7 @@
 from safetensors files read one key at a time; TIES's exact threshold search; memory."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -412,6 +413,28 @@ def test_dare_masks_look_like_independent_coin_flips(drop_rate):
     blocks = mask.reshape(64, -1).mean(axis=1)  # a slow drift along the counter
     assert all(close(b, q, n // 64) for b in blocks)
     assert close((mask & other).mean(), q * q, n)
+
+
+def test_dare_mask_off_the_cpu_is_drawn_there_with_the_same_bits(monkeypatch):
+    """Where the fused loops cannot run (a GPU, bfloat16), the mask is hashed with torch's
+    operations on the tensor's device: the same 32-bit draws as the numpy reference, up to the
+    counter's last value (products near 2^64 would overflow int64; the split ones do not). No
+    GPU here: the torch code runs on the CPU for the bits, and on "meta" for where it runs."""
+    D = importlib.import_module("lib.merging.dare")  # the module: lib.merging.dare is also a function
+
+    for offset, count in [(0, 5000), (123457, 4096), (2**32 - 4096, 4096)]:
+        numpy_draws, cutoff = D._keep_draws(count, 0.7, 3, 1, "layer.weight", offset)
+        torch_draws, torch_cutoff = D._keep_draws_on(torch.device("cpu"), count, 0.7, 3, 1, "layer.weight", offset)
+        assert torch_draws.dtype == torch.int64 and cutoff == torch_cutoff
+        assert np.array_equal(torch_draws.numpy(), numpy_draws.astype(np.int64)), offset
+
+    def no_cpu_draws(*args, **kwargs):
+        raise AssertionError("the mask of a tensor off the CPU was drawn on the CPU")
+
+    monkeypatch.setattr(D, "_keep_draws", no_cpu_draws)
+    theta0 = torch.zeros(6, 5, device="meta")
+    assert D.dare_keep_mask((6, 5), 0.5, 0, 0, "w", device="meta").device.type == "meta"
+    assert D.dare_tensor(theta0, theta0, 0.5, 0, 0, "w").device.type == "meta"
 
 
 def test_dare_refuses_a_tensor_past_its_32_bit_counter():

@@ -26,8 +26,9 @@ Deviations / conventions:
   stream (numpy's PCG64-DXSM, this module's generator up to commit 1d68888) cost ~1.5 ns and
   was most of DARE's cost, twice for DARE + TIES (issue 12's streaming benchmark). The draws
   are plain integer arithmetic, so they are the same on every machine and library version,
-  and the mask of a tensor on a GPU is the one a CPU draws. Masks drawn by earlier commits
-  differ (torch's CPU generator before that one), and so do their DARE numbers.
+  and the mask of a tensor on a GPU, drawn there with torch's operations (``_keep_draws_on``),
+  is the one a CPU draws. Masks drawn by earlier commits differ (torch's CPU generator before
+  the PCG64-DXSM stream), and so do their DARE numbers.
   ``tests/test_streaming_merges.py`` checks the masks' statistics (the kept fraction, pairs
   of neighbours and of far entries, tasks against each other).
 - Buffers (BatchNorm running statistics) are copied unchanged from each fine-tuned model:
@@ -139,17 +140,52 @@ def _dare_mask(numel: int, drop_rate: float, seed: int, task: int, key: str, off
 
 
 def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task: int, key: str,
-                   offset: int = 0) -> torch.Tensor:
+                   offset: int = 0, device: str | torch.device | None = None) -> torch.Tensor:
     """The keep mask m ~ Bernoulli(1 − p) of one (seed, task, key), as float32 1 (kept) and
     0 (dropped) of ``shape``: entry i of the flattened tensor is kept where its draw
     u_i = h(h(i ⊕ k0) ⊕ k1) is at least round(p·2^32) (the module docstring). ``offset``: the
     mask of entries offset, offset + 1, ... of the key, the same bits the whole key's mask has
-    there, so a merge can work through a large tensor piece by piece."""
+    there, so a merge can work through a large tensor piece by piece. ``device``: where it is
+    drawn and returned (the CPU by default); the same bits on every device."""
     n = math.prod(shape)
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cpu":
+        draws, cutoff = _keep_draws_on(device, n, drop_rate, seed, task, key, offset)
+        return (draws >= int(cutoff)).to(torch.float32).reshape(tuple(shape))
     draws, cutoff = _keep_draws(n, drop_rate, seed, task, key, offset)
     keep = np.empty(n, dtype=np.float32)
     np.greater_equal(draws, cutoff, out=keep, casting="unsafe")  # compared straight into floats: one pass
     return torch.from_numpy(keep).reshape(tuple(shape))
+
+
+def _keep_draws_on(device: torch.device, numel: int, drop_rate: float, seed: int, task: int, key: str,
+                   offset: int = 0) -> tuple[torch.Tensor, np.uint32]:
+    """``_keep_draws`` computed with torch's operations on ``device`` (a GPU: no mask drawn
+    on the CPU and copied over), the draws as int64 holding the same 32-bit values (tested).
+    torch has no unsigned 32-bit arithmetic on every device, so each product modulo 2^32 is
+    formed from two that stay below 2^48 (``_times_mod_2_32``)."""
+    _check_counter(numel, offset, key)
+    k0, k1 = (int(k) for k in _key_words(seed, task, key))
+    draws = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    draws = _lowbias32_torch(_lowbias32_torch(draws ^ k0) ^ k1)
+    return draws, _cutoff(drop_rate)
+
+
+def _times_mod_2_32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """x·constant modulo 2^32, for int64 x in [0, 2^32): the constant's low and high 16 bits
+    multiplied in apart, so no product leaves int64."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & 0xFFFFFFFF
+
+
+def _lowbias32_torch(x: torch.Tensor) -> torch.Tensor:
+    """``_lowbias32`` on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _times_mod_2_32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _times_mod_2_32(x, 0x735A2D97)
+    return x ^ (x >> 15)
 
 
 @torch.no_grad()
@@ -170,7 +206,7 @@ def dare_tensor(theta0: torch.Tensor, finetuned: torch.Tensor, drop_rate: float,
     if kernels.fusable(theta0, finetuned):
         return kernels.dare_sparse(theta0, finetuned, _dare_mask(theta0.numel(), drop_rate, seed, task, key, offset))
     work = _work(theta0)
-    keep = dare_keep_mask(work.shape, drop_rate, seed, task, key, offset).to(work.device, work.dtype)
+    keep = dare_keep_mask(work.shape, drop_rate, seed, task, key, offset, device=work.device).to(work.dtype)
     tau = _work(finetuned) - work
     tau.mul_(keep).div_(1.0 - drop_rate).add_(0.0)
     return tau.add_(work).to(finetuned.dtype)
