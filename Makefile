@@ -7,7 +7,8 @@
 # make bench-grads [DATA_DIR=...]     time per-example squared gradients: loop, vmap, hooks, and the machine's bound
 # make bench-adamerging              an AdaMerging step against a plain forward+backward (time, peak memory)
 # make bench-twin                    Twin-Merging inference at 8/32/128 tokens: static, low-rank, grouped, per-input (+ top-k)
-# make bench-streaming               streaming merges from safetensors files vs one read (time, peak memory)
+# make bench-streaming [DEVICE=cuda]  streaming merges from safetensors files vs one read (time, peak memory);
+#                                    DEVICE: where Fisher's and RegMean's arithmetic runs
 # make bench-cold [DATA_DIR=...]      predict notebook 01's cold run time from unit costs measured here
 # make bench-gpu-paper               on a CUDA machine: the paper-scale vision notebooks' unit costs on CLIP-sized towers
 # make bench-gpu-memory              on any machine: those steps' GPU memory predicted on fake tensors, checked against the H200's
@@ -89,7 +90,7 @@ bench-twin: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 
 # Closed-form merges streamed key by key from safetensors files (8 ViT-B/32-sized experts).
 bench-streaming: $(if $(filter $(PY),$(VENV)/bin/python),venv)
-	$(PY) benchmarks/bench_streaming_merges.py --record
+	$(PY) benchmarks/bench_streaming_merges.py --record --device $(or $(DEVICE),cpu)
 
 bench-cold: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_cold_time.py --data-dir "$(DATA_DIR)" --models-dir "$(MODELS_DIR)"
