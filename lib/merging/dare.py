@@ -35,8 +35,12 @@ Deviations / conventions:
   never dropped or rescaled. The merge that follows averages them.
 - On the CPU, ``dare_tensor`` is one fused loop that draws and applies the mask entry by entry
   (``kernels.dare_sparse``), and DARE + TIES never forms the sparse tensors: ``SparseExpert``
-  hands TIES the mask's words, and its loops draw and apply the mask entry by entry. Both give the torch code's
-  bits (tested).
+  hands TIES the mask's words, and its loops draw and apply the mask as they go. Both give the
+  torch code's bits (tested).
+- The hash is written three times, once per place it runs: numba (the fused loops), numpy (the
+  CPU off the fused path, ``_keep_draws``: uint32 arithmetic, several times faster there than
+  torch's int64) and torch (other devices, ``_keep_draws_on``); tests hold all three to the
+  same bits.
 """
 from __future__ import annotations
 
