@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from lib.experiments.cost import matmul_rate, measure  # noqa: E402
-from lib.merging.streaming import merge_to_file, read_inputs  # noqa: E402
+from lib.merging.streaming import DEVICE_METHODS, merge_to_file, read_inputs  # noqa: E402
 
 # Width, blocks, patch size and output width of CLIP's image towers (open_clip's key names).
 SIZES = {"vit-b-32": (768, 12, 32, 512), "vit-b-16": (768, 12, 16, 512), "vit-l-14": (1024, 24, 14, 768),
@@ -241,7 +241,7 @@ def worker(spec: dict) -> dict:
         method = spec["method"]
         stats = {"fisher": paths["fisher"]} if method == "fisher" else (
             {"gram": paths["gram"], "gram_counts": paths["gram_counts"]} if method == "regmean" else None)
-        on = {"device": spec["device"]} if method in ("fisher", "regmean") else {}  # the others run on the CPU
+        on = {"device": spec["device"]} if method in DEVICE_METHODS else {}  # the others run on the CPU
         fn = lambda: merge_to_file(method, paths["pretrained"], paths["finetuned"], spec["out"], stats,  # noqa: E731
                                    **on, **METHODS[method])
     runs = []
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None):
                         help="threads of the merges (torch's, and the streaming merges' workers) and of the reads; by "
                              "default every core, as a user's merge runs (one thread is measured besides, cached)")
     parser.add_argument("--device", default="cpu",
-                        help='where Fisher\'s and RegMean\'s arithmetic runs (stream_merge(..., device=)), e.g. "cuda"; '
+                        help="where Fisher's and RegMean's arithmetic runs (stream_merge(..., device=)), e.g. cuda; "
                              "the other merges run on the CPU, bound by reading")
     parser.add_argument("--dir", help="folder for the files (default: a temporary folder, removed afterwards)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,

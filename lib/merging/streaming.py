@@ -124,12 +124,13 @@ from .regmean import regmean_weight
 from .ties import (KthLargest, _keep_count, _selection_sizes, _trivial_threshold, observe_magnitudes,
                    sample_bracket, ties_merge_tensor)
 
-__all__ = ["STREAMING_METHODS", "MergeStream", "SafetensorsReader", "merge_to_file", "read_inputs", "stream_merge",
-           "write_safetensors"]
+__all__ = ["DEVICE_METHODS", "STREAMING_METHODS", "MergeStream", "SafetensorsReader", "merge_to_file", "read_inputs",
+           "stream_merge", "write_safetensors"]
 
 PathLike = str | os.PathLike
 
 STREAMING_METHODS = ("weight_average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "fisher", "regmean")
+DEVICE_METHODS = ("fisher", "regmean")  # key-at-a-time arithmetic, which ``device`` may move off the CPU
 
 # ---------------------------------------------------------------------------- file format
 # A safetensors file: 8 bytes (little-endian u64) giving the header's length N, N bytes of
@@ -819,7 +820,6 @@ _STREAMS = {"weight_average": _stream_weight_average, "task_arithmetic": _stream
             "ties": _stream_ties, "dare_ta": _stream_dare_ta, "dare_ties": _stream_dare_ties,
             "fisher": _stream_fisher, "regmean": _stream_regmean}
 _USES_THETA0 = {"task_arithmetic", "ties", "dare_ta", "dare_ties"}
-_ON_DEVICE = ("fisher", "regmean")  # key-at-a-time arithmetic, which ``device`` may move
 
 
 # ------------------------------------------------------------------- checks, public API
@@ -957,8 +957,8 @@ def stream_merge(method: str, pretrained: PathLike | None, finetuned: Sequence[P
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}.")
     device = torch.device("cpu" if device is None else device)
-    if device.type != "cpu" and method not in _ON_DEVICE:
-        raise ValueError(f"device={str(device)!r}: only {list(_ON_DEVICE)} run on another device; {method} is "
+    if device.type != "cpu" and method not in DEVICE_METHODS:
+        raise ValueError(f"device={str(device)!r}: only {list(DEVICE_METHODS)} run on another device; {method} is "
                          "bound by reading its files and runs on the CPU (leave device unset).")
     hyper = _hyper(method, dict(hyper))
     inputs = _open_inputs(method, pretrained, list(finetuned), stats, hyper)
