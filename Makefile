@@ -12,6 +12,7 @@
 # make bench-cold [DATA_DIR=...]      predict notebook 01's cold run time from unit costs measured here
 # make bench-gpu-paper               on a CUDA machine: the paper-scale vision notebooks' unit costs on CLIP-sized towers
 # make bench-gpu-memory              on any machine: those steps' GPU memory predicted on fake tensors, checked against the H200's
+# make rehearse-paper [ARCH=ViT-L-14]  notebook 01 at paper scale on full-size random stand-ins, offline: its time and memory
 # make lab                           open the notebooks in JupyterLab
 #
 # Without DATA_DIR, data is downloaded from the public sources into data/downloads/.
@@ -42,7 +43,7 @@ NOTEBOOKS := $(PAPER_NOTEBOOKS)
 override PAPERMILL_ARGS += -p scale paper
 endif
 
-.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming bench-cold bench-gpu-paper bench-gpu-memory lab clean-cache $(ALL_NOTEBOOKS)
+.PHONY: venv test reproduce readme bench bench-grads bench-adamerging bench-twin bench-streaming bench-cold bench-gpu-paper bench-gpu-memory rehearse-paper lab clean-cache $(ALL_NOTEBOOKS)
 
 venv: $(VENV)/.installed
 
@@ -94,6 +95,11 @@ bench-streaming: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 
 bench-cold: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_cold_time.py --data-dir "$(DATA_DIR)" --models-dir "$(MODELS_DIR)"
+
+# Notebook 01 at paper scale (scale="paper") on random CLIP weights of the real size and stand-in
+# datasets in the hub format (lib/paper/rehearsal.py): time and memory before any download.
+rehearse-paper: $(if $(filter $(PY),$(VENV)/bin/python),venv)
+	$(PY) benchmarks/rehearse_paper.py --arch $(or $(ARCH),ViT-B-32)
 
 bench-gpu-paper: $(if $(filter $(PY),$(VENV)/bin/python),venv)
 	$(PY) benchmarks/bench_gpu_paper.py

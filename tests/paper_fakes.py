@@ -14,7 +14,6 @@ The code under test reads all of these with its real loaders; nothing touches th
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,88 +21,26 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-# open_clip's model-config format: a 2-layer, 32-wide ViT on 32x32 images (patches of 8) and a
-# 2-layer, 32-wide text transformer; QuickGELU, as OpenAI's weights use.
-TINY = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
+from lib.paper.rehearsal import (TINY_CLIP, colour, hub_copy, random_hf_vision, write_clip_hub,  # noqa: F401
+                                 write_hub_copy, write_published_folder)
+
+TINY = TINY_CLIP  # open_clip's model-config format: 2 layers of width 32, 32×32 images
 OPEN_CLIP_REPO = "timm/vit_base_patch32_clip_224.openai"  # open_clip's hub repository for ViT-B-32/openai
 
 
 # ----------------------------------------------------------------------------- models
 def hf_vision(with_projection: bool, hidden_act: str = "quick_gelu", seed: int = 1):
     """A tiny transformers CLIP vision model of TINY's shape (LayerNorms made non-trivial)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
-
-    vision = TINY["vision_cfg"]
-    config = CLIPVisionConfig(hidden_size=vision["width"], intermediate_size=int(vision["width"] * vision["mlp_ratio"]),
-                              num_hidden_layers=vision["layers"], num_attention_heads=vision["width"] // vision["head_width"],
-                              image_size=vision["image_size"], patch_size=vision["patch_size"],
-                              projection_dim=TINY["embed_dim"], hidden_act=hidden_act)
-    torch.manual_seed(seed)
-    model = (CLIPVisionModelWithProjection if with_projection else CLIPVisionModel)(config).eval()
-    with torch.no_grad():  # transformers initialises LayerNorms to (1, 0): make them count
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def write_published_folder(folder: Path, hf, files: str = "safetensors") -> None:
-    """A folder as the hub holds a published expert: config.json plus weights whose keys carry
-    transformers 4's ``vision_model.`` prefix."""
-    folder.mkdir(parents=True)
-    hf.config.to_json_file(str(folder / "config.json"))
-    state = {"vision_model." + k.removeprefix("vision_model."): v.contiguous() for k, v in hf.state_dict().items()}
-    if files == "safetensors":
-        save_file(state, folder / "model.safetensors")
-    elif files == "sharded":
-        keys = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-        for name, part in shards.items():
-            save_file({k: state[k] for k in part}, folder / name)
-        index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    else:
-        torch.save(state, folder / "pytorch_model.bin")
+    return random_hf_vision(TINY, with_projection=with_projection, hidden_act=hidden_act, seed=seed)
 
 
 def write_tiny_clip_hub(models: Path, tasks, seed: int = 0, change: float = 0.05) -> None:
-    """θ0 (a tiny open_clip CLIP) and one published expert per task under ``models``.
-
-    θ0's image tower *is* a transformers vision model converted to open_clip keys, so each expert
-    (that model with every weight moved by ``change`` × a seeded Gaussian) is a fine-tuned θ0, as
-    the published experts are, and merging them means something."""
-    from lib.paper import clip as C
-
-    torch.manual_seed(seed)
-    clip = C.load_clip(config=TINY).model
-    base = hf_vision(with_projection=False, seed=seed + 1)
-    clip.visual.load_state_dict(C.hf_vision_to_open_clip(base.state_dict(), projection=clip.visual.proj.detach()))
-    folder = models / OPEN_CLIP_REPO
-    folder.mkdir(parents=True)
-    # like open_clip's built-in ViT configs, the file does not ask for QuickGELU (load_clip forces it)
-    config = {k: v for k, v in TINY.items() if k != "quick_gelu"}
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, folder / "open_clip_model.safetensors")
-    for i, task in enumerate(tasks):
-        expert = hf_vision(with_projection=False, seed=seed + 1)
-        generator = torch.Generator().manual_seed(1000 + i)
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(change * torch.randn(p.shape, generator=generator))
-        write_published_folder(models / C.expert_repo("ViT-B-32", task), expert)
+    """θ0 (a tiny open_clip CLIP) and one published expert per task under ``models``
+    (``lib.paper.rehearsal.write_clip_hub`` at TINY's shape)."""
+    write_clip_hub(models, tasks, "ViT-B-32", config=TINY, seed=seed, change=change)
 
 
 # ----------------------------------------------------------------------------- datasets
-def colour(label: int) -> tuple[int, int, int]:
-    """A colour that encodes a label (0..396), readable back from the pixels."""
-    return (label % 256, (label * 7) % 256, label // 2)
-
-
 def label_of(image: Image.Image, labels=range(397)) -> int:
     """The label whose colour is nearest ``image``'s mean colour."""
     mean = np.asarray(image.convert("RGB"), dtype=float).reshape(-1, 3).mean(0)
@@ -129,28 +66,6 @@ def write_mnist(data: Path, n_train: int = 60, n_test: int = 10) -> None:
         labels = np.arange(n) % 10
         write_idx(raw / f"{prefix}-images-idx3-ubyte", np.stack([np.full((28, 28), 25 * y) for y in labels]))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-
-
-def hub_copy(class_names, per_class: dict[str, int]):
-    """A DatasetDict like the hub copies: an Image column and a ClassLabel column."""
-    import datasets
-
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))})
-    splits = {}
-    for split, n in per_class.items():
-        labels = [y for y in range(len(class_names)) for _ in range(n)]
-        images = [Image.new("RGB", (8, 8), colour(5 * y)) for y in labels]
-        splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
-    return datasets.DatasetDict(splits)
-
-
-def write_hub_copy(data: Path, task: str, per_class: dict[str, int]) -> None:
-    """A task's hub copy saved with ``save_to_disk`` where the mirror keeps it."""
-    from lib.paper import vision_data as V
-
-    names = V.task_spec(task).sources["huggingface"].get("class_names")
-    names = names if isinstance(names, list) else V.task_spec(task).classes
-    hub_copy(names, per_class).save_to_disk(str(data / "vision_paper" / "huggingface" / task))
 
 
 VISION_TASKS = ["mnist", "eurosat"]

@@ -56,6 +56,8 @@ def test_unknown_tracks_are_clear_errors():
         B.BaselinesConfig(tracks=("txt",))
     with pytest.raises(ValueError, match="batchnorm_examples = 0"):
         B.BaselinesConfig(batchnorm_examples=0).track("vision")
+    with pytest.raises(ValueError, match="paper_vision_source = 'hub'.*'huggingface'"):
+        B.BaselinesConfig(paper_vision_source="hub")  # refused at any scale, not only when the paper track is built
 
 
 # ----------------------------------------------------------------------------- pipeline

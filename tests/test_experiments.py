@@ -261,16 +261,37 @@ HEADER = "<!-- written by notebooks/00.ipynb; parameters, seed, commit and wall 
 
 def test_run_times_table_names_each_runs_commit_time_and_machine(tmp_path):
     from lib.experiments.readme import run_times
-    for name, machine, commit in [("a", {"device": "cpu", "cpu": "Some Xeon", "threads": 2}, "abcdef0123"),
-                                  ("b", {"device": "NVIDIA H200", "cpu": "Some EPYC", "threads": 16}, "1234567+x"),
-                                  ("c", {"device": "cpu", "threads": 1}, "fedcba9876")]:
+    for name, machine, commit, peak in [
+            ("a", {"device": "cpu", "cpu": "Some Xeon", "threads": 2}, "abcdef0123", {"host_rss_gib": 3.21}),
+            ("b", {"device": "NVIDIA H200", "cpu": "Some EPYC", "threads": 16}, "1234567+x",
+             {"host_rss_gib": 9.0, "gpu_allocated_gib": 12.54}),
+            ("c", {"device": "cpu", "threads": 1}, "fedcba9876", None)]:
         (tmp_path / "figures" / name).mkdir(parents=True)
         (tmp_path / "figures" / name / "run.json").write_text(json.dumps(
-            {"notebook": f"benchmarks/{name}.py", "git_commit": commit, "wall_time_seconds": 90, "machine": machine}))
+            {"notebook": f"benchmarks/{name}.py", "git_commit": commit, "wall_time_seconds": 90, "machine": machine,
+             **({"peak_memory": peak} if peak else {})}))
     rows = run_times(tmp_path).splitlines()[2:]
-    assert rows[0].startswith("| `figures/a/` | `benchmarks/a.py` | abcdef0 | 1.5 min | cpu (Some Xeon) | 2 |")
-    assert "| 1234567+ | 1.5 min | NVIDIA H200 | 16 |" in rows[1]  # an accelerator is named, not the host's CPU
-    assert "| cpu | 1 |" in rows[2]  # an old record without the CPU's name
+    assert rows[0].startswith("| `figures/a/` | `benchmarks/a.py` | abcdef0 | 1.5 min | 3.2 GiB | cpu (Some Xeon) | 2 |")
+    # an accelerator is named, not the host's CPU, and its peak beside the host's
+    assert "| 1234567+ | 1.5 min | 9.0 GiB, GPU 12.5 GiB | NVIDIA H200 | 16 |" in rows[1]
+    assert "| 1.5 min | ? | cpu | 1 |" in rows[2]  # an old record: no peak memory, no CPU name
+
+
+def test_a_run_record_holds_the_processs_peak_host_memory(tmp_path):
+    """run.json's peak_memory is the process's resident peak, in GiB: a fresh process that held
+    a 1 GiB buffer reports over 1 GiB, one that did not reports less."""
+    def peak(buffer_gib: float) -> dict:
+        code = ("import sys, json, numpy as np; from lib.experiments.report import Run; "
+                f"b = np.ones(int({buffer_gib} * 2**30 / 8)); del b; "
+                f"print(json.dumps(Run('00_test', {{}}, out_dir=sys.argv[1]).finish()['peak_memory']))")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                             cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert peak(0)["host_rss_gib"] < 1.0
+    assert peak(1)["host_rss_gib"] > 1.0
+    assert "gpu_allocated_gib" not in peak(0)  # no CUDA used, no GPU peak
+
 
 def test_readme_sync_rewrites_stale_blocks(tmp_path):
     (tmp_path / "figures" / "nb").mkdir(parents=True)

@@ -8,6 +8,8 @@ EuroSAT hub copy. The loaders are the real ones; nothing touches the network.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import os
 import re
 
@@ -24,7 +26,9 @@ from lib.experiments import baselines as B
 from lib.experiments.evaluation import evaluate
 from lib.experiments.paper_tracks import ClipVisionTrack, autocast_dtype, run_device
 from lib.experiments.training import FinetuneConfig, initial_heads
+from lib.paper import rehearsal
 from lib.paper import vision_data as V
+from lib.paths import REPO_ROOT
 
 from paper_fakes import VISION_TASKS, write_vision_paper_fakes
 
@@ -115,6 +119,39 @@ def test_notebook_01_runs_at_paper_scale_on_the_fakes(fakes, tmp_path):
     findings = (out / "findings.md").read_text()
     assert "Trivial baseline" in findings
     assert not (out / "vision_seed_spread.csv").exists()  # published experts: no seed spread
+
+
+def test_every_task_reads_from_the_rehearsals_hub_copies(tmp_path):
+    """The rehearsal's stand-in datasets are hub copies the real reader takes, with each task's
+    real class names and the images at the task's typical size."""
+    sizes = rehearsal.write_hub_copies(tmp_path, V.PAPER_VISION_TASKS, train_per_class=1, test_per_class=1)
+    for task in V.PAPER_VISION_TASKS:
+        read = V.load_paper_vision_task(task, data_dir=tmp_path, source="huggingface")
+        assert read.num_classes == len(V.task_spec(task).classes) == sizes[task]["test"]
+        assert len(read.train) + len(read.validation) == sizes[task]["train"] and len(read.test) == sizes[task]["test"]
+        assert read.test.image(0).size == rehearsal.TYPICAL_IMAGE_SIZE[task]
+    track = ClipVisionTrack(["svhn"], data_dir=str(tmp_path), source="huggingface", device="cpu")
+    assert any("Hugging Face" in note for note in track.raw("svhn").notes)  # not its default, torchvision
+    with pytest.raises(ValueError, match="source = 'hub'"):
+        ClipVisionTrack(["svhn"], source="hub")
+
+
+def test_the_rehearsal_runs_notebook_01_on_stand_ins_and_reports_its_cost(tmp_path):
+    """make rehearse-paper's script, on a tiny CLIP under ViT-B/32's names: it writes the stand-ins,
+    runs the notebook at paper scale on them and reports its stages, merges and peak memory."""
+    spec = importlib.util.spec_from_file_location("rehearse_paper", REPO_ROOT / "benchmarks" / "rehearse_paper.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    small = ["max_validation=16", "lambda_grid=[0.0, 1.0]", "lambda_refinements=0", "fisher_examples=4",
+             "regmean_examples=8", "selection_examples=8"]
+    assert script.main(["--tiny", "--tasks", "mnist", "eurosat", "--no-record", "--work", str(tmp_path),
+                        "--train-per-class", "10", "--test-per-class", "2"]
+                       + [a for p in small for a in ("--param", p)]) == 0
+    table = pd.read_csv(tmp_path / "report" / "rehearsal.csv", index_col="what")
+    assert table.loc["merge: TIES", "unit"] == "s" and table.loc["test images, all tasks", "value"] == 40
+    assert table.loc["peak host memory (the kernel's resident set)", "value"] > 0.1
+    assert set(pd.read_csv(tmp_path / "notebook" / "vision_baselines_long.csv").task) == {"mnist", "eurosat"}
+    assert json.loads((tmp_path / "report" / "run.json").read_text())["notebook"] == "benchmarks/rehearse_paper.py"
 
 
 def test_findings_set_a_paper_scale_run_beside_the_published_numbers():

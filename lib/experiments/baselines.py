@@ -30,6 +30,7 @@ from .. import merging, statistics
 from ..models import Classifier
 from ..paper.glue import PAPER_TEXT_TASKS
 from ..paper.vision_data import PAPER_VISION_TASKS
+from ..paper.vision_data import SOURCES as VISION_SOURCES
 from .cache import cached_tensors, content_hash
 from .config import settings_for, take_unchanged
 from .evaluation import evaluate
@@ -126,6 +127,7 @@ class TrackSettings:
     selection_examples: int = 100   # validation examples per task for choosing hyper-parameters
     # paper scale (scale="paper"): the CLIP image tower, its experts, and where it runs
     paper_vision_arch: str = "ViT-B-32"  # or "ViT-B-16", "ViT-L-14"
+    paper_vision_source: str = ""   # "huggingface": every task from its hub copy (FusionBench's); "": each task's default
     paper_experts: str = "published"  # "published" (the hub's) or "finetune" (METHODS.md §8's recipe, here)
     paper_micro_batch: int = 0      # "finetune": images per forward/backward (0: what fits a 24 GB card, CLIP_MICRO_BATCH)
     device: str = "auto"            # "auto": CUDA when there is one (paper scale)
@@ -140,6 +142,9 @@ class TrackSettings:
         if self.benchmark not in ("v1", "v2"):
             raise ValueError(f"benchmark={self.benchmark!r}: choose 'v2' (the calibrated default, notebook 00) "
                              "or 'v1' (the first design: probe heads, four vision tasks).")
+        if self.paper_vision_source not in ("", *VISION_SOURCES):
+            raise ValueError(f"paper_vision_source = {self.paper_vision_source!r}: choose 'huggingface' (every task "
+                             "from its hub copy), 'torchvision', or '' for each task's default (data/clip_tasks.yaml).")
         if self.paper_micro_batch < 0:
             raise ValueError(f"paper_micro_batch = {self.paper_micro_batch}: pass the images per forward/backward, "
                              "or 0 for the architecture's default (CLIP_MICRO_BATCH).")
@@ -201,7 +206,8 @@ class BaselinesConfig(StatisticsSettings):
                                  **{**common, "max_test": self.max_test or GLUE_MAX_TEST})
         if self.scale == "paper":
             return ClipVisionTrack(tasks=list(self.vision_tasks), models_dir=self.models_dir or None,
-                                   arch=self.paper_vision_arch, experts=self.paper_experts, device=self.device,
+                                   arch=self.paper_vision_arch, source=self.paper_vision_source or None,
+                                   experts=self.paper_experts, device=self.device,
                                    autocast=self.autocast, fisher_chunk=self.paper_fisher_chunk, **common)
         if name == "text":
             return TextTrack(tasks=list(self.text_tasks), **common)

@@ -59,6 +59,7 @@ from .cache import cached_tensors
 from .tracks import PreparedSplit, Track
 from .training import Expert, FinetuneConfig
 from ..paper import glue
+from ..paper.vision_data import SOURCES
 
 EXPERT_SOURCES = ("published", "finetune")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -110,6 +111,7 @@ class ClipVisionTrack(Track):
 
     name: str = "vision"
     arch: str = "ViT-B-32"
+    source: str | None = None  # "torchvision" or "huggingface" for every task; None: each task's default_source
     models_dir: str | None = None
     experts: str = "published"
     device: str = "auto"
@@ -131,6 +133,9 @@ class ClipVisionTrack(Track):
             raise ValueError(f"experts = {self.experts!r}: choose 'published' (the hub's) or 'finetune' (the papers' "
                              "recipe, here).")
         autocast_dtype(self.autocast, run_device(self.device))  # an unknown setting fails here, not mid-run
+        if self.source not in (None, *SOURCES):
+            raise ValueError(f"source = {self.source!r}: choose {' or '.join(map(repr, SOURCES))} (every task from "
+                             "there), or leave it unset for each task's default_source (data/clip_tasks.yaml).")
         if self.fisher_chunk < 0:
             raise ValueError(f"fisher_chunk = {self.fisher_chunk}: pass the examples per vmapped chunk, or 0 for "
                              "the architecture's default (CLIP_FISHER_CHUNK).")
@@ -153,7 +158,7 @@ class ClipVisionTrack(Track):
     def _load(self, task):
         from ..paper.vision_data import load_paper_vision_task
 
-        return load_paper_vision_task(task, data_dir=self.data_dir, seed=self.seed)
+        return load_paper_vision_task(task, data_dir=self.data_dir, seed=self.seed, source=self.source)
 
     def _prepare(self, task, records) -> PreparedSplit:
         from ..paper.vision_data import clip_transform

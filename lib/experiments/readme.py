@@ -60,12 +60,12 @@ RUN_TIMES = "figures/run_times.md"
 
 def run_times(root: Path) -> str:
     """A table of every committed run's record (``figures/*/run.json``): what ran, at which commit,
-    for how long, on which device and how many CPU threads. The README quotes it, so no run time is
-    typed by hand."""
+    for how long, with what peak memory (host, and GPU where one was used), on which device and how
+    many CPU threads. The README quotes it, so no run time is typed by hand."""
     import json
 
-    rows = ["| output | written by | commit | wall time | device | threads | finished (UTC) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| output | written by | commit | wall time | peak memory | device | threads | finished (UTC) |",
+            "|---|---|---|---|---|---|---|---|"]
     for path in sorted(Path(root).glob("figures/*/run.json")):
         record = json.loads(path.read_text())
         minutes = record.get("wall_time_seconds", float("nan")) / 60
@@ -75,9 +75,17 @@ def run_times(root: Path) -> str:
             device = f"cpu ({machine['cpu']})"
         rows.append(f"| `{path.parent.relative_to(root)}/` | `{record.get('notebook', '?')}` | "
                     f"{str(record.get('git_commit', '?'))[:7]}{'+' if '+' in str(record.get('git_commit')) else ''} | "
-                    f"{minutes:.1f} min | {device} | {machine.get('threads', '?')} | "
+                    f"{minutes:.1f} min | {_peak(record.get('peak_memory'))} | {device} | {machine.get('threads', '?')} | "
                     f"{record.get('finished_utc', '?')} |")
     return "\n".join(rows) + "\n"
+
+
+def _peak(memory: dict | None) -> str:
+    """A run's peak memory as the table shows it (records from before it was kept: "?")."""
+    if not memory:
+        return "?"
+    text = f"{memory['host_rss_gib']:.1f} GiB"
+    return text + (f", GPU {memory['gpu_allocated_gib']:.1f} GiB" if "gpu_allocated_gib" in memory else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     run = Run("01_merging_baselines", parameters)      # starts the clock
     run.table(df, "text_baselines")                      # CSV + Markdown
     run.figure(fig, "text_baselines")                    # PNG
-    run.finish()                                         # run.json: parameters, seed, commit, wall time
+    run.finish()                                         # run.json: parameters, seed, commit, wall time, peak memory
 
 Every output of a run shares one ``run.json``, so a figure can always be traced to the
 parameters, git commit and machine that made it.
@@ -60,6 +60,22 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far (a notebook's kernel, a benchmark's script): resident host
+    memory and, where the process used CUDA, the most memory its tensors held on the GPU at once
+    (``torch.cuda.max_memory_allocated``), in GiB."""
+    import resource
+    import sys
+
+    import torch
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)  # macOS: bytes
+    peak = {"host_rss_gib": round(kib / 2**20, 2)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return peak
+
+
 class Run:
     def __init__(self, notebook: str, parameters: dict, out_dir: str | Path | None = None, source: str | None = None,
                  started: float | None = None):
@@ -114,6 +130,7 @@ class Run:
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_time_seconds": round(time.perf_counter() - self.started, 1),
             "timings_seconds": self.timings,
+            "peak_memory": peak_memory(),
             "machine": {"platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(),
                         "python": platform.python_version(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
