@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,8 +56,6 @@ def write_stand_ins(files: Path, arch: str, tasks: list[str], train_per_class: i
     if marker.is_file() and json.loads(marker.read_text())["setting"] == setting:
         return json.loads(marker.read_text())
     if files.exists():
-        import shutil
-
         shutil.rmtree(files)
     started = time.perf_counter()
     R.write_clip_hub(files / "models", tasks, arch, config=R.TINY_CLIP if tiny else None)
@@ -120,9 +120,20 @@ def main(argv: list[str] | None = None) -> int:
                   **dict(args.param)}
     import papermill
 
+    # a cold run every time, in a cache of its own: the stand-ins' results never mix with real ones
+    cache = args.work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    previous = os.environ.get("MERGE_CACHE_DIR")
+    os.environ["MERGE_CACHE_DIR"] = str(cache)  # the notebook's kernel inherits it
     print(f"running {NOTEBOOK.relative_to(REPO_ROOT)} at paper scale into {out} ...", flush=True)
-    papermill.execute_notebook(str(NOTEBOOK), str(args.work / "01_merging_baselines.executed.ipynb"),
-                               cwd=str(NOTEBOOK.parent), parameters=parameters, progress_bar=True)
+    try:
+        papermill.execute_notebook(str(NOTEBOOK), str(args.work / "01_merging_baselines.executed.ipynb"),
+                                   cwd=str(NOTEBOOK.parent), parameters=parameters, progress_bar=True)
+    finally:
+        if previous is None:
+            os.environ.pop("MERGE_CACHE_DIR")
+        else:
+            os.environ["MERGE_CACHE_DIR"] = previous
     notebook_record = json.loads((out / "run.json").read_text())
     table = report(notebook_record, pd.read_csv(out / "merge_hyperparameters.csv"), stand_ins)
     device = notebook_record["machine"]["device"]

@@ -121,6 +121,21 @@ def test_notebook_01_runs_at_paper_scale_on_the_fakes(fakes, tmp_path):
     assert not (out / "vision_seed_spread.csv").exists()  # published experts: no seed spread
 
 
+def test_cache_keys_name_theta0_by_its_weights_not_only_its_name(fakes, tmp_path):
+    """Two θ0 checkpoints under one name (the rehearsal's random stand-ins and the real weights, a
+    re-download) are two backbones: neither is given the other's cached zero-shot heads."""
+    from lib.paper.clip import task_zero_shot_head
+
+    rehearsal.write_clip_hub(tmp_path / "models", ["mnist"], config=rehearsal.TINY_CLIP, seed=7)
+    one, other = (ClipVisionTrack(["mnist"], data_dir=str(fakes / "data"), models_dir=str(models), device="cpu")
+                  for models in (fakes / "models", tmp_path / "models"))
+    assert one.backbone_id() == other.backbone_id() and one.backbone_weights() != other.backbone_weights()
+    first = one.zero_shot_heads()["mnist"]  # cached first
+    second = other.zero_shot_heads()["mnist"]
+    torch.testing.assert_close(second["weight"], task_zero_shot_head(other._bundle(), "mnist")["weight"])
+    assert not torch.equal(first["weight"], second["weight"])
+
+
 def test_every_task_reads_from_the_rehearsals_hub_copies(tmp_path):
     """The rehearsal's stand-in datasets are hub copies the real reader takes, with each task's
     real class names and the images at the task's typical size."""
@@ -152,6 +167,8 @@ def test_the_rehearsal_runs_notebook_01_on_stand_ins_and_reports_its_cost(tmp_pa
     assert table.loc["peak host memory (the kernel's resident set)", "value"] > 0.1
     assert set(pd.read_csv(tmp_path / "notebook" / "vision_baselines_long.csv").task) == {"mnist", "eurosat"}
     assert json.loads((tmp_path / "report" / "run.json").read_text())["notebook"] == "benchmarks/rehearse_paper.py"
+    assert any((tmp_path / "cache").rglob("*.safetensors"))  # its own cache, not the session's
+    assert os.environ["MERGE_CACHE_DIR"] != str(tmp_path / "cache")  # and this process's setting is back
 
 
 def test_findings_set_a_paper_scale_run_beside_the_published_numbers():

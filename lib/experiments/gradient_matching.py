@@ -295,12 +295,6 @@ class SentimentTrack(Track):
             self._cache["bundle"] = glue.load_roberta(self.models_dir)  # (encoder, tokenizer)
         return self._cache["bundle"]
 
-    def pretrained_id(self) -> str:
-        """A content hash of θ0's weights (cache keys of models trained from it)."""
-        if "pretrained_id" not in self._cache:
-            self._cache["pretrained_id"] = content_hash(self._bundle()[0].state_dict())
-        return self._cache["pretrained_id"]
-
     def _load(self, task):
         return sentiment.load_sentiment_task(task, data_dir=self.data_dir, seed=self.seed,
                                              train_examples=self.train_examples.get(task),
@@ -487,7 +481,6 @@ def finetune_recipe(track: "SentimentTrack", datasets: list[str], init: StateDic
     recipe = config.recipe()
     spec = {**track.identity(datasets), "kind": "gm-paper-finetune", "datasets": list(datasets),
             "recipe": dataclasses.asdict(recipe), "seed": config.seed, "init": content_hash(init),
-            "pretrained": track.pretrained_id(),
             "code": cache.code_hash(finetune_recipe, _recipe_lr_factor, _recipe_order, validation_score, encode)}
     path = cache_path("experts/sentiment", spec)
     cached = load_cached(path)

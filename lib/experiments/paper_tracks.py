@@ -177,15 +177,20 @@ class ClipVisionTrack(Track):
         encoder.autocast_dtype = autocast_dtype(self.autocast, encoder.run_device)
         return encoder
 
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """Both towers and the logit scale: the zero-shot heads come from the text tower."""
+        return self._bundle().model.state_dict()
+
     def zero_shot_heads(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Each task's CLIP zero-shot head (class names × templates of data/clip_tasks.yaml), cached."""
+        """Each task's CLIP zero-shot head (class names × templates of data/clip_tasks.yaml), cached
+        under the track's identity (θ0's weights included)."""
         from ..paper.clip import task_zero_shot_head, zero_shot_head
         from ..paper.vision_data import task_spec
 
         heads = {}
         for task in self.tasks:
             spec = task_spec(task)
-            key = {"track": "vision_paper", "backbone": self.backbone_id(), "task": task, "kind": "zero_shot",
+            key = {**self.identity(), "track": "vision_paper", "task": task, "kind": "zero_shot",
                    "classes": spec.classes, "templates": spec.templates}
             heads[task] = cached_tensors("heads/vision_paper", key, lambda task=task: task_zero_shot_head(self._bundle(), task),
                                          code=(task_zero_shot_head, zero_shot_head))

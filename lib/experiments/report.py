@@ -69,7 +69,12 @@ def peak_memory() -> dict[str, float]:
 
     import torch
 
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)  # macOS: bytes
+    try:  # Linux: the high-water mark of this process's own memory since it started (exec)
+        status = Path("/proc/self/status").read_text()
+        kib = float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    except (OSError, StopIteration):
+        # ru_maxrss is no substitute on Linux, where it keeps the forking parent's size across exec
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
     peak = {"host_rss_gib": round(kib / 2**20, 2)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

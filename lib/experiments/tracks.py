@@ -24,6 +24,7 @@ import torch
 from .. import data as datasets
 from ..models import load_cifar_resnet, load_text_encoder, minilm_path
 from ..paths import REPO_ROOT, download_dir, models_mirror
+from .cache import content_hash
 
 HEAD_KINDS = ("probe", "few_shot", "joint", "zero_shot")
 CIFAR_RESNETS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
@@ -204,11 +205,24 @@ class Track:
             self._cache[key] = digest.hexdigest()[:16]
         return self._cache[key]
 
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """The weights that make θ0 what it is (a track with a text tower adds the tower that
+        builds its zero-shot heads)."""
+        return self.pretrained_encoder().state_dict()
+
+    def backbone_weights(self) -> str:
+        """A content hash of ``backbone_state``, once per track. Cache keys name θ0 by its weights
+        as well as its name: two checkpoints under one name (a re-download, a local copy, the
+        rehearsal's random stand-ins) are two backbones, and must not share cached results."""
+        if "backbone_weights" not in self._cache:
+            self._cache["backbone_weights"] = content_hash(self.backbone_state())
+        return self._cache["backbone_weights"]
+
     def identity(self, tasks=()) -> dict:
         """What identifies this track's backbone and, for ``tasks``, their data in cache keys."""
         identity = {
-            "track": self.name, "backbone": self.backbone_id(), "seed": self.seed,
-            "caps": [self.max_train, self.max_validation, self.max_test],
+            "track": self.name, "backbone": self.backbone_id(), "backbone_weights": self.backbone_weights(),
+            "seed": self.seed, "caps": [self.max_train, self.max_validation, self.max_test],
         }
         if tasks:
             identity["data"] = {t: self.fingerprint(t) for t in tasks}
