@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     table = report(notebook_record, pd.read_csv(out / "merge_hyperparameters.csv"), stand_ins)
     device = notebook_record["machine"]["device"]
     shape = f"a tiny CLIP under {args.arch}'s names" if args.tiny else f"{args.arch}'s real shape"
-    caption = (f"Notebook 01 at paper scale on random stand-ins of {shape} (lib.paper.rehearsal), {len(args.tasks)} tasks, {args.train_per_class} training and "
-               f"{args.test_per_class} test images per class, on {device}: the notebook's stage times (between its "
+    caption = (f"Notebook 01 at paper scale on random stand-ins of {shape} (lib.paper.rehearsal), {len(args.tasks)} "
+               f"tasks, {args.train_per_class} training and {args.test_per_class} test images per class, on {device}: the notebook's stage times (between its "
                "laps), each merge's time, and the kernel's peak memory. Random weights: time and memory only.")
     run = Run("bench_paper_rehearsal", {**vars(args), "work": str(args.work), "param": dict(args.param),
                                         "notebook_parameters": parameters},

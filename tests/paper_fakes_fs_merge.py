@@ -32,7 +32,7 @@ def write_tiny_clip_tag(models: Path, tag: str, seed: int) -> None:
     clip = C.load_clip(config=TINY).model
     base = hf_vision(with_projection=False, seed=seed + 1)
     clip.visual.load_state_dict(C.hf_vision_to_open_clip(base.state_dict(), projection=clip.visual.proj.detach()))
-    folder = models / C._open_clip_repo(ARCH, tag)
+    folder = models / C.open_clip_repo(ARCH, tag)
     folder.mkdir(parents=True)
     config = {k: v for k, v in TINY.items() if k != "quick_gelu"}
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))

@@ -30,7 +30,7 @@ from .. import merging, statistics
 from ..models import Classifier
 from ..paper.glue import PAPER_TEXT_TASKS
 from ..paper.vision_data import PAPER_VISION_TASKS
-from ..paper.vision_data import SOURCES as VISION_SOURCES
+from ..paper.vision_data import check_source as check_vision_source
 from .cache import cached_tensors, content_hash
 from .config import settings_for, take_unchanged
 from .evaluation import evaluate
@@ -142,9 +142,7 @@ class TrackSettings:
         if self.benchmark not in ("v1", "v2"):
             raise ValueError(f"benchmark={self.benchmark!r}: choose 'v2' (the calibrated default, notebook 00) "
                              "or 'v1' (the first design: probe heads, four vision tasks).")
-        if self.paper_vision_source not in ("", *VISION_SOURCES):
-            raise ValueError(f"paper_vision_source = {self.paper_vision_source!r}: choose 'huggingface' (every task "
-                             "from its hub copy), 'torchvision', or '' for each task's default (data/clip_tasks.yaml).")
+        check_vision_source(self.paper_vision_source or None, "paper_vision_source")
         if self.paper_micro_batch < 0:
             raise ValueError(f"paper_micro_batch = {self.paper_micro_batch}: pass the images per forward/backward, "
                              "or 0 for the architecture's default (CLIP_MICRO_BATCH).")

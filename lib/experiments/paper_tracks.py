@@ -59,7 +59,7 @@ from .cache import cached_tensors
 from .tracks import PreparedSplit, Track
 from .training import Expert, FinetuneConfig
 from ..paper import glue
-from ..paper.vision_data import SOURCES
+from ..paper.vision_data import check_source
 
 EXPERT_SOURCES = ("published", "finetune")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -133,9 +133,7 @@ class ClipVisionTrack(Track):
             raise ValueError(f"experts = {self.experts!r}: choose 'published' (the hub's) or 'finetune' (the papers' "
                              "recipe, here).")
         autocast_dtype(self.autocast, run_device(self.device))  # an unknown setting fails here, not mid-run
-        if self.source not in (None, *SOURCES):
-            raise ValueError(f"source = {self.source!r}: choose {' or '.join(map(repr, SOURCES))} (every task from "
-                             "there), or leave it unset for each task's default_source (data/clip_tasks.yaml).")
+        check_source(self.source)
         if self.fisher_chunk < 0:
             raise ValueError(f"fisher_chunk = {self.fisher_chunk}: pass the examples per vmapped chunk, or 0 for "
                              "the architecture's default (CLIP_FISHER_CHUNK).")

@@ -155,7 +155,7 @@ def load_clip(arch: str = "ViT-B-32", pretrained: str | None = "openai", *,
     quick_gelu = pretrained == "openai" or _tag_uses_quick_gelu(arch, pretrained)
     mirror = models_mirror(models_dir)
     if mirror is not None:
-        repo = _open_clip_repo(arch, pretrained)
+        repo = open_clip_repo(arch, pretrained)
         folder = mirror / repo
         checkpoints = sorted(folder.glob("open_clip_*.safetensors")) + sorted(folder.glob("open_clip_*.bin"))
         if (folder / "open_clip_config.json").is_file():
@@ -175,8 +175,8 @@ def load_clip(arch: str = "ViT-B-32", pretrained: str | None = "openai", *,
                 cache_dir=str(download_dir() / "models" / "open_clip"))
         except RuntimeError as err:
             raise RuntimeError(f"Could not load open_clip {arch} ({pretrained}): {err}. Offline, put the files of "
-                               f"the hub repository {_open_clip_repo(arch, pretrained)} in <models>/"
-                               f"{_open_clip_repo(arch, pretrained)} and set models_dir (or MODELS_DIR).") from err
+                               f"the hub repository {open_clip_repo(arch, pretrained)} in <models>/"
+                               f"{open_clip_repo(arch, pretrained)} and set models_dir (or MODELS_DIR).") from err
     return CLIPBundle(model.eval(), preprocess, open_clip.get_tokenizer(arch), arch, pretrained)
 
 
@@ -187,7 +187,7 @@ def _tag_uses_quick_gelu(arch: str, pretrained: str | None) -> bool:
     return bool(pretrained and (open_clip.get_pretrained_cfg(arch, pretrained) or {}).get("quick_gelu", False))
 
 
-def _open_clip_repo(arch: str, pretrained: str | None) -> str:
+def open_clip_repo(arch: str, pretrained: str | None) -> str:
     """The hub repository open_clip downloads the weights of ``arch``/``pretrained`` from."""
     import open_clip
 

@@ -114,7 +114,7 @@ def write_clip_hub(models: Path, tasks: Sequence[str], arch: str = "ViT-B-32", c
     clip = C.load_clip(config=config).model
     base = random_hf_vision(config, seed=seed + 1)
     clip.visual.load_state_dict(C.hf_vision_to_open_clip(base.state_dict(), projection=clip.visual.proj.detach()))
-    folder = models / C._open_clip_repo(arch, "openai")
+    folder = models / C.open_clip_repo(arch, "openai")
     folder.mkdir(parents=True)
     # like open_clip's built-in ViT configs, the file does not ask for QuickGELU (load_clip forces it)
     (folder / "open_clip_config.json").write_text(json.dumps(

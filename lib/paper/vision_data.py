@@ -269,6 +269,13 @@ def clip_transform(image_size: int = 224):
 
 
 # ----------------------------------------------------------------------------- loading
+def check_source(source: str | None, name: str = "source") -> None:
+    """``source`` must be one of SOURCES, or None (each task's ``default_source``)."""
+    if source not in (None, *SOURCES):
+        raise ValueError(f"{name} = {source!r}: choose {' or '.join(map(repr, SOURCES))} (every task from there), "
+                         "or leave it unset for each task's default_source (data/clip_tasks.yaml).")
+
+
 def load_paper_vision_task(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0,
                            source: str | None = None, tasks_file: str | os.PathLike | None = None
                            ) -> PaperVisionTask:
